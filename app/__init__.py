@@ -1,0 +1,1 @@
+"""Temper: train, compress, register and serve models on Ray."""

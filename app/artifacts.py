@@ -1,0 +1,167 @@
+"""Model artifacts on disk: what a registry version's `artifact_uri` points at.
+
+An artifact is a folder holding `config.json` (the resolved TrainJob that built the model,
+its hash, and the artifact format) and one weights file:
+
+| format       | file                      | content                                              |
+|--------------|---------------------------|------------------------------------------------------|
+| torch_fp32   | model.safetensors         | full fp32 state dict                                 |
+| torch_int8   | model_int8.safetensors    | int8 Linear weights + per-channel scales/zero points, |
+|              |                           | other tensors fp32 (dynamic int8 quantization)       |
+| onnx_fp32    | model.onnx                | ONNX graph with weights inside (ONNX Runtime)        |
+| onnx_int8    | model.onnx                | ORT dynamic int8 (QDQ-free integer ops)              |
+
+Weights are never pickled: safetensors or ONNX protobuf only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from app.config import TrainJob, config_hash
+from app.models import build_model
+
+FORMATS = ("torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8")
+WEIGHT_FILES = {
+    "torch_fp32": "model.safetensors",
+    "torch_int8": "model_int8.safetensors",
+    "onnx_fp32": "model.onnx",
+    "onnx_int8": "model.onnx",
+}
+
+
+class ArtifactError(ValueError):
+    """An artifact folder that is missing, incomplete or of another format."""
+
+
+def local_path(artifact_uri: str) -> Path:
+    """The local folder of an artifact URI (`file://` or a plain path)."""
+    path = artifact_uri.removeprefix("file://")
+    if "://" in path:
+        raise ArtifactError(f"artifact_uri {artifact_uri!r}: only local paths are supported for loading here")
+    return Path(path)
+
+
+def write_meta(folder: Path, job: TrainJob, fmt: str, extra: dict[str, Any] | None = None) -> None:
+    meta = {
+        "format": fmt,
+        "config_hash": config_hash(job),
+        "job": job.model_dump(mode="json"),
+        **(extra or {}),
+    }
+    (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_meta(folder: str | Path) -> tuple[TrainJob, dict[str, Any]]:
+    """(the TrainJob that built the model, the whole meta dict) of an artifact folder."""
+    path = local_path(str(folder)) / "config.json"
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: not a Temper model artifact")
+    meta = json.loads(path.read_text())
+    return TrainJob.model_validate(meta["job"]), meta
+
+
+def save_fp32(folder: str | Path, model: nn.Module, job: TrainJob, extra: dict[str, Any] | None = None) -> Path:
+    """Write model.safetensors + config.json; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHT_FILES["torch_fp32"]))
+    write_meta(folder, job, "torch_fp32", extra)
+    return folder
+
+
+def load_fp32(folder: str | Path) -> tuple[nn.Module, TrainJob]:
+    """The fp32 model of a torch_fp32 artifact, in eval mode."""
+    job, meta = read_meta(folder)
+    if meta["format"] != "torch_fp32":
+        raise ArtifactError(f"{folder} holds format {meta['format']!r}, not 'torch_fp32'")
+    model = build_model(job.model)
+    model.load_state_dict(load_file(str(local_path(str(folder)) / WEIGHT_FILES["torch_fp32"])), strict=True)
+    return model.eval(), job
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def _dynamic_linear_cls():
+    return torch.ao.nn.quantized.dynamic.Linear
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every nn.Linear (per-channel weights), on a copy."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, but still the fast CPU path in 2.13.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def save_int8(folder: str | Path, qmodel: nn.Module, job: TrainJob, extra: dict[str, Any] | None = None) -> Path:
+    """Write a dynamically quantized model as safetensors (int8 weights, scales, zero points)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    qlinear = _dynamic_linear_cls()
+    linear_names = set()
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, qlinear):
+            w, b = mod._packed_params._weight_bias()
+            linear_names.add(name)
+            tensors[f"{name}.weight_int8"] = w.int_repr().contiguous()
+            tensors[f"{name}.weight_scale"] = w.q_per_channel_scales().to(torch.float64).contiguous()
+            tensors[f"{name}.weight_zero_point"] = w.q_per_channel_zero_points().to(torch.int64).contiguous()
+            if b is not None:
+                tensors[f"{name}.bias"] = b.detach().float().contiguous()
+    for key, value in qmodel.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in linear_names or key.endswith("_packed_params") or not isinstance(value, torch.Tensor):
+            continue
+        if ".".join(key.split(".")[:-2]) in linear_names:  # _packed_params._packed_params
+            continue
+        tensors[key] = value.detach().float().contiguous()
+    save_file(tensors, str(folder / WEIGHT_FILES["torch_int8"]))
+    write_meta(folder, job, "torch_int8", extra)
+    return folder
+
+
+def load_int8(folder: str | Path) -> tuple[nn.Module, TrainJob]:
+    """Rebuild the dynamic int8 model of a torch_int8 artifact (exact stored int8 values)."""
+    job, meta = read_meta(folder)
+    if meta["format"] != "torch_int8":
+        raise ArtifactError(f"{folder} holds format {meta['format']!r}, not 'torch_int8'")
+    tensors = load_file(str(local_path(str(folder)) / WEIGHT_FILES["torch_int8"]))
+    float_model = build_model(job.model).eval()
+    linear_names = {n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)}
+    plain = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in linear_names}
+    missing, unexpected = float_model.load_state_dict(plain, strict=False)
+    bad_missing = [k for k in missing if k.rsplit(".", 1)[0] not in linear_names]
+    if bad_missing or unexpected:
+        raise ArtifactError(f"{folder}: int8 weights do not fit the model (missing {bad_missing}, unexpected {unexpected})")
+    qmodel = quantize_dynamic_int8(float_model)
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, _dynamic_linear_cls()):
+            qweight = torch._make_per_channel_quantized_tensor(
+                tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"], 0
+            )
+            mod.set_weight_bias(qweight, tensors.get(f"{name}.bias"))
+    return qmodel.eval(), job
+
+
+def artifact_size_bytes(folder: str | Path) -> int:
+    """Bytes of the weights file(s) of an artifact (config.json excluded)."""
+    _, meta = read_meta(folder)
+    path = local_path(str(folder))
+    main = path / WEIGHT_FILES[meta["format"]]
+    return sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(main.name))

@@ -1,0 +1,81 @@
+"""Post-training compression as plain functions: each takes an fp32 artifact folder and writes a
+new artifact folder of another format. Evaluation and registration live in
+`pipelines/compress.py`; these functions only transform.
+
+- `torch_int8`: dynamic int8 quantization of every nn.Linear with per-channel weight scales
+  (`torch.ao.quantization.quantize_dynamic`; still present and the fastest CPU path in torch
+  2.13, torchao's eager `quantize_` was ~10x slower here, see PLATFORM-NOTES).
+- `onnx_fp32`: ONNX export (TorchScript-based exporter, one self-contained file, dynamic batch
+  and sequence axes) run by ONNX Runtime.
+- `onnx_int8`: ONNX Runtime dynamic int8 quantization of the exported graph (per-channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from app.artifacts import WEIGHT_FILES, load_fp32, quantize_dynamic_int8, save_int8, write_meta
+
+log = logging.getLogger(__name__)
+
+
+def to_torch_int8(src: str | Path, dst: str | Path) -> Path:
+    """fp32 artifact -> torch_int8 artifact."""
+    model, job = load_fp32(src)
+    return save_int8(dst, quantize_dynamic_int8(model), job, {"source": str(src)})
+
+
+def export_onnx(src: str | Path, dst: str | Path, opset: int = 17) -> Path:
+    """fp32 artifact -> onnx_fp32 artifact (model.onnx, input `input`, output `logits`)."""
+    from app.data import build_data  # example input of the right shape and dtype
+
+    model, job = load_fp32(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    example = build_data(job.data, job.model).example_input(2)
+    if job.model.kind == "gpt":
+        axes = {"input": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    else:
+        axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(dst / WEIGHT_FILES["onnx_fp32"]),
+            input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+            opset_version=opset, dynamo=False,
+        )
+    write_meta(dst, job, "onnx_fp32", {"source": str(src), "opset": opset})
+    return dst
+
+
+def to_onnx_int8(src: str | Path, dst: str | Path) -> Path:
+    """fp32 artifact -> onnx_int8 artifact (ORT dynamic int8, per-channel weights)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from app.artifacts import read_meta
+
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".fp32-onnx")
+    export_onnx(src, tmp)
+    dst.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(
+        str(tmp / WEIGHT_FILES["onnx_fp32"]), str(dst / WEIGHT_FILES["onnx_int8"]),
+        weight_type=QuantType.QInt8, per_channel=True,
+    )
+    job, _ = read_meta(tmp)
+    write_meta(dst, job, "onnx_int8", {"source": str(src)})
+    for p in tmp.iterdir():
+        p.unlink()
+    tmp.rmdir()
+    return dst
+
+
+METHODS = {
+    "torch_int8": to_torch_int8,
+    "onnx_fp32": export_onnx,
+    "onnx_int8": to_onnx_int8,
+}

@@ -1,0 +1,108 @@
+"""Compression recipe: registered fp32 version -> compressed variants -> new registry versions.
+
+For the source and each variant: quality on the fixed validation batches, size on disk, and
+median batch-1 / batch-32 latency measured in this process one after another (same
+machine, same threads). Each variant is registered with `parent` = the source version and
+`transformation: quantized`, so lineage answers "where did this int8 model come from".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from app.artifacts import artifact_size_bytes, local_path
+from app.compression import METHODS
+from app.config import CompressJob, TrainJob
+from app.data import build_data
+from app.evaluation import eval_sums, metrics_from_sums, primary_metric, quality_drop
+from app.inference import Predictor, load_predictor, time_batch
+
+
+@dataclass
+class VariantReport:
+    method: str
+    version: int
+    artifact_path: str
+    metrics: dict[str, float]
+    rejected: bool
+
+
+def measure(pred: Predictor, job: CompressJob, train_job: TrainJob) -> dict[str, float]:
+    """Quality + size-independent speed numbers of one predictor."""
+    data = build_data(train_job.data, train_job.model)
+    cc = job.compress
+    sums = eval_sums(train_job.model.kind, lambda x: pred.logits(x.numpy()), data.val_batches(cc.eval_batches, cc.eval_batch_size))
+    metrics = metrics_from_sums(train_job.model.kind, sums)
+    metrics["latency_b1_ms"] = time_batch(pred, data.example_input(1).numpy(), cc.latency_iters)
+    metrics["latency_b32_ms"] = time_batch(pred, data.example_input(32).numpy(), max(5, cc.latency_iters // 5))
+    return metrics
+
+
+def find_version_by_artifact(registry, model: str, artifact_uri: str) -> dict | None:
+    """The version already registered for an artifact folder, if any (makes re-runs idempotent)."""
+    if model not in {m["name"] for m in ray.get(registry.list_models.remote())}:
+        return None
+    versions = ray.get(registry.list_versions.remote(model))
+    return next((v for v in versions if v["artifact_uri"] == artifact_uri), None)
+
+
+def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
+    """Produce `job.compress.methods` variants of version `job.source` of model `job.name`.
+
+    Returns (source record with its measured metrics, one report per variant).
+    """
+    source = ray.get(registry.get_version.remote(job.name, job.source))
+    if source["format"] != "torch_fp32":
+        raise ValueError(f"source: version {source['version']} of {job.name!r} is {source['format']!r}; compression starts from a torch_fp32 version")
+    src_path = local_path(source["artifact_uri"])
+    src_pred = load_predictor(str(src_path))
+    train_job = src_pred.job
+    kind = train_job.model.kind
+    metric_name, _ = primary_metric(kind)
+
+    _say(f"[compress] source v{source['version']}: measuring fp32 baseline")
+    src_metrics = {**measure(src_pred, job, train_job), "size_bytes": float(artifact_size_bytes(src_path))}
+    ray.get(registry.log_metrics.remote(job.name, source["version"], src_metrics))
+    source = {**source, "metrics": {**source["metrics"], **src_metrics}}
+
+    reports = []
+    out_root = Path(job.storage_path).resolve() / job.name / "artifacts"
+    for method in job.compress.methods:
+        t0 = time.perf_counter()
+        dst = out_root / f"{method}-from-v{source['version']}-{source['config_hash']}"
+        existing = find_version_by_artifact(registry, job.name, str(dst))
+        if existing is not None and dst.is_dir():
+            _say(f"[compress] {method}: already registered as v{existing['version']}")
+            reports.append(VariantReport(method, existing["version"], str(dst), existing["metrics"],
+                                         existing["tags"].get("rejected") == "true"))
+            continue
+        METHODS[method](src_path, dst)
+        pred = load_predictor(str(dst))
+        metrics = {**measure(pred, job, train_job), "size_bytes": float(artifact_size_bytes(dst))}
+        drop = quality_drop(kind, src_metrics, metrics)
+        metrics["quality_drop"] = drop
+        rejected = drop > job.compress.max_quality_drop
+        record = ray.get(registry.register_version.remote(
+            job.name, str(dst), method,
+            config=train_job.model_dump(mode="json"), config_hash=source["config_hash"],
+            metrics=metrics, parent={"model": job.name, "version": source["version"]},
+            transformation="quantized",
+            tags={"method": method, "rejected": str(rejected).lower()},
+        ))
+        _say(
+            f"[compress] {method}: v{record['version']} {metric_name} {metrics[metric_name]:.4f} "
+            f"(fp32 {src_metrics[metric_name]:.4f}), size {metrics['size_bytes'] / 1e6:.2f} MB "
+            f"({metrics['size_bytes'] / src_metrics['size_bytes']:.2f}x), batch-1 {metrics['latency_b1_ms']:.2f} ms "
+            f"({metrics['latency_b1_ms'] / src_metrics['latency_b1_ms']:.2f}x){'  REJECTED: quality drop' if rejected else ''}"
+            f" [{time.perf_counter() - t0:.1f}s]"
+        )
+        reports.append(VariantReport(method, record["version"], str(dst), metrics, rejected))
+    return source, reports
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)

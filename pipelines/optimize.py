@@ -1,0 +1,140 @@
+"""The end-to-end recipe behind `python -m app run`: train -> register -> compress -> serve -> call.
+
+One readable function per stage; each prints one progress line when it starts and its
+result when it ends. Re-running the same config is safe: training resumes from its last
+checkpoint (and does nothing if it had finished), and artifacts already registered are found
+by their location instead of being registered twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from app.config import OptimizeJob, ServeApp, ServedModel, TrainJob
+from app.evaluation import primary_metric
+
+
+@dataclass
+class RunSummary:
+    """What `run` produced, printed at the end and returned to callers (tests, notebooks)."""
+
+    model: str
+    versions: list[dict] = field(default_factory=list)
+    served_version: int | None = None
+    url: str | None = None
+    client_answer: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def stage_train(job: TrainJob, registry) -> dict:
+    from pipelines.compress import find_version_by_artifact
+    from pipelines.train import fit
+
+    result = fit(job)
+    existing = find_version_by_artifact(registry, job.name, result.artifact_path)
+    if existing is not None:
+        print(f"[train] artifact already registered as v{existing['version']}", flush=True)
+        return existing
+    return ray.get(registry.register_version.remote(
+        job.name, result.artifact_path, "torch_fp32",
+        config=job.model_dump(mode="json"), config_hash=result.config_hash,
+        metrics=result.metrics, transformation="trained",
+        tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
+    ))
+
+
+def stage_compress(job: OptimizeJob, registry, trained: dict) -> list[dict]:
+    from pipelines.compress import compress
+
+    _, reports = compress(job.compress_job(str(trained["version"])), registry)
+    return [ray.get(registry.get_version.remote(job.name, r.version)) for r in reports]
+
+
+def pick_for_serving(job: OptimizeJob, trained: dict, variants: list[dict]) -> dict:
+    """The fastest (batch-1 latency) variant within the quality budget; the fp32 model otherwise."""
+    ok = [v for v in variants if v["tags"].get("rejected") != "true"]
+    if not ok:
+        return trained
+    return min(ok, key=lambda v: v["metrics"]["latency_b1_ms"])
+
+
+def stage_serve(job: OptimizeJob, registry, chosen: dict) -> tuple[str, ServeApp]:
+    from serve.app import deploy
+
+    ray.get(registry.set_alias.remote(
+        job.name, "production", chosen["version"],
+        reason=f"run {job.name}: fastest {chosen['format']} variant within quality budget", actor="app run",
+    ))
+    models = job.serve.models or [ServedModel(model=job.name, version="production")]
+    app_cfg = ServeApp(registry=job.registry, serve=job.serve.model_copy(update={"models": models}))
+    return deploy(app_cfg), app_cfg
+
+
+def client_call(job: OptimizeJob, url: str) -> dict:
+    """One real HTTP call through the Python client, on a held-out sample."""
+    from app.data import build_data
+    from serve.client import TemperClient
+
+    data = build_data(job.data, job.model)
+    with TemperClient(url, timeout=30.0) as client:
+        if job.model.kind == "vit":
+            x, y = next(data.val_batches(1, 1))
+            res = client.predict(job.name, x.numpy().tolist(), top_k=3)
+            return {"endpoint": "predict", "true_label": int(y[0]), "predicted": res.labels[0],
+                    "top_k": res.probabilities[0], "version": res.version, "backend": res.backend,
+                    "latency_ms": res.latency_ms}
+        prompt = "def __init__(self"
+        res = client.generate(job.name, prompt, max_new_tokens=24)
+        return {"endpoint": "generate", "prompt": prompt, "completion": res.text, "version": res.version,
+                "backend": res.backend, "latency_ms": res.latency_ms}
+
+
+def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
+    from actors.registry import get_or_create_registry
+
+    summary = RunSummary(model=job.name)
+    registry = get_or_create_registry(job.registry)
+
+    t0 = time.perf_counter()
+    print(f"[1/4 train] {job.name}: {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
+    trained = stage_train(job.train_job(), registry)
+    summary.seconds["train"] = time.perf_counter() - t0
+    metric, _ = primary_metric(job.model.kind)
+    print(f"[2/4 register] v{trained['version']} trained: {metric} {trained['metrics'][metric]:.4f}", flush=True)
+
+    t0 = time.perf_counter()
+    print(f"[3/4 compress] {', '.join(job.compress.methods)}", flush=True)
+    variants = stage_compress(job, registry, trained)
+    summary.seconds["compress"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    chosen = pick_for_serving(job, trained, variants)
+    print(f"[4/4 serve] alias production -> v{chosen['version']} ({chosen['format']})", flush=True)
+    url, _ = stage_serve(job, registry, chosen)
+    summary.url, summary.served_version = url, chosen["version"]
+    summary.client_answer = client_call(job, url)
+    summary.seconds["serve"] = time.perf_counter() - t0
+    summary.versions = ray.get(registry.list_versions.remote(job.name))
+    return summary
+
+
+def format_summary(s: RunSummary, model_kind: str) -> str:
+    metric, _ = primary_metric(model_kind)
+    lines = [f"== Temper run summary: model {s.model!r} ==", "versions:"]
+    lines.append(f"  {'ver':>4} {'format':<11} {'parent':<7} {metric:>13} {'size MB':>8} {'b1 ms':>7} {'b32 ms':>7}  aliases")
+    for v in s.versions:
+        m = v["metrics"]
+        parent = f"v{v['parent']['version']}" if v.get("parent") else "-"
+        fmt = lambda key, scale=1.0, p=3: f"{m[key] * scale:.{p}f}" if key in m else "-"  # noqa: E731
+        lines.append(
+            f"  v{v['version']:<3} {v['format']:<11} {parent:<7} {fmt(metric, p=4):>13} {fmt('size_bytes', 1e-6):>8} "
+            f"{fmt('latency_b1_ms'):>7} {fmt('latency_b32_ms'):>7}  {','.join(v.get('aliases') or []) or '-'}"
+        )
+    lines.append(f"served: v{s.served_version} at {s.url}api/v1/  (alias production)")
+    if s.client_answer:
+        lines.append("client call: " + ", ".join(f"{k}={v}" for k, v in s.client_answer.items() if k != "top_k"))
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()))
+    return "\n".join(lines)

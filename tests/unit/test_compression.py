@@ -1,0 +1,116 @@
+"""Compression: each variant round-trips through its artifact and keeps quality close to fp32.
+
+Tolerance: on a trained digits ViT, int8 (torch dynamic, ORT dynamic) may lose at most 2
+accuracy points on the 193 held-out digits (~4 images); ORT fp32 must match torch fp32 to 1e-4
+in logits. A model trained for a few seconds is enough: quantization error is a property of
+the weights' ranges, which training shapes within a few hundred steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.artifacts import ArtifactError, artifact_size_bytes, load_int8, save_fp32
+from app.compression import METHODS
+from app.config import TrainJob
+from app.data import build_data
+from app.evaluation import eval_sums, metrics_from_sums, task_loss
+from app.inference import classify, generate_text, load_predictor, score_text
+from app.models import build_model
+from pipelines.train import lr_factor, param_groups
+
+
+def _train_digits(steps: int = 250) -> tuple[torch.nn.Module, TrainJob]:
+    job = TrainJob.model_validate({"name": "unit", "model": {"kind": "vit"}, "data": {"name": "digits"},
+                                   "train": {"steps": steps, "lr": 3e-3}})
+    torch.manual_seed(0)
+    model = build_model(job.model)
+    data = build_data(job.data, job.model)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, steps, 0.1))
+    for step in range(steps):
+        x, y = data.train_batch(0, step, 0, 64)
+        loss = task_loss("vit", model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval(), job
+
+
+@pytest.fixture(scope="module")
+def digits_artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("art")
+    model, job = _train_digits()
+    save_fp32(root / "fp32", model, job)
+    for method, fn in METHODS.items():
+        fn(root / "fp32", root / method)
+    return root, job
+
+
+def _accuracy(pred, job) -> float:
+    data = build_data(job.data, job.model)
+    sums = eval_sums("vit", lambda x: pred.logits(x.numpy()), data.val_batches(100, 64))
+    return metrics_from_sums("vit", sums)["val_accuracy"]
+
+
+def test_int8_variants_within_tolerance_of_fp32(digits_artifacts):
+    root, job = digits_artifacts
+    fp32 = _accuracy(load_predictor(str(root / "fp32")), job)
+    assert fp32 > 0.9, f"the trained model should be good before quantizing (got {fp32:.3f})"
+    for method in ("torch_int8", "onnx_int8"):
+        acc = _accuracy(load_predictor(str(root / method)), job)
+        assert acc >= fp32 - 0.02, f"{method}: accuracy {acc:.3f} vs fp32 {fp32:.3f}"
+
+
+def test_onnx_fp32_matches_torch_and_int8_files_are_smaller(digits_artifacts):
+    root, job = digits_artifacts
+    x = build_data(job.data, job.model).example_input(16).numpy()
+    ref = load_predictor(str(root / "fp32")).logits(x)
+    np.testing.assert_allclose(load_predictor(str(root / "onnx_fp32")).logits(x), ref, atol=1e-4)
+    # Linear weights go from 4 bytes to 1 (+ per-channel scales); embeddings/norms stay fp32.
+    assert artifact_size_bytes(root / "torch_int8") < 0.5 * artifact_size_bytes(root / "fp32")
+    assert artifact_size_bytes(root / "onnx_int8") < 0.6 * artifact_size_bytes(root / "onnx_fp32")
+
+
+def test_int8_artifact_round_trips_exactly(digits_artifacts):
+    root, job = digits_artifacts
+    from app.artifacts import load_fp32, quantize_dynamic_int8
+
+    direct = quantize_dynamic_int8(load_fp32(root / "fp32")[0])
+    loaded, _ = load_int8(root / "torch_int8")
+    x = build_data(job.data, job.model).example_input(8)
+    assert torch.equal(direct(x), loaded(x))
+
+
+def test_predictor_refuses_wrong_backend_and_missing_artifact(digits_artifacts, tmp_path):
+    root, _ = digits_artifacts
+    with pytest.raises(ArtifactError, match="torch_int8"):
+        load_predictor(str(root / "onnx_int8"), expect_backend="torch_int8")
+    with pytest.raises(ArtifactError, match="config.json"):
+        load_predictor(str(tmp_path))
+
+
+def test_classify_and_lm_helpers(digits_artifacts, tmp_path):
+    root, job = digits_artifacts
+    pred = load_predictor(str(root / "torch_int8"))
+    x = build_data(job.data, job.model).example_input(4).numpy()
+    out = classify(pred, x, top_k=3)
+    assert len(out) == 4 and all(len(o["top_k"]) == 3 for o in out)
+    assert all(o["label"] == o["top_k"][0]["label"] for o in out)
+    assert all(abs(sum(p["probability"] for p in o["top_k"])) <= 1.0 + 1e-6 for o in out)
+
+    lm_job = TrainJob.model_validate({"name": "lm", "model": {"kind": "gpt", "n_layer": 1, "d_model": 32, "n_head": 2, "block_size": 16},
+                                      "data": {"name": "lm-code", "max_bytes": 100_000}})
+    torch.manual_seed(0)
+    save_fp32(tmp_path / "lm", build_model(lm_job.model), lm_job)
+    lm = load_predictor(str(tmp_path / "lm"))
+    prompt = np.frombuffer(b"def f(x):", dtype=np.uint8).astype(np.int64)[None, :]
+    new = generate_text(lm, prompt, 20)  # longer than block_size: the context is cropped
+    assert new.shape == (1, 20)
+    ref = lm._torch_model.generate(torch.from_numpy(prompt), 20)[:, prompt.shape[1]:]
+    assert np.array_equal(new, ref.numpy())
+    scored = score_text(lm, prompt, top_k=5)[0]
+    assert scored["nll"] > 0 and len(scored["next"]) == 5
