@@ -95,7 +95,7 @@ def cmd_serve(args) -> int:
     app_cfg = load_config("serve", args.config, args.overrides)
     mode = connect()
     url = deploy(app_cfg)
-    print(f"[serve] {app_cfg.serve.app_name} at {url}api/v1/", flush=True)
+    print(f"[serve] {app_cfg.serve.app_name} at {url.rstrip('/')}/api/v1/", flush=True)
     _block_while_serving(mode, app_cfg.serve.app_name)
     return 0
 

@@ -133,7 +133,7 @@ def format_summary(s: RunSummary, model_kind: str) -> str:
             f"  v{v['version']:<3} {v['format']:<11} {parent:<7} {fmt(metric, p=4):>13} {fmt('size_bytes', 1e-6):>8} "
             f"{fmt('latency_b1_ms'):>7} {fmt('latency_b32_ms'):>7}  {','.join(v.get('aliases') or []) or '-'}"
         )
-    lines.append(f"served: v{s.served_version} at {s.url}api/v1/  (alias production)")
+    lines.append(f"served: v{s.served_version} at {s.url.rstrip('/')}/api/v1/  (alias production)")
     if s.client_answer:
         lines.append("client call: " + ", ".join(f"{k}={v}" for k, v in s.client_answer.items() if k != "top_k"))
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()))

@@ -1,0 +1,89 @@
+"""fp32 torch vs torch int8 vs ORT fp32 vs ORT int8, side by side in one process.
+
+For each built-in model: a briefly trained digits ViT and a (randomly initialised, latency
+only) lm-code GPT. Prints quality, size and median batch-1 / batch-32 latency with ratios to
+fp32 torch, and writes benchmarks/results/compression_latency.json.
+
+    .venv/bin/python benchmarks/compression_latency.py [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from app.artifacts import artifact_size_bytes, save_fp32
+from app.compression import METHODS
+from app.config import CompressJob, TrainJob
+from app.data import build_data
+from app.evaluation import primary_metric, task_loss
+from app.inference import load_predictor
+from app.models import build_model
+from pipelines.compress import measure
+from pipelines.train import lr_factor, param_groups
+
+WORKLOADS = {
+    "digits-vit": {"model": {"kind": "vit"}, "data": {"name": "digits"}, "train_steps": 300},
+    "lm-code-gpt": {"model": {"kind": "gpt", "n_layer": 4, "d_model": 256, "n_head": 8, "block_size": 64},
+                    "data": {"name": "lm-code", "max_bytes": 1_000_000}, "train_steps": 0},
+}
+
+
+def quick_train(job: TrainJob, steps: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(job.model)
+    if steps:
+        data = build_data(job.data, job.model)
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, steps, 0.1))
+        for step in range(steps):
+            x, y = data.train_batch(0, step, 0, 64)
+            loss = task_loss(job.model.kind, model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec in WORKLOADS.items():
+            job = TrainJob.model_validate({"name": name, "model": spec["model"], "data": spec["data"]})
+            cjob = CompressJob(name=name, compress={"latency_iters": args.iters, "eval_batches": 8})
+            root = Path(tmp) / name
+            save_fp32(root / "torch_fp32", quick_train(job, spec["train_steps"]), job)
+            for method, fn in METHODS.items():
+                fn(root / "torch_fp32", root / method)
+            metric, _ = primary_metric(job.model.kind)
+            rows = {}
+            for fmt in ("torch_fp32", *METHODS):
+                m = measure(load_predictor(str(root / fmt)), cjob, job)
+                m["size_bytes"] = artifact_size_bytes(root / fmt)
+                rows[fmt] = m
+            base = rows["torch_fp32"]
+            print(f"\n{name} (threads={args.threads}; {metric}{' untrained: latency only' if not spec['train_steps'] else ''})")
+            print(f"  {'variant':<11} {metric:>12} {'size MB':>8} {'size x':>7} {'b1 ms':>7} {'b1 x':>6} {'b32 ms':>8} {'b32 x':>6}")
+            for fmt, m in rows.items():
+                print(f"  {fmt:<11} {m[metric]:>12.4f} {m['size_bytes'] / 1e6:>8.3f} {m['size_bytes'] / base['size_bytes']:>7.2f} "
+                      f"{m['latency_b1_ms']:>7.3f} {m['latency_b1_ms'] / base['latency_b1_ms']:>6.2f} "
+                      f"{m['latency_b32_ms']:>8.3f} {m['latency_b32_ms'] / base['latency_b32_ms']:>6.2f}")
+            results[name] = {"metric": metric, "variants": rows}
+    out = Path(__file__).parent / "results" / "compression_latency.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

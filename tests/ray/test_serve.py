@@ -1,0 +1,279 @@
+"""The Serve app on the shared local Ray cluster, over real HTTP: tiny untrained models are
+registered in a registry actor, deployed, and every answer is compared with the same
+computation done in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.artifacts import save_fp32
+from app.compression import METHODS
+from app.config import DataConfig, GPTConfig, RegistryConfig, ServeApp, ServeConfig, ServedModel, TrainJob, ViTConfig
+from app.data import DigitsData
+from app.inference import classify, generate_text, load_predictor, score_text
+from app.models import build_model
+from serve.app import API_PREFIX, ModelRequestError, build_app, deploy, shutdown
+from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
+from conftest import free_port
+
+pytestmark = pytest.mark.ray
+
+N_CONCURRENT = 32
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """digits: ViT fp32 + its torch_int8 variant; code: a 2-layer byte GPT (all untrained)."""
+    root = tmp_path_factory.mktemp("serve-artifacts")
+    vit = TrainJob(name="digits", model=ViTConfig(n_layer=1, d_model=32), data=DataConfig(name="digits"))
+    gpt = TrainJob(name="code", model=GPTConfig(n_layer=2, d_model=32, n_head=2, block_size=32), data=DataConfig(name="lm-code"))
+    torch.manual_seed(0)
+    paths = {
+        "vit": str(save_fp32(root / "vit", build_model(vit.model), vit)),
+        "gpt": str(save_fp32(root / "gpt", build_model(gpt.model), gpt)),
+    }
+    paths["vit_int8"] = str(METHODS["torch_int8"](paths["vit"], root / "vit_int8"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def registry_cfg(ray_cluster, artifacts, tmp_path_factory):
+    from actors.registry import get_or_create_registry
+
+    cfg = RegistryConfig(
+        actor_name=f"serve-test-{uuid.uuid4().hex[:8]}", namespace="temper-tests",
+        db_url=f"sqlite:///{tmp_path_factory.mktemp('serve-registry') / 'r.db'}",
+    )
+    handle = get_or_create_registry(cfg)
+    ray = ray_cluster
+    ray.get(handle.register_version.remote("digits", artifacts["vit"], "torch_fp32"))
+    ray.get(handle.register_version.remote(
+        "digits", artifacts["vit_int8"], "torch_int8", parent={"model": "digits", "version": 1}, transformation="quantized"))
+    ray.get(handle.set_alias.remote("digits", "production", 1))
+    ray.get(handle.register_version.remote("code", artifacts["gpt"], "torch_fp32"))
+    yield cfg
+    ray.kill(handle, no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def app_cfg(registry_cfg) -> ServeApp:
+    return ServeApp(registry=registry_cfg, serve=ServeConfig(
+        app_name=f"temper-test-{uuid.uuid4().hex[:6]}", port=free_port(), route_prefix="/temper", max_body_bytes=64_000,
+        models=[
+            # A long batch wait so that concurrent requests reliably meet in one batch.
+            ServedModel(model="digits", version="production", max_batch_size=16, batch_wait_timeout_s=0.1, cpus_per_replica=0.5),
+            ServedModel(model="code", version="latest", backend="torch_fp32", max_batch_size=8,
+                        batch_wait_timeout_s=0.1, max_new_tokens=24, cpus_per_replica=0.5),
+        ],
+    ))
+
+
+@pytest.fixture(scope="module")
+def base_url(app_cfg):
+    from ray import serve
+
+    url = deploy(app_cfg)
+    yield url
+    shutdown(app_cfg.serve.app_name)
+    # HTTP host/port are fixed when Serve starts: stop it so a later module can pick its own.
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with TemperClient(base_url, timeout=30.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def digits_images() -> np.ndarray:
+    return DigitsData(DataConfig(name="digits")).x_val[:8]  # (8, 1, 8, 8) float32 in [0, 1]
+
+
+def _diff(after: dict, before: dict) -> dict[int, int]:
+    """Batch-size counts added between two stats() snapshots."""
+    sizes = set(after["batch_size_counts"]) | set(before["batch_size_counts"])
+    out = {s: after["batch_size_counts"].get(s, 0) - before["batch_size_counts"].get(s, 0) for s in sizes}
+    return {s: n for s, n in sorted(out.items()) if n}
+
+
+async def _concurrent_predicts(base_url: str, images: np.ndarray, n: int):
+    async with AsyncTemperClient(base_url, timeout=60.0) as c:
+        return await asyncio.gather(*(c.predict("digits", images[i % len(images)][None], top_k=2) for i in range(n)))
+
+
+def test_health_and_models(client, base_url, app_cfg):
+    assert base_url.endswith(":%d/temper" % app_cfg.serve.port)  # endpoints live under the route prefix
+    health = client.health()
+    assert health["status"] == "ok" and health["models"] == ["code", "digits"]
+    models = {m["model"]: m for m in client.models()}
+    assert set(models) == {"digits", "code"}
+    digits, code = models["digits"], models["code"]
+    assert (digits["version"], digits["backend"], digits["task"], digits["ref"]) == (1, "torch_fp32", "classifier", "production")
+    assert (digits["max_batch_size"], digits["batch_wait_timeout_s"], digits["max_ongoing_requests"]) == (16, 0.1, 32)
+    assert (code["version"], code["task"], code["block_size"], code["max_new_tokens"]) == (1, "lm", 32, 24)
+
+
+def test_predict_matches_in_process_classify(client, base_url, artifacts, digits_images):
+    result = client.predict("digits", digits_images, top_k=3)
+    want = classify(load_predictor(artifacts["vit"]), digits_images, 3)
+    assert result.labels == [w["label"] for w in want]
+    assert (result.version, result.backend) == (1, "torch_fp32")
+    for got, exp in zip(result.probabilities, want):
+        assert [g["label"] for g in got] == [e["label"] for e in exp["top_k"]]
+        np.testing.assert_allclose([g["probability"] for g in got], [e["probability"] for e in exp["top_k"]], rtol=1e-4)
+    assert result.latency_ms > 0
+    # 8x8 rows are accepted too, and give the same answer
+    rows = {"inputs": [img[0].tolist() for img in digits_images], "top_k": 1}
+    resp = httpx.post(f"{base_url}{API_PREFIX}/models/digits/predict", json=rows, timeout=30)
+    assert resp.status_code == 200 and resp.json()["outputs"] == result.labels
+
+
+def test_concurrent_requests_are_batched(base_url, app_cfg, artifacts, digits_images):
+    stats = HandleClient(app_cfg.serve.app_name, "digits")
+    before = stats.stats()
+    results = asyncio.run(_concurrent_predicts(base_url, digits_images, N_CONCURRENT))
+    after = stats.stats()
+    added = _diff(after, before)
+    assert sum(size * n for size, n in added.items()) == N_CONCURRENT  # every request ran in exactly one batch
+    assert max(added) > 1, f"no batching: batch sizes {added}"
+    assert max(added) <= 16  # max_batch_size
+    want = [w["label"] for w in classify(load_predictor(artifacts["vit"]), digits_images, 1)]
+    assert [r.labels[0] for r in results] == [want[i % len(want)] for i in range(N_CONCURRENT)]
+    assert {(r.version, r.backend) for r in results} == {(1, "torch_fp32")}
+
+
+def test_reconfigure_changes_batching_and_version_live(base_url, app_cfg, artifacts, digits_images):
+    from ray import serve
+
+    stats = HandleClient(app_cfg.serve.app_name, "digits")
+    before = stats.stats()
+    new_cfg = app_cfg.model_copy(deep=True)
+    new_cfg.serve.models[0].max_batch_size = 1
+    new_cfg.serve.models[0].version = "2"  # hot swap to the int8 variant
+
+    # Requests keep flowing while the app is redeployed: none may fail.
+    statuses, stop = [], threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                resp = c.post(f"{base_url}{API_PREFIX}/models/digits/predict", json={"inputs": [[0.5] * 64]})
+                statuses.append((resp.status_code, resp.json().get("version")))
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        serve.run(build_app(new_cfg), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
+    finally:
+        stop.set()
+        sender.join()
+    assert statuses and {s for s, _ in statuses} == {200}, statuses
+    try:
+        mid = stats.stats()
+        assert mid["replica"] == before["replica"], "replica was restarted instead of reconfigured"
+        assert (mid["version"], mid["backend"]) == (2, "torch_int8")
+        results = asyncio.run(_concurrent_predicts(base_url, digits_images, N_CONCURRENT))
+        added = _diff(stats.stats(), mid)
+        assert added == {1: N_CONCURRENT}, f"batches not capped at 1: {added}"
+        assert {(r.version, r.backend) for r in results} == {(2, "torch_int8")}
+        want = [w["label"] for w in classify(load_predictor(artifacts["vit_int8"]), digits_images, 1)]
+        assert [r.labels[0] for r in results] == [want[i % len(want)] for i in range(N_CONCURRENT)]
+    finally:
+        serve.run(build_app(app_cfg), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
+    restored = stats.stats()
+    assert (restored["replica"], restored["version"]) == (before["replica"], 1)
+
+
+@pytest.mark.parametrize("path, body, status, code, field", [
+    ("digits/predict", {"top_k": 2}, 422, "422_0001", "inputs"),                          # missing field
+    ("digits/predict", {"inputs": [[0.1] * 64, [0.1] * 63]}, 422, "422_0001", "inputs.1"),  # wrong shape
+    ("digits/predict", {"inputs": [[0.1] * 64], "temperature": 1}, 422, "422_0001", "temperature"),  # unknown key
+    ("digits/predict", {"inputs": [[0.1] * 64], "top_k": "2"}, 422, "422_0001", "top_k"),  # wrong type
+    ("digits/predict", {"inputs": [["a"] * 64]}, 422, "422_0001", "inputs.0"),             # wrong item type
+    ("digits/predict", {"inputs": [[0.1] * 64] * 300}, 413, "413_0001", "body"),           # over max_body_bytes
+    ("nope/predict", {"inputs": [[0.1] * 64]}, 404, "404_0001", "model"),                   # unknown model
+    ("code/predict", {"inputs": [[0.1] * 64]}, 400, "400_0001", "model"),                   # wrong task
+    ("digits/generate", {"prompt": "x"}, 400, "400_0001", "model"),                         # wrong task
+    ("code/generate", {"prompt": "x", "max_new_tokens": 25}, 422, "422_0001", "max_new_tokens"),  # over the cap
+    ("code/score", {"texts": ["x" * 33]}, 422, "422_0001", "texts.0"),                      # over block_size
+])
+def test_malformed_requests_get_json_errors(base_url, path, body, status, code, field):
+    resp = httpx.post(f"{base_url}{API_PREFIX}/models/{path}", json=body, timeout=30)
+    assert resp.status_code == status, resp.text
+    err = resp.json()
+    assert err["error_code"] == code
+    assert err["error_details"]["field"] == field
+    assert err["error_details"]["message"] and err["timestamp"]
+    assert err["request_id"] == resp.headers["x-request-id"]
+    if field == "model":
+        assert path.split("/")[0] in err["error_message"]
+
+
+def test_request_id_is_echoed_and_client_error_is_typed(base_url, client):
+    resp = httpx.post(f"{base_url}{API_PREFIX}/models/digits/predict", json={}, headers={"X-Request-ID": "trace-42"}, timeout=30)
+    assert resp.status_code == 422
+    assert resp.headers["x-request-id"] == "trace-42" and resp.json()["request_id"] == "trace-42"
+    with pytest.raises(TemperAPIError) as err:
+        client.predict("digits", np.zeros((1, 7, 7), dtype=np.float32))
+    assert (err.value.status, err.value.error_code, err.value.field) == (422, "422_0001", "inputs.0")
+    assert err.value.request_id
+
+
+def test_lm_generate_and_score_match_in_process(client, base_url, app_cfg, artifacts):
+    pred = load_predictor(artifacts["gpt"])
+    prompts = ["def add(a, b):", "import numpy as", "class Temper:\n  ", "for i in range("]  # lengths 14, 15, 16, 15
+    lm_stats = HandleClient(app_cfg.serve.app_name, "code")
+    before = lm_stats.stats()
+
+    async def many():
+        async with AsyncTemperClient(base_url, timeout=60.0) as c:
+            return await asyncio.gather(*(c.generate("code", p, max_new_tokens=12) for p in prompts * 2))
+
+    results = asyncio.run(many())
+    added = _diff(lm_stats.stats(), before)
+    assert sum(size * n for size, n in added.items()) == len(prompts) * 2
+    for prompt, res in zip(prompts * 2, results):
+        want = generate_text(pred, np.frombuffer(prompt.encode(), dtype=np.uint8).astype(np.int64)[None], 12)[0]
+        assert res.tokens == want.tolist() and len(res.tokens) == 12
+        assert (res.version, res.backend) == (1, "torch_fp32")
+
+    texts = ["import os", "x = 1\n", "print('hello')"]
+    scored = client.score("code", texts, top_k=3)
+    for text, out in zip(texts, scored.outputs):
+        want = score_text(pred, np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)[None], 3)[0]
+        assert out["nll"] == pytest.approx(want["nll"], rel=1e-4)
+        assert [n["byte"] for n in out["next"]] == [n["byte"] for n in want["next"]]
+    assert scored.version == 1
+
+
+def test_handle_client(app_cfg, artifacts, digits_images):
+    digits = HandleClient(app_cfg.serve.app_name, "digits", timeout_s=30.0)
+    result = digits.predict(digits_images[:3], top_k=2)
+    assert result.labels == [w["label"] for w in classify(load_predictor(artifacts["vit"]), digits_images[:3], 2)]
+    assert result.version == 1
+    with pytest.raises(ModelRequestError) as err:
+        HandleClient(app_cfg.serve.app_name, "code").predict(digits_images[:1])
+    assert (err.value.status, err.value.field) == (400, "model")
+
+
+def test_deploy_refuses_unknown_version_or_wrong_backend(app_cfg):
+    from serve.app import check_versions
+
+    records = check_versions(app_cfg)
+    assert [(r["model"], r["version"]) for r in records] == [("digits", 1), ("code", 1)]
+    bad = app_cfg.model_copy(deep=True)
+    bad.serve.models[0].version = "staging"
+    with pytest.raises(ValueError, match="staging"):
+        check_versions(bad)
+    bad = app_cfg.model_copy(deep=True)
+    bad.serve.models[0].backend = "onnx_int8"
+    with pytest.raises(ValueError, match="onnx_int8"):
+        check_versions(bad)
