@@ -20,7 +20,7 @@ $(PY):
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || { echo "[install] no torch: installing $(TORCH) first"; $(PIP) install -q "$(TORCH)"; }
-	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	@$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
 	@echo "[install] pinned $$(cat $(VENV)/torch-constraint.txt)"
 	@# DeepSpeed is source-only and imports torch in setup.py: build it against our torch.
 	@$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation -c constraints.txt -c $(VENV)/torch-constraint.txt "deepspeed>=0.19.8,<0.20"

@@ -67,11 +67,13 @@ def read_meta(folder: str | Path) -> tuple[TrainJob, dict[str, Any]]:
     return TrainJob.model_validate(meta["job"]), meta
 
 
-def save_fp32(folder: str | Path, model: nn.Module, job: TrainJob, extra: dict[str, Any] | None = None) -> Path:
-    """Write model.safetensors + config.json; returns the folder."""
+def save_fp32(folder: str | Path, model: nn.Module | dict[str, torch.Tensor], job: TrainJob,
+              extra: dict[str, Any] | None = None) -> Path:
+    """Write model.safetensors (from a module or a full state dict) + config.json; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(state, str(folder / WEIGHT_FILES["torch_fp32"]))
     write_meta(folder, job, "torch_fp32", extra)
     return folder

@@ -36,7 +36,6 @@ from app import telemetry
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -78,38 +77,40 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipelines.strategies import build_strategy
+
     # --- setup: the worker re-validates what the driver sent (STYLE lesson 2)
     job = TrainJob.model_validate(loop_config["job"])
     tc = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(tc.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    _write_pid(job, rank)
+    torch.manual_seed(tc.seed)  # same init on every rank and for every strategy
 
-    model = build_model(job.model).to(device)
+    model = build_model(job.model)
     data = build_data(job.data, job.model)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(m, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    strategy = build_strategy(job, model, make_optimizer, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+        strategy.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
-    amp_dtype = _DTYPES.get(tc.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         _say(f"[train] {job.name}: {job.model.kind} {n_params / 1e6:.2f}M params, {world} workers on {device.type}, "
-              f"precision {tc.precision}, data {data.describe()}, config {config_hash(job)}")
+             f"strategy {tc.strategy}, precision {tc.precision}, data {data.describe()}, config {config_hash(job)}")
 
     # --- resume
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            start_step = _load_checkpoint(Path(ckpt_dir), job, model, optimizer, scheduler, scaler, device)
+            start_step = _load_checkpoint(Path(ckpt_dir), job, strategy, scheduler, device)
         if rank == 0:
             _say(f"[train] resumed from checkpoint at step {start_step}")
-
-    # --- wrap: DDP after the weights are final (loaded), so every rank starts identical
-    engine = ray.train.torch.prepare_model(model) if world > 1 else model
 
     kind = job.model.kind
     metric_name, _ = primary_metric(kind)
@@ -120,29 +121,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     m_eval = telemetry.gauge(telemetry.EVAL_METRIC, ("run", "metric"))
 
     if start_step >= tc.steps:  # already finished: report the final evaluation once more
-        metrics = _evaluate(job, engine, data, rank, world, device, amp_dtype)
-        ray.train.report({"step": start_step, "start_step": start_step, **metrics})
+        metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world)}
+        ray.train.report({**metrics, **_memory_metrics(strategy, world)})
         return
 
     # --- train
     t_log, seen_since_log, steps_since_log, loss_acc = time.perf_counter(), 0, 0, 0.0
     t_start = time.perf_counter()
     for step in range(start_step, tc.steps):
-        engine.train()
-        x, y = (t.to(device) for t in data.train_batch(tc.seed, step, rank, tc.batch_size))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = task_loss(kind, engine(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tc.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        strategy.train()
+        step_loss = 0.0
+        for micro in range(tc.grad_accum_steps):
+            # Batches are a function of (seed, micro-batch index, rank): the step count is the data position.
+            x, y = (t.to(device) for t in data.train_batch(tc.seed, step * tc.grad_accum_steps + micro, rank, tc.batch_size))
+            loss = task_loss(kind, strategy.forward(x), y)
+            strategy.backward(loss, last_micro=micro == tc.grad_accum_steps - 1)
+            step_loss += loss.item() / tc.grad_accum_steps
+            seen_since_log += x.shape[0]
+        info = strategy.step()
         scheduler.step()
         done = step + 1
-        loss_acc += loss.item()
-        seen_since_log += x.shape[0]
+        loss_acc += step_loss
         steps_since_log += 1
 
         if done % tc.log_every == 0 or done == tc.steps:
@@ -155,52 +154,90 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 per_step = (now - t_start) / (done - start_step)
                 _say(f"[train] step {done}/{tc.steps} loss {avg_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                      f"{rate * world:.0f} samples/s eta {_fmt_eta(per_step * (tc.steps - done))}")
+                     f"grad_norm {info.grad_norm:.3f} {rate * world:.0f} samples/s eta {_fmt_eta(per_step * (tc.steps - done))}")
             t_log, seen_since_log, steps_since_log, loss_acc = now, 0, 0, 0.0
 
-        if done % tc.eval_every == 0 or done == tc.steps:
-            metrics = {"step": done, "start_step": start_step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                       **_evaluate(job, engine, data, rank, world, device, amp_dtype)}
+        pausing = done == tc.pause_at_step
+        if done % tc.eval_every == 0 or done == tc.steps or pausing:
+            metrics = {"step": done, "start_step": start_step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": info.grad_norm, **_evaluate(job, strategy, data, rank, world)}
+            metrics.update(_memory_metrics(strategy, world))
             if rank == 0:
                 m_eval.set(metrics[metric_name], {"run": job.name, "metric": metric_name})
                 _say(f"[eval] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
+            if done % tc.checkpoint_every == 0 or done == tc.steps or pausing:
                 with tempfile.TemporaryDirectory() as tmp:
-                    if rank == 0:  # DDP state is identical on every rank; rank 0 writes it
-                        _save_checkpoint(Path(tmp), job, model, optimizer, scheduler, scaler, done, metrics)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                    folder = Path(tmp)
+                    _save_checkpoint(folder, job, strategy, scheduler, done, metrics, rank)
+                    # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
+                    ckpt = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
                     ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{done:08d}")
             else:
                 ray.train.report(metrics)
+        if pausing:
+            if rank == 0:
+                _say(f"[train] paused at step {done} (train.pause_at_step); re-run the job to continue to {tc.steps}")
+            return
 
 
-def _evaluate(job: TrainJob, engine, data, rank: int, world: int, device, amp_dtype) -> dict[str, float]:
-    """Each rank scores its share of the fixed val batches; sums are all-reduced."""
-    engine.eval()
-    batches = [b for i, b in enumerate(data.val_batches(job.train.eval_batches, job.train.batch_size)) if i % world == rank]
+def _write_pid(job: TrainJob, rank: int) -> None:
+    """storage/<name>/workers/rank<r>.pid: which process holds which rank (ops, failure tests)."""
+    folder = Path(job.storage_path).resolve() / job.name / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    def logits_fn(x):
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return engine(x.to(device)).float().cpu()
 
-    sums = torch.from_numpy(eval_sums(job.model.kind, logits_fn, batches))
+def _memory_metrics(strategy, world: int) -> dict[str, float]:
+    """Per-rank parameter / gradient / optimizer-state bytes, gathered so rank 0 reports all ranks."""
+    mine = strategy.memory()
+    keys = sorted(mine)
+    local = torch.tensor([float(mine[k]) for k in keys], dtype=torch.float64)
+    if world > 1:
+        gathered = [torch.zeros_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+    else:
+        gathered = [local]
+    out = {}
+    for r, row in enumerate(gathered):
+        for k, v in zip(keys, row.tolist()):
+            out[f"mem_rank{r}_{k}"] = v
+    return out
+
+
+def _evaluate(job: TrainJob, strategy, data, rank: int, world: int) -> dict[str, float]:
+    """Each rank scores its share of the fixed val batches; sums are all-reduced.
+
+    Sharded strategies need every rank in every forward (FSDP all-gathers, ZeRO-3 gathers),
+    so all ranks run the same number of forwards: batches are dealt round-robin and a rank
+    with none left runs a dummy forward on batch 0 and ignores it.
+    """
+    strategy.train(False)
+    batches = list(data.val_batches(job.train.eval_batches, job.train.batch_size))
+    per_rank = math.ceil(len(batches) / world)
+    sums = np.zeros(3)
+    with torch.no_grad():
+        for i in range(per_rank):
+            idx = i * world + rank
+            x, y = batches[idx] if idx < len(batches) else batches[0]
+            logits = strategy.forward(x.to(strategy.device)).float().cpu()
+            if idx < len(batches):
+                sums += eval_sums(job.model.kind, lambda _: logits, [(x, y)])
+    sums = torch.from_numpy(sums)
     if world > 1:
         dist.all_reduce(sums)
     return metrics_from_sums(job.model.kind, sums.numpy())
 
 
-def _save_checkpoint(folder: Path, job, model, optimizer, scheduler, scaler, step: int, metrics: dict) -> None:
-    save_fp32(folder, model, job, {"step": step, "metrics": metrics})
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()},
-        folder / TRAINER_STATE,
-    )
+def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, step: int, metrics: dict, rank: int) -> None:
+    strategy.save(folder)                 # every rank: its shard (DCP / DeepSpeed), or rank 0 (DDP)
+    full = strategy.full_state_dict()     # a collective: every rank takes part
+    if rank == 0:
+        save_fp32(folder, full, job, {"step": step, "metrics": metrics, "strategy": job.train.strategy})
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    **strategy.extra_state()}, folder / TRAINER_STATE)
 
 
-def _load_checkpoint(folder: Path, job: TrainJob, model, optimizer, scheduler, scaler, device) -> int:
-    from safetensors.torch import load_file
-
+def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, device) -> int:
     from app.artifacts import read_meta
 
     saved_job, meta = read_meta(folder)
@@ -209,12 +246,18 @@ def _load_checkpoint(folder: Path, job: TrainJob, model, optimizer, scheduler, s
             f"the checkpoint in {folder} was written for another model/data config "
             f"(config {meta['config_hash']}); give the job a new `name` to start fresh"
         )
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
-    state = torch.load(folder / TRAINER_STATE, map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if saved_job.train.strategy != job.train.strategy or saved_job.train.num_workers != job.train.num_workers:
+        raise ValueError(
+            f"the checkpoint in {folder} holds train.strategy {saved_job.train.strategy!r} state of "
+            f"{saved_job.train.num_workers} workers; this run asks for {job.train.strategy!r} with "
+            f"{job.train.num_workers}. Resume with the same values, or start fresh under a new `name` "
+            "(the consolidated model.safetensors in the checkpoint loads into any strategy)"
+        )
+    strategy.load(folder)
+    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"].cpu())
+    strategy.load_extra_state(state)
+    torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 
 

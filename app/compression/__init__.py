@@ -55,6 +55,7 @@ def export_onnx(src: str | Path, dst: str | Path, opset: int = 17) -> Path:
 def to_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     """fp32 artifact -> onnx_int8 artifact (ORT dynamic int8, per-channel weights)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from app.artifacts import read_meta
 
@@ -62,8 +63,11 @@ def to_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     tmp = dst.with_name(dst.name + ".fp32-onnx")
     export_onnx(src, tmp)
     dst.mkdir(parents=True, exist_ok=True)
+    # ORT's recommended pre-processing (shape inference + graph optimisation) before quantizing.
+    prepped = tmp / "model.prep.onnx"
+    quant_pre_process(str(tmp / WEIGHT_FILES["onnx_fp32"]), str(prepped), auto_merge=True)
     quantize_dynamic(
-        str(tmp / WEIGHT_FILES["onnx_fp32"]), str(dst / WEIGHT_FILES["onnx_int8"]),
+        str(prepped), str(dst / WEIGHT_FILES["onnx_int8"]),
         weight_type=QuantType.QInt8, per_channel=True,
     )
     job, _ = read_meta(tmp)
