@@ -1,21 +1,31 @@
-"""The model registry: versions, metrics, lineage and aliases of models, persisted in SQL.
+"""The model registry: versions, metrics, params, lineage, aliases and their history, in SQL.
 
 Two layers, read top to bottom:
 
 - `RegistryStore`: the persistence layer. Plain synchronous SQLAlchemy Core over any SQL
-  database (a SQLite file by default, Postgres on clusters). Every write method runs in one
+  database (a SQLite file by default, PostgreSQL on clusters). Every write method runs in one
   transaction that is committed before it returns. It knows nothing about Ray, so it is
-  tested directly (tests/unit/test_registry_store.py).
+  tested directly (tests/unit/test_registry_store.py, against SQLite and PostgreSQL).
 - `ModelRegistry`: a named, detached, async Ray actor owning one store. It holds locations
   and metadata only, never weights; everything lives in the database, so killing or
-  restarting the actor (or the cluster) loses nothing.
+  restarting the actor (or the cluster) loses nothing. Concurrent `log_metrics` calls are
+  group-committed (one transaction for all calls waiting at that moment), and the optional
+  MLflow mirror (actors/mlflow_mirror.py) runs after the commit, off the request path.
 
-`get_or_create_registry(cfg)` is how drivers reach it; callers then use
-`ray.get(handle.method.remote(...))`.
+The tables and their migrations are in actors/registry_schema.py. `get_or_create_registry(cfg)`
+is how drivers reach the actor; callers then use `ray.get(handle.method.remote(...))`.
 
-Version numbers are issued here (max + 1 per model, starting at 1), never derived from
-timestamps, so re-running a pipeline is reproducible. A version reference ("ref") is a
-version number (int or numeric string), an alias name, or "latest" (the highest number).
+Version numbers are issued here (max + 1 per model, starting at 1, never reused even after a
+delete), never derived from timestamps, so re-running a pipeline is reproducible. A version
+reference ("ref") is a version number (int or numeric string), an alias name, or "latest"
+(the highest number that is not deleted).
+
+Aliases move; every move is a row in the alias history (who, from which version, to which,
+when, why, and how: set / rollback / remove / delete), so `as_of(model, alias, time)` answers
+which version an alias pointed at at any moment, and `rollback_alias` undoes moves one by one.
+Deleting a version is a soft delete: the row stays (children keep their lineage, numbers are
+not reused) but it disappears from lists and refs; it is refused while an alias points at it
+unless forced, and a forced delete removes those aliases through the history.
 """
 
 from __future__ import annotations
@@ -27,133 +37,83 @@ import json
 import logging
 import math
 import numbers
+import operator
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+from urllib.parse import unquote, urlsplit
 
 import ray
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Double,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
-    func,
-    insert,
-    inspect,
-    select,
-    update,
-)
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from actors.registry_schema import (
+    ALIAS_ACTIONS,
+    MAX_KEY_LEN,
+    SCHEMA_VERSION,
+    RegistrySchemaError,
+    alias_history_table,
+    aliases_table,
+    metrics_table,
+    models_table,
+    open_schema,
+    params_table,
+    versions_table,
+)
+
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from app.config import RegistryConfig
+    from app.config import MlflowMirrorConfig, RegistryConfig
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-"""Version of the table layout below; a database carrying another number is refused."""
+__all__ = [
+    "SCHEMA_VERSION", "TRANSFORMATIONS", "ARTIFACT_SCHEMES", "RegistryNotFound", "RegistryConflict",
+    "RegistrySchemaError", "RegistryStore", "ModelRegistry", "get_or_create_registry", "resolve_db_url",
+    "resolve_mirror_settings",
+]
 
 TRANSFORMATIONS = ("trained", "quantized", "pruned", "distilled", "tuned", "imported")
 """How a version was produced from its parent (or from nothing, for `trained`/`imported`)."""
 
+ARTIFACT_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+"""URI schemes an artifact may live under: those `pyarrow.fs.FileSystem.from_uri` opens."""
+
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_VERSION_LIKE_ALIAS_RE = re.compile(r"^[vV][0-9]+$")  # "v3" reads as version 3 (and MLflow reserves it)
 FORMAT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # torch_fp32, torch_int8, onnx_fp32, onnx_int8, ...
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")  # e.g. 1.4.0, 2024-q3-rc.1, distilled+int8
 _URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_MAX_KEY_LEN = 128
+_WHERE_RE = re.compile(r"^\s*(?P<key>[^\s<>=!]+)\s*(?P<op><=|>=|==|!=|<|>|=)\s*(?P<value>\S+)\s*$")
+_WHERE_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+    "=": operator.eq, "==": operator.eq, "!=": operator.ne,
+}
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for another writer's lock before failing."""
 ACTOR_START_TIMEOUT_S = 120.0
 """How long `get_or_create_registry` waits for the actor to answer its first call."""
+METRIC_GROUP_MAX_WRITES = 512
+"""Most `log_metrics` calls committed in one transaction by the actor's group commit."""
 
 
 class RegistryNotFound(LookupError):
     """A model, version or alias that the registry does not have; the message names it."""
 
 
-class RegistrySchemaError(RuntimeError):
-    """The database was written with another registry schema version than this code expects."""
-
-
-# ----------------------------------------------------------------------------- schema
-
-metadata = MetaData()
-
-schema_info_table = Table(
-    "schema_info", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("version", Integer, nullable=False),
-)
-
-models_table = Table(
-    "models", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(64), nullable=False, unique=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
-
-versions_table = Table(
-    "versions", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("artifact_uri", Text, nullable=False),
-    Column("format", String(64), nullable=False),
-    Column("config_hash", String(128), nullable=True),
-    Column("config_json", Text, nullable=True),
-    Column("parent_version_id", Integer, ForeignKey("versions.id"), nullable=True),
-    Column("transformation", String(16), nullable=False),
-    Column("tags_json", Text, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("model_id", "version", name="uq_versions_model_version"),
-)
-
-metrics_table = Table(
-    "metrics", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("version_id", Integer, ForeignKey("versions.id"), nullable=False),
-    Column("key", String(_MAX_KEY_LEN), nullable=False),
-    Column("value", Double, nullable=False),
-    Column("step", Integer, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Index("ix_metrics_version_key", "version_id", "key"),
-)
-
-aliases_table = Table(
-    "aliases", metadata,
-    Column("model_id", Integer, ForeignKey("models.id"), primary_key=True),
-    Column("alias", String(64), primary_key=True),  # primary key (model_id, alias) = unique
-    Column("version_id", Integer, ForeignKey("versions.id"), nullable=False),
-)
-
-alias_history_table = Table(
-    "alias_history", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
-    Column("alias", String(64), nullable=False),
-    Column("from_version_id", Integer, ForeignKey("versions.id"), nullable=True),
-    Column("to_version_id", Integer, ForeignKey("versions.id"), nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("actor", String(_MAX_KEY_LEN), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
+class RegistryConflict(RuntimeError):
+    """A write refused because of the registry's current state (e.g. deleting a version an alias
+    points at, reusing a label); the message says what to do instead."""
 
 
 # ----------------------------------------------------------------------------- validation
@@ -165,7 +125,9 @@ def _check_model_name(name: Any) -> str:
     return name
 
 
-def _check_alias(alias: Any) -> str:
+def _check_alias(alias: Any, *, new: bool = False) -> str:
+    """Alias names start with a letter; `new` (setting one) also refuses the version-like `v3`,
+    which schema-v1 registries allowed, so existing ones can still be read, moved back or removed."""
     if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
         raise ValueError(
             f"alias {alias!r} is invalid: it must match {ALIAS_RE.pattern} "
@@ -173,6 +135,8 @@ def _check_alias(alias: Any) -> str:
         )
     if alias.lower() == "latest":
         raise ValueError(f"alias {alias!r} is reserved: 'latest' always means the highest version number")
+    if new and _VERSION_LIKE_ALIAS_RE.fullmatch(alias):
+        raise ValueError(f"alias {alias!r} is reserved: it reads as a version number (and MLflow refuses it)")
     return alias
 
 
@@ -189,7 +153,7 @@ def _check_metrics(values: Any) -> dict[str, float]:
         raise ValueError(f"metrics must be a dict of name -> number, got {type(values).__name__}")
     out: dict[str, float] = {}
     for key, value in values.items():
-        _check_text("metric name", key, max_len=_MAX_KEY_LEN)
+        _check_text("metric name", key, max_len=MAX_KEY_LEN)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"metric {key!r} must be a number, got {value!r}")
         value = float(value)
@@ -205,12 +169,55 @@ def _check_step(step: Any) -> int | None:
     return step
 
 
+def _check_params(params: Any) -> dict[str, Any]:
+    """Hyperparameters: a flat dict of short keys to JSON scalars (str, int, float, bool, None)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of name -> scalar, got {type(params).__name__}")
+    for key, value in params.items():
+        _check_text("param name", key, max_len=MAX_KEY_LEN)
+        if value is not None and not isinstance(value, (str, bool, int, float)):
+            raise ValueError(f"param {key!r} must be a string, number, bool or None, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"param {key!r} must be finite, got {value}")
+        if isinstance(value, str) and len(value) > 6000:
+            raise ValueError(f"param {key!r} is longer than 6000 characters")
+    return dict(params)
+
+
 def _check_artifact_uri(uri: Any) -> str:
-    # The registry is read by other processes on other nodes, with other working directories,
-    # so a relative path would point somewhere else for each reader.
+    """A local absolute path or a URI of a known filesystem scheme, with no `..` segment.
+
+    The registry is read by other processes on other nodes, with other working directories, so
+    a relative path would point somewhere else for each reader; `..` could point a version at
+    files outside the folder it claims (and `%2e%2e` is decoded before that check).
+    """
     _check_text("artifact_uri", uri, max_len=4096)
-    if not (_URI_SCHEME_RE.match(uri) or Path(uri).is_absolute()):
+    if any(ord(ch) < 32 for ch in uri) or "\\" in uri:
+        raise ValueError(f"artifact_uri {uri!r} contains a control character or a backslash")
+    if _URI_SCHEME_RE.match(uri):
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower()
+        if scheme not in ARTIFACT_SCHEMES:
+            raise ValueError(
+                f"artifact_uri {uri!r} has scheme {scheme!r}, which is not one of {list(ARTIFACT_SCHEMES)} "
+                "(a local absolute path or a pyarrow.fs URI such as s3://bucket/key)"
+            )
+        if parts.fragment:
+            raise ValueError(f"artifact_uri {uri!r} must not have a #fragment")
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost") or parts.query:
+                raise ValueError(f"artifact_uri {uri!r}: a file:// URI must be file:///absolute/path")
+        elif not parts.netloc or parts.netloc in (".", ".."):
+            raise ValueError(f"artifact_uri {uri!r} names no bucket or host after {scheme}://")
+        path = unquote(parts.path)
+    elif Path(uri).is_absolute():
+        path = uri
+    else:
         raise ValueError(f"artifact_uri {uri!r} must be an absolute path or a URI such as s3://bucket/key")
+    if ".." in path.split("/"):
+        raise ValueError(f"artifact_uri {uri!r} contains a '..' segment (path traversal is refused)")
     return uri
 
 
@@ -220,10 +227,16 @@ def _check_tags(tags: Any) -> dict[str, str]:
     if not isinstance(tags, dict):
         raise ValueError(f"tags must be a dict of str -> str, got {type(tags).__name__}")
     for key, value in tags.items():
-        _check_text("tag name", key, max_len=_MAX_KEY_LEN)
+        _check_text("tag name", key, max_len=MAX_KEY_LEN)
         if not isinstance(value, str):
             raise ValueError(f"tag {key!r} must have a string value, got {value!r}")
     return dict(tags)
+
+
+def _check_label(label: Any) -> str | None:
+    if label is not None and (not isinstance(label, str) or not LABEL_RE.fullmatch(label)):
+        raise ValueError(f"label {label!r} is invalid: it must match {LABEL_RE.pattern} (e.g. 1.4.0)")
+    return label
 
 
 def _config_json(config: Any) -> str | None:
@@ -242,18 +255,92 @@ def _hash_config_json(blob: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _parse_where(where: str | list[str] | None) -> list[tuple[str, str, float]]:
+    """'val_loss<2.5' -> ('val_loss', '<', 2.5); a list means all conditions must hold."""
+    if where is None:
+        return []
+    items = [where] if isinstance(where, str) else list(where)
+    out = []
+    for item in items:
+        m = _WHERE_RE.match(item) if isinstance(item, str) else None
+        try:
+            value = float(m["value"]) if m else math.nan
+        except ValueError:
+            value = math.nan
+        if m is None or not math.isfinite(value):
+            raise ValueError(
+                f"metric filter {item!r} is invalid: write METRIC OP NUMBER with OP one of "
+                f"{', '.join(_WHERE_OPS)} (e.g. 'val_loss<2.5')"
+            )
+        out.append((m["key"], m["op"], value))
+    return out
+
+
+def _parse_time(when: Any) -> datetime:
+    """A datetime or an ISO 8601 string; naive values are taken as UTC."""
+    if isinstance(when, str):
+        try:
+            when = datetime.fromisoformat(when.strip())
+        except ValueError:
+            raise ValueError(f"time {when!r} is not ISO 8601 (e.g. 2025-01-31T14:00:00+00:00)") from None
+    if not isinstance(when, datetime):
+        raise ValueError(f"time must be a datetime or an ISO 8601 string, got {when!r}")
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def flatten_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 3e-3}} -> {'train.lr': 3e-3}; lists and scalars are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten_dict(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _iso(ts: datetime) -> str:
+def _utc(ts: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything is written in UTC.
-    return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).isoformat()
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return None if ts is None else _utc(ts).isoformat()
 
 
 def _display_url(url: str) -> str:
     """The URL with any password masked, for messages and for comparing databases."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class MetricWrite:
+    """One `log_metrics` call, validated: rows of (key, value, step) for version `ref` of `model`."""
+
+    model: str
+    ref: int | str
+    rows: tuple[tuple[str, float, int | None], ...]
+
+    @classmethod
+    def single(cls, model: str, ref: int | str, metrics: dict, step: int | None) -> "MetricWrite":
+        values = _check_metrics(metrics)
+        _check_step(step)
+        return cls(_check_model_name(model), ref, tuple((k, v, step) for k, v in values.items()))
+
+    @classmethod
+    def batch(cls, model: str, ref: int | str, points: Any) -> "MetricWrite":
+        """`points`: [{"metrics": {...}, "step": n}, ...], e.g. a training curve sent at once."""
+        if not isinstance(points, (list, tuple)):
+            raise ValueError(f"points must be a list of {{'metrics': {{...}}, 'step': n}}, got {type(points).__name__}")
+        rows = []
+        for i, point in enumerate(points):
+            if not isinstance(point, dict) or "metrics" not in point or set(point) - {"metrics", "step"}:
+                raise ValueError(f"points[{i}] must be {{'metrics': {{...}}, 'step': n}}, got {point!r}")
+            rows += cls.single(model, ref, point["metrics"], point.get("step")).rows
+        return cls(_check_model_name(model), ref, tuple(rows))
 
 
 # ----------------------------------------------------------------------------- store
@@ -263,13 +350,18 @@ class RegistryStore:
     """Synchronous persistence of the registry in one SQL database (no Ray involved).
 
     Methods take and return plain JSON-able values. Unknown models, versions or aliases raise
-    `RegistryNotFound`; invalid input raises `ValueError` naming the field and value.
+    `RegistryNotFound`; invalid input raises `ValueError` naming the field and value; a write
+    the current state forbids raises `RegistryConflict`.
     """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = _create_engine(url)
-        self._open_schema()
+        with self._write() as conn:
+            self.migrated_from = open_schema(conn, _display_url(url))
+        if self.migrated_from is not None:
+            log.warning("registry database %s migrated from schema v%d to v%d",
+                        _display_url(url), self.migrated_from, SCHEMA_VERSION)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -284,38 +376,16 @@ class RegistryStore:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         # SQLite: BEGIN IMMEDIATE takes the write lock up front, so "max + 1" cannot race with
-        # another writer. Other databases: the model row is locked FOR UPDATE (see below).
+        # another writer. Other databases: the model row is locked FOR UPDATE (see `_model_id`).
         with self._engine.connect() as conn:
             conn.execution_options(temper_sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield conn
 
-    def _open_schema(self) -> None:
-        ours = set(metadata.tables)
-        with self._write() as conn:
-            existing = set(inspect(conn).get_table_names())
-            if "schema_info" in existing:
-                found = conn.execute(select(schema_info_table.c.version)).scalars().all()
-                if found != [SCHEMA_VERSION]:
-                    shown = ", ".join(map(str, found)) or "none"
-                    raise RegistrySchemaError(
-                        f"registry database {_display_url(self.url)} has schema version {shown}, but this "
-                        f"Temper build expects schema version {SCHEMA_VERSION}; use a Temper build that "
-                        "matches the database, or point registry.db_url at another database"
-                    )
-            elif existing & ours:
-                raise RegistrySchemaError(
-                    f"registry database {_display_url(self.url)} has tables {sorted(existing & ours)} but no "
-                    f"schema_info table (expected schema version {SCHEMA_VERSION}); it was not written by "
-                    "this registry, point registry.db_url at another database"
-                )
-            metadata.create_all(conn)
-            if "schema_info" not in existing:
-                conn.execute(insert(schema_info_table).values(id=1, version=SCHEMA_VERSION))
-
     # ---- lookups (inside a transaction)
 
     def _model_id(self, conn: Connection, name: str, *, lock: bool = False) -> int:
+        """The model's id; `lock` holds its row until the transaction ends (serializes writers per model)."""
         _check_model_name(name)
         query = select(models_table.c.id).where(models_table.c.name == name)
         row = conn.execute(query.with_for_update() if lock else query).first()
@@ -336,30 +406,40 @@ class RegistryStore:
         except IntegrityError:  # another writer created it meanwhile (Postgres; SQLite's write lock excludes this)
             return conn.execute(query).scalar_one()
 
-    def _resolve(self, conn: Connection, model: str, ref: int | str) -> tuple[int, int]:
-        """(model_id, versions.id) of `ref` in `model`: a number, a numeric string, an alias or 'latest'."""
-        model_id = self._model_id(conn, model)
+    def _resolve(
+        self, conn: Connection, model: str, ref: int | str, *, include_deleted: bool = False, lock: bool = False
+    ) -> tuple[int, int]:
+        """(model_id, versions.id) of `ref` in `model`: a number, a numeric string, an alias or 'latest'.
+
+        A deleted version is not found (the message says it was deleted) unless `include_deleted`.
+        """
+        model_id = self._model_id(conn, model, lock=lock)
         if isinstance(ref, str) and re.fullmatch(r"[0-9]+", ref):
             ref = int(ref)
         if isinstance(ref, bool) or not isinstance(ref, (int, str)):
             raise ValueError(f"version ref must be a version number, an alias or 'latest', got {ref!r}")
+        v = versions_table.c
         if isinstance(ref, int):
             row = conn.execute(
-                select(versions_table.c.id)
-                .where(versions_table.c.model_id == model_id, versions_table.c.version == ref)
+                select(v.id, v.deleted_at, v.deleted_by, v.deleted_reason)
+                .where(v.model_id == model_id, v.version == ref)
             ).first()
             if row is None:
                 top = _max_version(conn, model_id)
                 have = f"versions 1..{top}" if top else "no versions yet"
                 raise RegistryNotFound(f"model {model!r} has no version {ref} ({have})")
+            if row.deleted_at is not None and not include_deleted:
+                raise RegistryNotFound(
+                    f"version {ref} of model {model!r} was deleted at {_iso(row.deleted_at)} by {row.deleted_by}"
+                    + (f" ({row.deleted_reason})" if row.deleted_reason else "")
+                )
             return model_id, row.id
         if ref == "latest":
             row = conn.execute(
-                select(versions_table.c.id).where(versions_table.c.model_id == model_id)
-                .order_by(versions_table.c.version.desc()).limit(1)
+                select(v.id).where(v.model_id == model_id, v.deleted_at.is_(None)).order_by(v.version.desc()).limit(1)
             ).first()
             if row is None:
-                raise RegistryNotFound(f"model {model!r} has no versions yet, so 'latest' points nowhere")
+                raise RegistryNotFound(f"model {model!r} has no versions (all deleted), so 'latest' points nowhere")
             return model_id, row.id
         row = conn.execute(
             select(aliases_table.c.version_id)
@@ -371,9 +451,9 @@ class RegistryStore:
                 .where(aliases_table.c.model_id == model_id).order_by(aliases_table.c.alias)
             ).scalars().all()
             raise RegistryNotFound(f"model {model!r} has no alias {ref!r} (aliases: {', '.join(known) or 'none'})")
-        return model_id, row.version_id
+        return model_id, row.version_id  # aliases never point at deleted versions (delete removes them)
 
-    def _version_numbers(self, conn: Connection, version_ids: set[int]) -> dict[int, int]:
+    def _version_numbers(self, conn: Connection, version_ids: set[int | None]) -> dict[int, int]:
         ids = {i for i in version_ids if i is not None}
         if not ids:
             return {}
@@ -382,27 +462,40 @@ class RegistryStore:
         )
         return {r.id: r.version for r in rows}
 
+    def _latest_metrics(self, conn: Connection, version_ids: list[int]) -> dict[int, dict[str, float]]:
+        """{version id: {key: last logged value}} with one query (the newest row per key wins)."""
+        m = metrics_table.c
+        newest = (
+            select(func.max(m.id)).where(m.version_id.in_(version_ids)).group_by(m.version_id, m.key)
+        ).scalar_subquery()
+        latest: dict[int, dict[str, float]] = {i: {} for i in version_ids}
+        for r in conn.execute(select(m.version_id, m.key, m.value).where(m.id.in_(newest)).order_by(m.key)):
+            latest[r.version_id][r.key] = r.value
+        return latest
+
     def _records(self, conn: Connection, version_ids: list[int]) -> list[dict]:
         """Version records for `version_ids` (in that order), built with a fixed number of queries."""
         if not version_ids:
             return []
+        unique_ids = list(dict.fromkeys(version_ids))
         rows = {
             r.id: r for r in conn.execute(
                 select(versions_table, models_table.c.name.label("model_name"))
                 .join(models_table, models_table.c.id == versions_table.c.model_id)
-                .where(versions_table.c.id.in_(version_ids))
+                .where(versions_table.c.id.in_(unique_ids))
             )
         }
-        latest: dict[int, dict[str, float]] = {i: {} for i in version_ids}
-        for m in conn.execute(
-            select(metrics_table.c.version_id, metrics_table.c.key, metrics_table.c.value)
-            .where(metrics_table.c.version_id.in_(version_ids)).order_by(metrics_table.c.id)
+        latest = self._latest_metrics(conn, unique_ids)
+        params: dict[int, dict[str, Any]] = {i: {} for i in unique_ids}
+        for p in conn.execute(
+            select(params_table.c.version_id, params_table.c.key, params_table.c.value_json)
+            .where(params_table.c.version_id.in_(unique_ids)).order_by(params_table.c.key)
         ):
-            latest[m.version_id][m.key] = m.value  # later rows overwrite: the last logged value wins
-        pointing: dict[int, list[str]] = {i: [] for i in version_ids}
+            params[p.version_id][p.key] = json.loads(p.value_json)
+        pointing: dict[int, list[str]] = {i: [] for i in unique_ids}
         for a in conn.execute(
             select(aliases_table.c.version_id, aliases_table.c.alias)
-            .where(aliases_table.c.version_id.in_(version_ids)).order_by(aliases_table.c.alias)
+            .where(aliases_table.c.version_id.in_(unique_ids)).order_by(aliases_table.c.alias)
         ):
             pointing[a.version_id].append(a.alias)
         parent_ids = {r.parent_version_id for r in rows.values() if r.parent_version_id is not None}
@@ -419,20 +512,58 @@ class RegistryStore:
             out.append({
                 "model": r.model_name,
                 "version": r.version,
+                "label": r.label,
                 "artifact_uri": r.artifact_uri,
                 "format": r.format,
                 "config_hash": r.config_hash,
                 "config": json.loads(r.config_json) if r.config_json is not None else None,
+                "params": params[vid],
+                "dataset_fingerprint": r.dataset_fingerprint,
                 "metrics": latest[vid],
                 "parent": parents.get(r.parent_version_id),
                 "transformation": r.transformation,
                 "tags": json.loads(r.tags_json),
                 "aliases": pointing[vid],
                 "created_at": _iso(r.created_at),
+                "deleted": None if r.deleted_at is None else {
+                    "at": _iso(r.deleted_at), "by": r.deleted_by, "reason": r.deleted_reason,
+                    "forced": bool(r.deleted_forced),
+                },
             })
         return out
 
-    # ---- public API
+    def _history_time(self, conn: Connection, model_id: int) -> datetime:
+        """Now, or 1 µs after the model's last alias change if the clock says otherwise.
+
+        Keeps each model's alias history strictly increasing in time (a clock step backwards or
+        two changes within one microsecond), so `as_of` windows never overlap or swap.
+        """
+        now = _now()
+        last = conn.execute(
+            select(alias_history_table.c.created_at).where(alias_history_table.c.model_id == model_id)
+            .order_by(alias_history_table.c.id.desc()).limit(1)
+        ).scalar()
+        return now if last is None or _utc(last) < now else _utc(last) + timedelta(microseconds=1)
+
+    def _record_alias_change(
+        self, conn: Connection, model_id: int, alias: str, from_id: int | None, to_id: int | None,
+        action: str, reason: str, actor: str,
+    ) -> datetime:
+        assert action in ALIAS_ACTIONS, action
+        at = self._history_time(conn, model_id)
+        conn.execute(insert(alias_history_table).values(
+            model_id=model_id, alias=alias, from_version_id=from_id, to_version_id=to_id,
+            action=action, reason=reason, actor=actor, created_at=at,
+        ))
+        return at
+
+    def _history_rows(self, conn: Connection, model_id: int, alias: str | None) -> list[Any]:
+        query = select(alias_history_table).where(alias_history_table.c.model_id == model_id)
+        if alias is not None:
+            query = query.where(alias_history_table.c.alias == alias)
+        return conn.execute(query.order_by(alias_history_table.c.id)).all()
+
+    # ---- writes
 
     def register_version(
         self,
@@ -446,11 +577,17 @@ class RegistryStore:
         parent: dict | None = None,
         transformation: str = "trained",
         tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        dataset_fingerprint: str | None = None,
+        label: str | None = None,
     ) -> dict:
         """Add the next version of `model` (creating the model on first use); returns its record.
 
         `parent` is `{"model": name, "version": ref}` of the version this one was derived from
         (it must exist). `config_hash` defaults to the hash of `config` when only that is given.
+        `params` are hyperparameters (flat name -> scalar); `dataset_fingerprint` identifies the
+        data it was trained or evaluated on; `label` is an optional semantic name (e.g. 1.4.0),
+        unique within the model.
         """
         _check_model_name(model)
         _check_artifact_uri(artifact_uri)
@@ -465,6 +602,10 @@ class RegistryStore:
             _check_text("config_hash", config_hash, max_len=128)
         values = _check_metrics(metrics or {})
         tags = _check_tags(tags)
+        params = _check_params(params)
+        if dataset_fingerprint is not None:
+            _check_text("dataset_fingerprint", dataset_fingerprint, max_len=MAX_KEY_LEN)
+        _check_label(label)
         if parent is not None and (not isinstance(parent, dict) or set(parent) != {"model", "version"}):
             raise ValueError(f"parent must be {{'model': name, 'version': number}}, got {parent!r}")
 
@@ -476,68 +617,276 @@ class RegistryStore:
                 except RegistryNotFound as err:
                     raise ValueError(f"parent {parent!r} does not exist: {err}") from None
             model_id = self._get_or_create_model(conn, model)  # locks the model row: numbers are issued one at a time
+            if label is not None:
+                taken = conn.execute(
+                    select(versions_table.c.version)
+                    .where(versions_table.c.model_id == model_id, versions_table.c.label == label)
+                ).scalar()
+                if taken is not None:
+                    raise RegistryConflict(f"label {label!r} is already version {taken} of model {model!r}")
             top = _max_version(conn, model_id)
             now = _now()
             version_id = conn.execute(insert(versions_table).values(
                 model_id=model_id, version=(top or 0) + 1, artifact_uri=artifact_uri, format=format,
                 config_hash=config_hash, config_json=config_blob, parent_version_id=parent_id,
                 transformation=transformation, tags_json=json.dumps(tags, sort_keys=True), created_at=now,
+                label=label, dataset_fingerprint=dataset_fingerprint,
             )).inserted_primary_key[0]
             if values:
                 conn.execute(insert(metrics_table), [
                     {"version_id": version_id, "key": k, "value": v, "step": None, "created_at": now}
                     for k, v in values.items()
                 ])
+            if params:
+                conn.execute(insert(params_table), [
+                    {"version_id": version_id, "key": k, "value_json": json.dumps(v)} for k, v in params.items()
+                ])
             return self._records(conn, [version_id])[0]
+
+    def log_metric_writes(self, writes: list[MetricWrite]) -> list[int | Exception]:
+        """Commit many `log_metrics` calls in one transaction (the actor's group commit).
+
+        Returns, per write, the number of rows written or the `RegistryNotFound` / `ValueError`
+        that refused it (a refused write adds nothing; the others still commit). Any other
+        error aborts the transaction and propagates: then nothing of any write was written.
+        """
+        results: list[int | Exception] = []
+        now = _now()
+        with self._write() as conn:
+            rows = []
+            for w in writes:
+                try:
+                    _, version_id = self._resolve(conn, w.model, w.ref)
+                except (RegistryNotFound, ValueError) as err:
+                    results.append(err)
+                    continue
+                rows += [
+                    {"version_id": version_id, "key": k, "value": v, "step": s, "created_at": now}
+                    for k, v, s in w.rows
+                ]
+                results.append(len(w.rows))
+            if rows:
+                conn.execute(insert(metrics_table), rows)
+        return results
 
     def log_metrics(self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None) -> int:
-        """Append metric values to a version; returns the number of rows written."""
-        values = _check_metrics(metrics)
-        _check_step(step)
-        if not values:
-            return 0
-        with self._write() as conn:
-            _, version_id = self._resolve(conn, model, version)
-            now = _now()
-            conn.execute(insert(metrics_table), [
-                {"version_id": version_id, "key": k, "value": v, "step": step, "created_at": now}
-                for k, v in values.items()
-            ])
-        return len(values)
+        """Append metric values (one step) to a version; returns the number of rows written."""
+        return self._one_write(MetricWrite.single(model, version, metrics, step))
 
-    def get_version(self, model: str, ref: int | str) -> dict:
+    def log_metrics_batch(self, model: str, version: int | str, points: list[dict]) -> int:
+        """Append many steps at once: `points` = [{"metrics": {...}, "step": n}, ...]; one transaction."""
+        return self._one_write(MetricWrite.batch(model, version, points))
+
+    def _one_write(self, write: MetricWrite) -> int:
+        if not write.rows:
+            return 0
+        [result] = self.log_metric_writes([write])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def set_alias(self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli") -> dict:
+        """Point `alias` at version `version` (a ref), creating or moving it, and record the change.
+
+        Returns {model, alias, version, from_version, changed}. Pointing an alias where it already
+        points changes nothing and writes no history row.
+        """
+        _check_alias(alias, new=True)
+        _check_text("reason", reason, max_len=10_000, allow_empty=True)
+        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        with self._write() as conn:
+            model_id, to_id = self._resolve(conn, model, version, lock=True)
+            return self._move_alias(conn, model, model_id, alias, to_id, "set", reason, actor)
+
+    def _move_alias(
+        self, conn: Connection, model: str, model_id: int, alias: str, to_id: int, action: str, reason: str, actor: str
+    ) -> dict:
+        current = conn.execute(
+            select(aliases_table.c.version_id)
+            .where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias)
+        ).first()
+        from_id = current.version_id if current else None
+        if from_id is None:
+            conn.execute(insert(aliases_table).values(model_id=model_id, alias=alias, version_id=to_id))
+        elif from_id != to_id:
+            conn.execute(
+                update(aliases_table).where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias)
+                .values(version_id=to_id)
+            )
+        changed = from_id != to_id
+        if changed:
+            self._record_alias_change(conn, model_id, alias, from_id, to_id, action, reason, actor)
+        number_of = self._version_numbers(conn, {from_id, to_id})
+        return {
+            "model": model, "alias": alias, "version": number_of[to_id],
+            "from_version": number_of.get(from_id), "changed": changed,
+        }
+
+    def remove_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
+        """Remove `alias` (recorded in the history; `as_of` after this answers no version)."""
+        _check_alias(alias)
+        _check_text("reason", reason, max_len=10_000, allow_empty=True)
+        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        with self._write() as conn:
+            model_id = self._model_id(conn, model, lock=True)
+            from_id = conn.execute(
+                select(aliases_table.c.version_id)
+                .where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias)
+            ).scalar()
+            if from_id is None:
+                raise RegistryNotFound(f"model {model!r} has no alias {alias!r} to remove")
+            conn.execute(delete(aliases_table).where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias))
+            self._record_alias_change(conn, model_id, alias, from_id, None, "remove", reason, actor)
+            return {"model": model, "alias": alias, "version": None,
+                    "from_version": self._version_numbers(conn, {from_id})[from_id], "changed": True}
+
+    def rollback_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
+        """Move `alias` back to the version it pointed at before its current one; recorded as a rollback.
+
+        Rollbacks undo moves one at a time (promote v1, v2, v3; rollback -> v2; rollback -> v1),
+        like popping a stack; a removal is undone too (the removed holder comes back). Refused
+        when there is no earlier holder, or when it was deleted since.
+        """
+        _check_alias(alias)
+        _check_text("reason", reason, max_len=10_000, allow_empty=True)
+        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        with self._write() as conn:
+            model_id = self._model_id(conn, model, lock=True)
+            rows = self._history_rows(conn, model_id, alias)
+            if not rows:
+                raise RegistryNotFound(f"model {model!r} has never had an alias {alias!r}")
+            stack = _holder_stack(rows)
+            target = _rollback_target(stack)
+            if target is None:
+                raise RegistryConflict(
+                    f"alias {alias!r} of model {model!r} has no earlier holder to roll back to "
+                    "(it had only its current one, or every earlier move was rolled back already); set it explicitly"
+                )
+            target_row = conn.execute(
+                select(versions_table.c.version, versions_table.c.deleted_at).where(versions_table.c.id == target)
+            ).one()
+            if target_row.deleted_at is not None:
+                raise RegistryConflict(
+                    f"cannot roll back alias {alias!r} of model {model!r} to version {target_row.version}: "
+                    "it was deleted; set the alias explicitly"
+                )
+            return self._move_alias(conn, model, model_id, alias, target, "rollback", reason, actor)
+
+    def delete_version(
+        self, model: str, ref: int | str, *, force: bool = False, reason: str = "", actor: str = "cli"
+    ) -> dict:
+        """Soft-delete a version: it leaves lists and refs, its number is never reused, children keep it as parent.
+
+        Refused (RegistryConflict) while an alias points at it, unless `force`: then those aliases
+        are removed, each removal recorded in the alias history with the reason.
+        """
+        _check_text("reason", reason, max_len=10_000, allow_empty=True)
+        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        with self._write() as conn:
+            model_id, version_id = self._resolve(conn, model, ref, lock=True)
+            number = self._version_numbers(conn, {version_id})[version_id]
+            pointing = conn.execute(
+                select(aliases_table.c.alias).where(aliases_table.c.version_id == version_id)
+                .order_by(aliases_table.c.alias)
+            ).scalars().all()
+            if pointing and not force:
+                raise RegistryConflict(
+                    f"version {number} of model {model!r} is what alias(es) {', '.join(pointing)} point at; "
+                    "move them first, or force the delete (--force), which removes them and records it"
+                )
+            for alias in pointing:
+                conn.execute(delete(aliases_table).where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias))
+                why = f"version {number} deleted (forced)" + (f": {reason}" if reason else "")
+                self._record_alias_change(conn, model_id, alias, version_id, None, "delete", why, actor)
+            at = _now()
+            conn.execute(update(versions_table).where(versions_table.c.id == version_id).values(
+                deleted_at=at, deleted_by=actor, deleted_reason=reason or None, deleted_forced=bool(pointing),
+            ))
+            return {"model": model, "version": number, "deleted_at": _iso(at), "forced": bool(pointing),
+                    "aliases_removed": list(pointing)}
+
+    # ---- reads
+
+    def get_version(self, model: str, ref: int | str, *, include_deleted: bool = False) -> dict:
         """The record of version `ref` (number, numeric string, alias or 'latest') of `model`."""
         with self._read() as conn:
-            _, version_id = self._resolve(conn, model, ref)
+            _, version_id = self._resolve(conn, model, ref, include_deleted=include_deleted)
             return self._records(conn, [version_id])[0]
 
-    def list_versions(self, model: str) -> list[dict]:
-        """All version records of `model`, oldest (version 1) first."""
+    def list_versions(
+        self,
+        model: str,
+        *,
+        where: str | list[str] | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        format: str | None = None,
+        transformation: str | None = None,
+        tags: dict[str, str] | None = None,
+        label: str | None = None,
+        limit: int | None = None,
+        include_deleted: bool = False,
+    ) -> list[dict]:
+        """Version records of `model`, oldest (version 1) first unless `order_by` says otherwise.
+
+        Filters: `where` metric conditions on the latest value ('val_loss<2.5', a list = all of
+        them; a version without that metric does not match), exact `format`, `transformation`,
+        `label`, and `tags` (all given pairs). `order_by` is a metric name (versions without it
+        come last either way) or 'version' / 'created_at'. Deleted versions only with
+        `include_deleted`.
+        """
+        conditions = _parse_where(where)
+        tags = _check_tags(tags)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        v = versions_table.c
         with self._read() as conn:
             model_id = self._model_id(conn, model)
-            ids = conn.execute(
-                select(versions_table.c.id)
-                .where(versions_table.c.model_id == model_id).order_by(versions_table.c.version)
-            ).scalars().all()
-            return self._records(conn, list(ids))
+            query = select(v.id).where(v.model_id == model_id).order_by(v.version)
+            if not include_deleted:
+                query = query.where(v.deleted_at.is_(None))
+            for column, value in (("format", format), ("transformation", transformation), ("label", label)):
+                if value is not None:
+                    query = query.where(v[column] == value)
+            records = self._records(conn, list(conn.execute(query).scalars().all()))
+        records = [
+            r for r in records
+            if all(r["tags"].get(k) == val for k, val in tags.items())
+            and all(key in r["metrics"] and _WHERE_OPS[op](r["metrics"][key], value) for key, op, value in conditions)
+        ]
+        if order_by in ("version", "created_at"):
+            records.sort(key=lambda r: r[order_by], reverse=descending)
+        elif order_by is not None:
+            have = [r for r in records if order_by in r["metrics"]]
+            have.sort(key=lambda r: r["metrics"][order_by], reverse=descending)
+            records = have + [r for r in records if order_by not in r["metrics"]]
+        elif descending:
+            records.reverse()
+        return records[:limit] if limit is not None else records
 
     def list_models(self) -> list[dict]:
-        """One summary per model, by name: {name, versions (count), latest, aliases, created_at}."""
+        """One summary per model, by name: {name, versions, latest, aliases, deleted, created_at}.
+
+        `versions` counts versions that are not deleted, `latest` is the highest of those,
+        `deleted` counts deleted ones.
+        """
+        v = versions_table.c
         with self._read() as conn:
             counts = {
                 r.model_id: (r.n, r.top) for r in conn.execute(
-                    select(
-                        versions_table.c.model_id,
-                        func.count().label("n"),
-                        func.max(versions_table.c.version).label("top"),
-                    )
-                    .group_by(versions_table.c.model_id)
+                    select(v.model_id, func.count().label("n"), func.max(v.version).label("top"))
+                    .where(v.deleted_at.is_(None)).group_by(v.model_id)
+                )
+            }
+            deleted = {
+                r.model_id: r.n for r in conn.execute(
+                    select(v.model_id, func.count().label("n")).where(v.deleted_at.is_not(None)).group_by(v.model_id)
                 )
             }
             by_model: dict[int, dict[str, int]] = {}
             for a in conn.execute(
-                select(aliases_table.c.model_id, aliases_table.c.alias, versions_table.c.version)
-                .join(versions_table, versions_table.c.id == aliases_table.c.version_id)
+                select(aliases_table.c.model_id, aliases_table.c.alias, v.version)
+                .join(versions_table, v.id == aliases_table.c.version_id)
                 .order_by(aliases_table.c.alias)
             ):
                 by_model.setdefault(a.model_id, {})[a.alias] = a.version
@@ -547,45 +896,136 @@ class RegistryStore:
                     "versions": counts.get(m.id, (0, None))[0],
                     "latest": counts.get(m.id, (0, None))[1],
                     "aliases": by_model.get(m.id, {}),
+                    "deleted": deleted.get(m.id, 0),
                     "created_at": _iso(m.created_at),
                 }
                 for m in conn.execute(select(models_table).order_by(models_table.c.name))
             ]
 
-    def set_alias(self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli") -> dict:
-        """Point `alias` at version `version` (a ref), creating or moving it, and record the change.
+    def model_names(self) -> list[str]:
+        with self._read() as conn:
+            return list(conn.execute(select(models_table.c.name).order_by(models_table.c.name)).scalars())
 
-        Returns {model, alias, version, from_version, changed}. Pointing an alias where it already
-        points changes nothing and writes no history row.
+    def metric_history(self, model: str, ref: int | str, key: str | None = None) -> list[dict]:
+        """Every logged value of version `ref` (optionally of one metric), in logging order:
+        [{key, value, step, created_at}]."""
+        m = metrics_table.c
+        with self._read() as conn:
+            _, version_id = self._resolve(conn, model, ref, include_deleted=True)
+            query = select(m.key, m.value, m.step, m.created_at).where(m.version_id == version_id)
+            if key is not None:
+                query = query.where(m.key == key)
+            return [
+                {"key": r.key, "value": r.value, "step": r.step, "created_at": _iso(r.created_at)}
+                for r in conn.execute(query.order_by(m.id))
+            ]
+
+    def _ancestry(self, conn: Connection, version_id: int) -> list[int]:
+        """[version_id, its parent, grandparent, ...] up to the root."""
+        chain = [version_id]
+        while len(chain) < 10_000:  # parents exist before children, so this is a path, never a cycle
+            parent = conn.execute(
+                select(versions_table.c.parent_version_id).where(versions_table.c.id == chain[-1])
+            ).scalar()
+            if parent is None:
+                break
+            chain.append(parent)
+        return chain
+
+    def _nodes(self, conn: Connection, version_ids: list[int]) -> list[dict]:
+        if not version_ids:
+            return []
+        rows = {
+            r.id: r for r in conn.execute(
+                select(versions_table.c.id, versions_table.c.version, versions_table.c.format,
+                       versions_table.c.transformation, versions_table.c.deleted_at, models_table.c.name)
+                .join(models_table, models_table.c.id == versions_table.c.model_id)
+                .where(versions_table.c.id.in_(set(version_ids)))
+            )
+        }
+        return [
+            {"model": rows[i].name, "version": rows[i].version, "format": rows[i].format,
+             "transformation": rows[i].transformation, "deleted": rows[i].deleted_at is not None}
+            for i in version_ids
+        ]
+
+    def lineage(self, model: str, ref: int | str) -> dict:
+        """Where version `ref` came from and what was made from it.
+
+        {"path": [root, ..., this version], "children": [versions whose parent is this one]};
+        each node is {model, version, format, transformation, deleted}.
         """
-        _check_alias(alias)
-        _check_text("reason", reason, max_len=10_000, allow_empty=True)
-        _check_text("actor", actor, max_len=_MAX_KEY_LEN)
-        with self._write() as conn:
-            model_id, to_id = self._resolve(conn, model, version)
-            current = conn.execute(
-                select(aliases_table.c.version_id)
-                .where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias)
-            ).first()
-            from_id = current.version_id if current else None
-            if from_id is None:
-                conn.execute(insert(aliases_table).values(model_id=model_id, alias=alias, version_id=to_id))
-            elif from_id != to_id:
-                conn.execute(
-                    update(aliases_table).where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias)
-                    .values(version_id=to_id)
-                )
-            changed = from_id != to_id
-            if changed:
-                conn.execute(insert(alias_history_table).values(
-                    model_id=model_id, alias=alias, from_version_id=from_id, to_version_id=to_id,
-                    reason=reason, actor=actor, created_at=_now(),
-                ))
-            number_of = self._version_numbers(conn, {from_id, to_id})
-            return {
-                "model": model, "alias": alias, "version": number_of[to_id],
-                "from_version": number_of.get(from_id), "changed": changed,
-            }
+        with self._read() as conn:
+            _, version_id = self._resolve(conn, model, ref, include_deleted=True)
+            path = list(reversed(self._ancestry(conn, version_id)))
+            children = conn.execute(
+                select(versions_table.c.id).where(versions_table.c.parent_version_id == version_id)
+                .order_by(versions_table.c.model_id, versions_table.c.version)
+            ).scalars().all()
+            return {"path": self._nodes(conn, path), "children": self._nodes(conn, list(children))}
+
+    def compare(self, model: str, a: int | str, b: int | str, *, model_b: str | None = None) -> dict:
+        """Version `a` of `model` against version `b` (of `model_b`, default the same model).
+
+        Returns {"a", "b": summaries; "metrics": [{key, a, b, delta (b - a), relative (delta / |a|)}]
+        for every metric either has; "params" and "config": [{key, a, b}] for the keys that
+        differ (config flattened to dotted keys, None = absent); "same_config_hash";
+        "dataset": {a, b, same}; "lineage": {common_ancestor, path, relation}}. Deleted versions
+        can be compared.
+        """
+        with self._read() as conn:
+            _, id_a = self._resolve(conn, model, a, include_deleted=True)
+            _, id_b = self._resolve(conn, model_b or model, b, include_deleted=True)
+            rec_a, rec_b = self._records(conn, [id_a, id_b])
+            chain_a, chain_b = self._ancestry(conn, id_a), self._ancestry(conn, id_b)
+            common = next((i for i in chain_a if i in set(chain_b)), None)
+            if common is None:
+                path_ids, relation = [], "unrelated: no common ancestor"
+            else:
+                up = chain_a[: chain_a.index(common) + 1]
+                down = list(reversed(chain_b[: chain_b.index(common)]))
+                path_ids = up + down
+                if id_a == id_b:
+                    relation = "same version"
+                elif common == id_a:
+                    relation = "b descends from a"
+                elif common == id_b:
+                    relation = "a descends from b"
+                else:
+                    relation = "siblings: both descend from the common ancestor"
+            path = self._nodes(conn, path_ids)
+            ancestor = self._nodes(conn, [common])[0] if common is not None else None
+
+        metrics = []
+        for key in sorted(set(rec_a["metrics"]) | set(rec_b["metrics"])):
+            va, vb = rec_a["metrics"].get(key), rec_b["metrics"].get(key)
+            delta = vb - va if va is not None and vb is not None else None
+            metrics.append({
+                "key": key, "a": va, "b": vb, "delta": delta,
+                "relative": delta / abs(va) if delta is not None and va != 0 else None,
+            })
+
+        def differing(left: dict, right: dict) -> list[dict]:
+            return [
+                {"key": k, "a": left.get(k), "b": right.get(k)}
+                for k in sorted(set(left) | set(right)) if left.get(k) != right.get(k) or (k in left) != (k in right)
+            ]
+
+        def summary(r: dict) -> dict:
+            return {k: r[k] for k in ("model", "version", "label", "format", "transformation", "config_hash",
+                                      "dataset_fingerprint", "artifact_uri", "parent", "aliases", "created_at", "deleted")}
+
+        return {
+            "a": summary(rec_a),
+            "b": summary(rec_b),
+            "metrics": metrics,
+            "params": differing(rec_a["params"], rec_b["params"]),
+            "config": differing(flatten_dict(rec_a["config"] or {}), flatten_dict(rec_b["config"] or {})),
+            "same_config_hash": rec_a["config_hash"] is not None and rec_a["config_hash"] == rec_b["config_hash"],
+            "dataset": {"a": rec_a["dataset_fingerprint"], "b": rec_b["dataset_fingerprint"],
+                        "same": rec_a["dataset_fingerprint"] == rec_b["dataset_fingerprint"]},
+            "lineage": {"common_ancestor": ancestor, "path": path, "relation": relation},
+        }
 
     def aliases(self, model: str) -> dict[str, int]:
         """{alias: version number} of `model`, sorted by alias."""
@@ -599,13 +1039,12 @@ class RegistryStore:
             return {r.alias: r.version for r in rows}
 
     def alias_history(self, model: str, alias: str | None = None) -> list[dict]:
-        """Alias changes of `model` (optionally one alias), oldest first."""
+        """Alias changes of `model` (optionally one alias), oldest first:
+        [{model, alias, action, from_version, to_version, reason, actor, created_at}]
+        (`to_version` None = the alias was removed)."""
         with self._read() as conn:
             model_id = self._model_id(conn, model)
-            query = select(alias_history_table).where(alias_history_table.c.model_id == model_id)
-            if alias is not None:
-                query = query.where(alias_history_table.c.alias == alias)
-            rows = conn.execute(query.order_by(alias_history_table.c.id)).all()
+            rows = self._history_rows(conn, model_id, alias)
             if alias is not None and not rows:
                 raise RegistryNotFound(f"model {model!r} has never had an alias {alias!r}")
             number_of = self._version_numbers(
@@ -613,15 +1052,95 @@ class RegistryStore:
             )
             return [
                 {
-                    "model": model, "alias": r.alias,
-                    "from_version": number_of.get(r.from_version_id), "to_version": number_of[r.to_version_id],
+                    "model": model, "alias": r.alias, "action": r.action,
+                    "from_version": number_of.get(r.from_version_id), "to_version": number_of.get(r.to_version_id),
                     "reason": r.reason, "actor": r.actor, "created_at": _iso(r.created_at),
                 }
                 for r in rows
             ]
 
+    def as_of(self, model: str, alias: str, when: datetime | str) -> dict:
+        """Which version `alias` pointed at at time `when` (a datetime or ISO 8601 string; naive = UTC).
+
+        Returns {model, alias, as_of, version, since, action, reason, actor}: the history entry in
+        force at that moment. `version` is None (and `since` None) before the alias first existed,
+        or `since` the time it was removed. An alias the model never had is RegistryNotFound.
+        """
+        _check_alias(alias)
+        at = _parse_time(when)
+        h = alias_history_table.c
+        with self._read() as conn:
+            model_id = self._model_id(conn, model)
+            if conn.execute(select(h.id).where(h.model_id == model_id, h.alias == alias).limit(1)).first() is None:
+                raise RegistryNotFound(f"model {model!r} has never had an alias {alias!r}")
+            row = conn.execute(
+                select(alias_history_table).where(h.model_id == model_id, h.alias == alias, h.created_at <= at)
+                .order_by(h.created_at.desc(), h.id.desc()).limit(1)
+            ).first()
+            answer = {"model": model, "alias": alias, "as_of": at.isoformat(), "version": None, "since": None,
+                      "action": None, "reason": None, "actor": None}
+            if row is not None:
+                number_of = self._version_numbers(conn, {row.to_version_id})
+                answer.update(version=number_of.get(row.to_version_id), since=_iso(row.created_at),
+                              action=row.action, reason=row.reason, actor=row.actor)
+            return answer
+
+    def mirror_snapshot(self, model: str, metrics_after: dict[int, int] | None = None) -> dict:
+        """What the MLflow mirror needs of `model`: every version record (deleted ones too), each
+        with its metric rows newer than `metrics_after[version]` (a metrics row id), and the aliases."""
+        metrics_after = metrics_after or {}
+        m = metrics_table.c
+        with self._read() as conn:
+            model_id = self._model_id(conn, model)
+            ids = conn.execute(
+                select(versions_table.c.id).where(versions_table.c.model_id == model_id).order_by(versions_table.c.version)
+            ).scalars().all()
+            records = self._records(conn, list(ids))
+            for vid, rec in zip(ids, records):
+                rec["metric_rows"] = [
+                    {"id": r.id, "key": r.key, "value": r.value, "step": r.step, "created_at": _iso(r.created_at)}
+                    for r in conn.execute(
+                        select(m.id, m.key, m.value, m.step, m.created_at)
+                        .where(m.version_id == vid, m.id > metrics_after.get(rec["version"], 0)).order_by(m.id)
+                    )
+                ]
+            aliases = {
+                r.alias: r.version for r in conn.execute(
+                    select(aliases_table.c.alias, versions_table.c.version)
+                    .join(versions_table, versions_table.c.id == aliases_table.c.version_id)
+                    .where(aliases_table.c.model_id == model_id)
+                )
+            }
+        return {"model": model, "versions": records, "aliases": aliases}
+
+
+def _holder_stack(rows: list[Any]) -> list[int | None]:
+    """Replay an alias's history into a stack of holders (None = removed); the top is the current one."""
+    stack: list[int | None] = []
+    for r in rows:
+        if r.action == "rollback":
+            _pop_to_previous(stack)
+        else:
+            stack.append(r.to_version_id)
+    return stack
+
+
+def _pop_to_previous(stack: list[int | None]) -> None:
+    stack.pop()
+    while stack and stack[-1] is None:  # a removal is undone together with what followed it
+        stack.pop()
+
+
+def _rollback_target(stack: list[int | None]) -> int | None:
+    trial = list(stack)
+    if not trial:
+        return None
+    _pop_to_previous(trial)
+    return trial[-1] if trial else None
+
 
 def _max_version(conn: Connection, model_id: int) -> int | None:
+    """Highest version number ever issued for the model, deleted ones included (numbers are never reused)."""
     return conn.execute(
         select(func.max(versions_table.c.version)).where(versions_table.c.model_id == model_id)
     ).scalar()
@@ -675,17 +1194,47 @@ class ModelRegistry:
     """The registry as a named, detached, async Ray actor around one `RegistryStore`.
 
     Database calls run on one dedicated thread: they are serialized (SQLite has one writer
-    anyway) and never block the event loop, so `ping` answers while a slow query runs.
+    anyway) and never block the event loop, so `ping` answers while a slow query runs. A
+    write returns once it is committed. `log_metrics` calls that arrive while the thread is
+    busy are committed together in the next transaction (group commit), so many concurrent
+    writers (Tune trials) cost a few transactions, not one each.
+
+    With the MLflow mirror on, each write marks its model dirty; a second thread brings MLflow
+    in line with the database (runs, model versions, aliases) after the commit. A mirror
+    failure is logged and reported by `mirror_status`, never raised to the writer: the database
+    is the source of truth. After a restart the first write or `mirror_flush` re-syncs every model.
     """
 
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, mirror: dict | None = None) -> None:
         self._store = RegistryStore(db_url)
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
-        log.info("ModelRegistry open on %s (schema version %d)", _display_url(db_url), SCHEMA_VERSION)
+        self._metric_queue: list[tuple[MetricWrite, asyncio.Future]] = []
+        self._metric_flusher: asyncio.Task | None = None
+        self._stats = {"metric_calls": 0, "metric_transactions": 0}
+        self._mirror_settings = mirror
+        self._mirror = None
+        if mirror is not None:
+            from actors.mlflow_mirror import MlflowMirror
+
+            self._mirror = MlflowMirror(mirror)
+            self._mirror_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-mlflow")
+            self._mirror_dirty: set[str] = {"*"}  # "*": every model (first sync after a (re)start)
+            self._mirror_errors: dict[str, str] = {}
+            self._mirror_task: asyncio.Task | None = None
+        log.info("ModelRegistry open on %s (schema version %d%s), MLflow mirror %s", _display_url(db_url),
+                 SCHEMA_VERSION, f", migrated from {self._store.migrated_from}" if self._store.migrated_from else "",
+                 "on" if mirror else "off")
 
     async def _call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args, **kwargs))
+
+    async def _write(self, model: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        result = await self._call(fn, *args, **kwargs)
+        self._mirror_touch(model)
+        return result
+
+    # ---- health and settings
 
     @ray.method(max_task_retries=_READ_RETRIES)
     async def ping(self) -> str:
@@ -695,6 +1244,19 @@ class ModelRegistry:
     async def db_url(self) -> str:
         """The database URL, password masked."""
         return _display_url(self._store.url)
+
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def settings(self) -> dict:
+        """{db_url (password masked), schema_version, migrated_from, mirror (settings or None)}."""
+        return {"db_url": _display_url(self._store.url), "schema_version": SCHEMA_VERSION,
+                "migrated_from": self._store.migrated_from, "mirror": self._mirror_settings}
+
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def stats(self) -> dict:
+        """Counters since this actor process started: metric_calls, metric_transactions (group commit)."""
+        return dict(self._stats)
+
+    # ---- writes
 
     async def register_version(
         self,
@@ -708,33 +1270,103 @@ class ModelRegistry:
         parent: dict | None = None,
         transformation: str = "trained",
         tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        dataset_fingerprint: str | None = None,
+        label: str | None = None,
     ) -> dict:
-        return await self._call(
-            self._store.register_version, model, artifact_uri, format, config=config, config_hash=config_hash,
-            metrics=metrics, parent=parent, transformation=transformation, tags=tags,
+        return await self._write(
+            model, self._store.register_version, model, artifact_uri, format, config=config,
+            config_hash=config_hash, metrics=metrics, parent=parent, transformation=transformation, tags=tags,
+            params=params, dataset_fingerprint=dataset_fingerprint, label=label,
         )
 
     async def log_metrics(
         self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None
     ) -> int:
-        return await self._call(self._store.log_metrics, model, version, metrics, step)
+        """Append metric values (one step); returns the rows written, once committed."""
+        return await self._log(MetricWrite.single(model, version, metrics, step))
+
+    async def log_metrics_batch(self, model: str, version: int | str, points: list[dict]) -> int:
+        """Append many steps: `points` = [{"metrics": {...}, "step": n}, ...]; all or nothing."""
+        return await self._log(MetricWrite.batch(model, version, points))
+
+    async def _log(self, write: MetricWrite) -> int:
+        if not write.rows:
+            return 0
+        future = asyncio.get_running_loop().create_future()
+        self._metric_queue.append((write, future))
+        if self._metric_flusher is None or self._metric_flusher.done():
+            self._metric_flusher = asyncio.create_task(self._flush_metrics())
+        written = await future
+        self._mirror_touch(write.model)
+        return written
+
+    async def _flush_metrics(self) -> None:
+        """Commit queued metric writes, as many per transaction as are waiting (up to a cap)."""
+        while self._metric_queue:
+            group = self._metric_queue[:METRIC_GROUP_MAX_WRITES]
+            del self._metric_queue[:METRIC_GROUP_MAX_WRITES]
+            self._stats["metric_calls"] += len(group)
+            self._stats["metric_transactions"] += 1
+            try:
+                results = await self._call(self._store.log_metric_writes, [w for w, _ in group])
+            except Exception as err:  # the transaction failed: none of the group was written, all callers hear it
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, future), result in zip(group, results):
+                if future.done():  # the caller was cancelled; its rows are committed anyway
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def set_alias(
+        self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli"
+    ) -> dict:
+        return await self._write(model, self._store.set_alias, model, alias, version, reason, actor)
+
+    async def remove_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
+        return await self._write(model, self._store.remove_alias, model, alias, reason, actor)
+
+    async def rollback_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
+        return await self._write(model, self._store.rollback_alias, model, alias, reason, actor)
+
+    async def delete_version(
+        self, model: str, version: int | str, *, force: bool = False, reason: str = "", actor: str = "cli"
+    ) -> dict:
+        return await self._write(
+            model, self._store.delete_version, model, version, force=force, reason=reason, actor=actor
+        )
+
+    # ---- reads
 
     @ray.method(max_task_retries=_READ_RETRIES)
-    async def get_version(self, model: str, ref: int | str) -> dict:
-        return await self._call(self._store.get_version, model, ref)
+    async def get_version(self, model: str, ref: int | str, *, include_deleted: bool = False) -> dict:
+        return await self._call(self._store.get_version, model, ref, include_deleted=include_deleted)
 
     @ray.method(max_task_retries=_READ_RETRIES)
-    async def list_versions(self, model: str) -> list[dict]:
-        return await self._call(self._store.list_versions, model)
+    async def list_versions(self, model: str, **filters: Any) -> list[dict]:
+        """See `RegistryStore.list_versions` for the filters (where, order_by, descending, format, ...)."""
+        return await self._call(self._store.list_versions, model, **filters)
 
     @ray.method(max_task_retries=_READ_RETRIES)
     async def list_models(self) -> list[dict]:
         return await self._call(self._store.list_models)
 
-    async def set_alias(
-        self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli"
-    ) -> dict:
-        return await self._call(self._store.set_alias, model, alias, version, reason, actor)
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def metric_history(self, model: str, ref: int | str, key: str | None = None) -> list[dict]:
+        return await self._call(self._store.metric_history, model, ref, key)
+
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def lineage(self, model: str, ref: int | str) -> dict:
+        return await self._call(self._store.lineage, model, ref)
+
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def compare(self, model: str, a: int | str, b: int | str, *, model_b: str | None = None) -> dict:
+        return await self._call(self._store.compare, model, a, b, model_b=model_b)
 
     @ray.method(max_task_retries=_READ_RETRIES)
     async def aliases(self, model: str) -> dict[str, int]:
@@ -744,6 +1376,72 @@ class ModelRegistry:
     async def alias_history(self, model: str, alias: str | None = None) -> list[dict]:
         return await self._call(self._store.alias_history, model, alias)
 
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def as_of(self, model: str, alias: str, when: datetime | str) -> dict:
+        return await self._call(self._store.as_of, model, alias, when)
+
+    # ---- MLflow mirror
+
+    def _mirror_touch(self, model: str) -> None:
+        if self._mirror is None:
+            return
+        self._mirror_dirty.add(model)
+        if self._mirror_task is None or self._mirror_task.done():
+            self._mirror_task = asyncio.create_task(self._mirror_loop())
+
+    async def _mirror_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._mirror_dirty:
+            if "*" in self._mirror_dirty:
+                self._mirror_dirty.discard("*")
+                self._mirror_dirty.update(await self._call(self._store.model_names))
+                continue
+            model = min(self._mirror_dirty)
+            self._mirror_dirty.discard(model)
+            try:
+                await loop.run_in_executor(self._mirror_thread, self._mirror.sync_model, self._store, model)
+                self._mirror_errors.pop(model, None)
+            except Exception as err:  # reported by mirror_status; retried on the next write or flush
+                log.exception("MLflow mirror of model %r failed (the registry write itself is committed)", model)
+                self._mirror_errors[model] = f"{type(err).__name__}: {err}"
+
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def mirror_status(self) -> dict:
+        """{enabled, pending (models not yet mirrored), errors {model: message}, settings}."""
+        if self._mirror is None:
+            return {"enabled": False, "pending": [], "errors": {}, "settings": None}
+        return {"enabled": True, "pending": sorted(self._mirror_dirty), "errors": dict(self._mirror_errors),
+                "settings": self._mirror_settings}
+
+    async def mirror_flush(self) -> dict:
+        """Bring MLflow in line now (retrying models that failed) and return `mirror_status()` when done."""
+        if self._mirror is not None:
+            self._mirror_dirty.update(self._mirror_errors)
+            if self._mirror_dirty:
+                self._mirror_touch(min(self._mirror_dirty))
+            while self._mirror_task is not None and not self._mirror_task.done():
+                await asyncio.shield(self._mirror_task)
+        return await self.mirror_status()
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def _absolute_sqlite(url: str, cwd: str | Path | None, field: str) -> str:
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if database in ("", ":memory:") or "mode=memory" in database:
+        raise ValueError(
+            f"{field} {url!r} is an in-memory SQLite database, which would vanish with the actor; "
+            "it needs a file (sqlite:///path.db)"
+        )
+    if database.startswith("file:"):
+        return url
+    path = Path(database).expanduser()
+    if not path.is_absolute():
+        path = Path(cwd) / path if cwd is not None else Path.cwd() / path
+    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+
 
 def resolve_db_url(db_url: str, cwd: str | Path | None = None) -> str:
     """`db_url` with a relative SQLite path made absolute against `cwd` (default: this process's).
@@ -751,32 +1449,60 @@ def resolve_db_url(db_url: str, cwd: str | Path | None = None) -> str:
     The actor runs with another working directory, so it must receive an absolute path. An
     in-memory SQLite database is refused: it would vanish with the actor.
     """
-    url = make_url(db_url)
-    if url.get_backend_name() != "sqlite":
+    if make_url(db_url).get_backend_name() != "sqlite":
         return db_url
-    database = url.database or ""
-    if database in ("", ":memory:") or "mode=memory" in database:
+    return _absolute_sqlite(db_url, cwd, "registry.db_url")
+
+
+def resolve_mirror_settings(cfg: MlflowMirrorConfig, db_url: str, cwd: str | Path | None = None) -> dict | None:
+    """The MLflow mirror's settings with every default filled in and every path absolute; None when off.
+
+    Defaults sit next to a SQLite registry database: `mlflow.db` (tracking and model registry)
+    and the `mlflow-artifacts/` folder (the experiment's artifact location, so nothing lands in
+    MLflow's default `./mlruns` of whatever folder the actor runs in).
+    """
+    if not cfg.enabled:
+        return None
+    db = make_url(resolve_db_url(db_url, cwd))
+    base = None
+    if db.get_backend_name() == "sqlite" and not (db.database or "").startswith("file:"):
+        base = Path(db.database).parent
+    if base is None and (cfg.tracking_uri is None or cfg.artifact_location is None):
         raise ValueError(
-            f"registry.db_url {db_url!r} is an in-memory SQLite database, which would vanish with the "
-            "actor; the registry needs a file (sqlite:///path.db)"
+            "registry.mlflow.tracking_uri and registry.mlflow.artifact_location must be set when "
+            "registry.db_url is not a SQLite file (there is no folder to put them next to)"
         )
-    if database.startswith("file:"):
-        return db_url
-    path = Path(database).expanduser()
-    if not path.is_absolute():
-        path = Path(cwd) / path if cwd is not None else Path.cwd() / path
-    return url.set(database=str(path)).render_as_string(hide_password=False)
+    tracking = cfg.tracking_uri or f"sqlite:///{base / 'mlflow.db'}"
+    if tracking.startswith("sqlite:"):
+        tracking = _absolute_sqlite(tracking, cwd, "registry.mlflow.tracking_uri")
+    registry_uri = cfg.registry_uri or tracking
+    if registry_uri.startswith("sqlite:"):
+        registry_uri = _absolute_sqlite(registry_uri, cwd, "registry.mlflow.registry_uri")
+    artifacts = cfg.artifact_location or str(base / "mlflow-artifacts")
+    if not _URI_SCHEME_RE.match(artifacts):
+        path = Path(artifacts).expanduser()
+        if not path.is_absolute():
+            path = (Path(cwd) if cwd is not None else Path.cwd()) / path
+        artifacts = path.as_uri()
+    return {"tracking_uri": tracking, "registry_uri": registry_uri, "artifact_location": artifacts,
+            "experiment": cfg.experiment, "log_artifacts": cfg.log_artifacts}
+
+
+def _mask_uri(uri: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)
 
 
 def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
     """The registry actor named `cfg.actor_name` in `cfg.namespace`, started if absent.
 
     Needs Ray initialized. Raises ValueError when an actor of that name already serves another
-    database than `cfg.db_url`.
+    database than `cfg.db_url`, or when `cfg.mlflow` is enabled and the running actor mirrors
+    elsewhere (or not at all). A caller with the mirror off uses whatever actor runs.
     """
     if not ray.is_initialized():
         raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
     url = resolve_db_url(cfg.db_url)
+    mirror = resolve_mirror_settings(cfg.mlflow, url)
     options: dict[str, Any] = dict(
         name=cfg.actor_name,
         namespace=cfg.namespace,
@@ -786,6 +1512,10 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
         max_task_retries=0,  # writes are not idempotent; reads retry per method (see _READ_RETRIES)
         num_cpus=0,
     )
+    if mirror is not None and "MLFLOW_DISABLE_TELEMETRY" not in os.environ:
+        # A long-lived service process: MLflow's usage telemetry would otherwise block its first
+        # calls for seconds on machines without internet access. Set the variable to override.
+        options["runtime_env"] = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
     if make_url(url).get_backend_name() == "sqlite":
         # A SQLite file lives on this machine's disk: keep the actor (and its restarts) on this node.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -793,18 +1523,25 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
             node_id=ray.get_runtime_context().get_node_id(), soft=False
         )
-    handle = ModelRegistry.options(**options).remote(url)
+    handle = ModelRegistry.options(**options).remote(url, mirror)
     where = f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) on {_display_url(url)}"
     try:
-        actual = ray.get(handle.db_url.remote(), timeout=ACTOR_START_TIMEOUT_S)
+        actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
     except ray.exceptions.RayActorError as err:  # e.g. its __init__ refused the database
         raise RuntimeError(f"{where} failed to start: {err}") from err
     except ray.exceptions.GetTimeoutError:
         raise RuntimeError(f"{where} did not answer within {ACTOR_START_TIMEOUT_S:.0f}s") from None
-    if actual != _display_url(url):
+    if actual["db_url"] != _display_url(url):
         raise ValueError(
             f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs on database "
-            f"{actual}, not {_display_url(url)} (registry.db_url); use another registry.actor_name "
+            f"{actual['db_url']}, not {_display_url(url)} (registry.db_url); use another registry.actor_name "
             "or the same registry.db_url"
+        )
+    if mirror is not None and actual["mirror"] != mirror:
+        shown = {k: _mask_uri(v) if isinstance(v, str) else v for k, v in (actual["mirror"] or {}).items()} or "off"
+        raise ValueError(
+            f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs with MLflow mirror "
+            f"{shown}, not the requested registry.mlflow settings; restart it (ray.kill) or use another "
+            "registry.actor_name"
         )
     return handle

@@ -5,7 +5,7 @@ Verbs:
   train CONFIG      train with Ray Train and register the result (TrainJob)
   compress CONFIG   compress a registered version into new versions (CompressJob)
   serve CONFIG      host registered versions on Ray Serve (ServeApp)
-  registry list|show  read the registry (models, versions, aliases)
+  registry ACTION   the model registry: list | show | compare | alias | rollback | history | delete
   validate KIND CONFIG   check a config without running it
   schema            print the configuration reference (Markdown) generated from the pydantic models
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from app.config import JOB_KINDS, ConfigError, load_config
@@ -100,23 +101,232 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+def _registry_config(args):
+    """The `registry` section of `--config FILE` (any job kind) or the defaults, with `registry.*` overrides."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from app.config import RegistryConfig, apply_overrides, format_validation_error
+
+    tree: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a config must be a mapping")
+    for item in args.overrides:
+        if not item.startswith("registry."):
+            raise ConfigError(f"override {item!r}: registry commands only take registry.* overrides")
+    apply_overrides(tree, args.overrides)
+    try:
+        return RegistryConfig.model_validate(tree.get("registry") or {})
+    except ValidationError as err:
+        lines = format_validation_error(err).splitlines()
+        raise ConfigError("invalid registry config:\n" + "\n".join(f"registry.{line}" for line in lines)) from None
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_cell, value)) or "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_cell(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    """A plain text table: numbers right-aligned, everything else left-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) or row[i] is None for row in rows)
+               and any(row[i] is not None for row in rows) for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _version_ref(version: dict) -> str:
+    return f"{version['model']} v{version['version']}"
+
+
+def _format_versions(rows: list[dict], first_metrics: list[str]) -> str:
+    if not rows:
+        return "(no versions)"
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    shown = [k for k in first_metrics if k in keys] + [k for k in keys if k not in first_metrics]
+    more = len(shown) - 6
+    shown = shown[:6]
+    headers = ["version", "label", "format", "transformation", "parent", "aliases"] + shown + ["created_at"]
+    table = _table(headers, [
+        [r["version"], r["label"], r["format"], r["transformation"],
+         f"{r['parent']['model']} v{r['parent']['version']}" if r["parent"] else None, r["aliases"]]
+        + [r["metrics"].get(k) for k in shown] + [r["created_at"][:19] + (" (deleted)" if r.get("deleted") else "")]
+        for r in rows
+    ])
+    return table + (f"\n({more} more metrics: use --json)" if more > 0 else "")
+
+
+def _format_version(r: dict, lineage: dict) -> str:
+    fields = [
+        ("model", r["model"]), ("version", r["version"]), ("label", r["label"]), ("format", r["format"]),
+        ("transformation", r["transformation"]), ("artifact_uri", r["artifact_uri"]),
+        ("parent", f"{r['parent']['model']} v{r['parent']['version']}" if r["parent"] else None),
+        ("lineage", " -> ".join(f"{n['model']} v{n['version']} ({n['transformation']})" for n in lineage["path"])),
+        ("children", [f"{n['model']} v{n['version']}" for n in lineage["children"]]),
+        ("aliases", r["aliases"]), ("config_hash", r["config_hash"]), ("dataset_fingerprint", r["dataset_fingerprint"]),
+        ("tags", r["tags"]), ("params", r["params"]), ("created_at", r["created_at"]),
+        ("deleted", r["deleted"]),
+    ]
+    width = max(len(k) for k, _ in fields)
+    out = [f"{k.ljust(width)}  {_cell(v)}" for k, v in fields]
+    if r["metrics"]:
+        out += ["", _table(["metric", "value"], [[k, v] for k, v in sorted(r["metrics"].items())])]
+    return "\n".join(out)
+
+
+def _format_compare(c: dict) -> str:
+    a, b = c["a"], c["b"]
+    out = [f"a: {_version_ref(a)} ({a['format']}, {a['transformation']})   b: {_version_ref(b)} ({b['format']}, {b['transformation']})", ""]
+    out.append(_table(["metric", "a", "b", "delta", "relative"], [
+        [m["key"], m["a"], m["b"], m["delta"], None if m["relative"] is None else f"{m['relative']:+.1%}"] for m in c["metrics"]
+    ]) if c["metrics"] else "metrics: none")
+    out.append("")
+    if c["config"]:
+        out.append(_table(["config key", "a", "b"], [[d["key"], d["a"], d["b"]] for d in c["config"]]))
+    else:
+        out.append("config: identical" + (" (same hash)" if c["same_config_hash"] else ""))
+    if c["params"]:
+        out += ["", _table(["param", "a", "b"], [[d["key"], d["a"], d["b"]] for d in c["params"]])]
+    d = c["dataset"]
+    out += ["", f"dataset: {'same' if d['same'] else 'different'} ({_cell(d['a'])} vs {_cell(d['b'])})"]
+    lin = c["lineage"]
+    path = " -- ".join(f"{n['model']} v{n['version']} ({n['transformation']})" for n in lin["path"])
+    out.append(f"lineage: {lin['relation']}" + (f": {path}" if path else ""))
+    return "\n".join(out)
+
+
+def _format_history(rows: list[dict]) -> str:
+    if not rows:
+        return "(no alias changes)"
+    return _table(["time", "alias", "action", "from", "to", "by", "reason"], [
+        [h["created_at"], h["alias"], h["action"], h["from_version"], h["to_version"], h["actor"], h["reason"] or None]
+        for h in rows
+    ])
+
+
+def _remote_message(err: BaseException) -> str:
+    """The registry's own message (Ray wraps exceptions raised in the actor with its traceback)."""
+    return str(getattr(err, "cause", None) or err).strip()
+
+
 def cmd_registry(args) -> int:
+    import getpass
+
     import ray
 
-    from actors.registry import get_or_create_registry
-    from app.config import RegistryConfig
+    from actors.registry import RegistryConflict, RegistryNotFound, get_or_create_registry
     from app.runtime import connect
 
-    cfg = load_config("run", args.config, args.overrides).registry if args.config else RegistryConfig()
+    if args.action == "compare":
+        args.overrides = [x for x in args.refs if "=" in x]  # version refs never contain "="
+        args.refs = [x for x in args.refs if "=" not in x]
+        if len(args.refs) != 2:
+            raise ConfigError(f"registry compare needs two versions A B, got {args.refs}")
+    cfg = _registry_config(args)
     connect(dashboard=False)
-    reg = get_or_create_registry(cfg)
-    if args.action == "list":
-        rows = ray.get(reg.list_models.remote()) if not args.model else ray.get(reg.list_versions.remote(args.model))
-    else:
-        if not args.model:
-            raise ConfigError("registry show needs --model NAME [--version REF]")
-        rows = ray.get(reg.get_version.remote(args.model, args.version))
-    print(json.dumps(rows, indent=2, default=str))
+    try:
+        reg = get_or_create_registry(cfg)
+    except (RuntimeError, ValueError) as err:  # e.g. a database of a newer schema, another actor on that name
+        print(f"registry: {err}", file=sys.stderr)
+        return 1
+    by = args.by if getattr(args, "by", None) else f"cli:{getpass.getuser()}"
+    action = args.action
+
+    def need(*names: str) -> None:
+        missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) in (None, "")]
+        if missing:
+            raise ConfigError(f"registry {action} needs {' '.join(missing)}")
+
+    try:
+        if action == "list" and not args.model:
+            result = ray.get(reg.list_models.remote())
+            text = _table(["model", "versions", "latest", "aliases", "deleted"], [
+                [m["name"], m["versions"], m["latest"], m["aliases"], m["deleted"]] for m in result
+            ]) if result else "(no models)"
+        elif action == "list":
+            tags = dict(t.partition("=")[::2] for t in args.tag)
+            result = ray.get(reg.list_versions.remote(
+                args.model, where=args.where or None, order_by=args.sort, descending=args.desc, format=args.format,
+                transformation=args.transformation, tags=tags or None, label=args.label, limit=args.limit,
+                include_deleted=args.include_deleted,
+            ))
+            # the metrics named by --sort and --where get the first columns
+            named = [args.sort] + [re.match(r"\s*([^\s<>=!]*)", w).group(1) for w in args.where]
+            text = _format_versions(result, [m for m in named if m])
+        elif action == "show":
+            need("model")
+            result = ray.get(reg.get_version.remote(args.model, args.version, include_deleted=args.include_deleted))
+            lineage = ray.get(reg.lineage.remote(args.model, result["version"]))
+            result = {**result, "lineage": lineage}
+            text = _format_version(result, lineage)
+        elif action == "compare":
+            need("model")
+            result = ray.get(reg.compare.remote(args.model, *args.refs, model_b=args.model_b))
+            text = _format_compare(result)
+        elif action == "alias":
+            need("model", "alias")
+            if args.remove:
+                result = ray.get(reg.remove_alias.remote(args.model, args.alias, args.reason, by))
+                text = f"{args.model}: alias {args.alias!r} removed (was v{result['from_version']})"
+            else:
+                need("version")
+                result = ray.get(reg.set_alias.remote(args.model, args.alias, args.version, args.reason, by))
+                text = (f"{args.model}: alias {args.alias!r} -> v{result['version']}"
+                        + (f" (was v{result['from_version']})" if result["from_version"] else " (new)")
+                        if result["changed"] else f"{args.model}: alias {args.alias!r} already points at v{result['version']}")
+        elif action == "rollback":
+            need("model", "alias")
+            result = ray.get(reg.rollback_alias.remote(args.model, args.alias, args.reason, by))
+            text = f"{args.model}: alias {args.alias!r} rolled back v{result['from_version']} -> v{result['version']}"
+        elif action == "history":
+            need("model")
+            if args.as_of:
+                need("alias")
+                result = ray.get(reg.as_of.remote(args.model, args.alias, args.as_of))
+                text = (f"{args.model}: alias {args.alias!r} at {result['as_of']}: "
+                        + (f"v{result['version']} (since {result['since']}, {result['action']} by {result['actor']}"
+                           + (f": {result['reason']}" if result["reason"] else "") + ")"
+                           if result["version"] is not None else "no version"))
+            else:
+                result = ray.get(reg.alias_history.remote(args.model, args.alias))
+                text = _format_history(result)
+        elif action == "delete":
+            need("model", "version")
+            result = ray.get(reg.delete_version.remote(args.model, args.version, force=args.force, reason=args.reason, actor=by))
+            text = f"{args.model}: deleted v{result['version']}" + (
+                f" (forced; aliases removed: {', '.join(result['aliases_removed'])})" if result["forced"] else "")
+        else:  # argparse only lets the choices through
+            raise AssertionError(action)
+    except ConfigError:  # a missing option: exits 2 like every config error
+        raise
+    except (RegistryNotFound, RegistryConflict, ValueError) as err:
+        print(f"registry: {_remote_message(err)}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str) if args.json else text)
     return 0
 
 
@@ -153,13 +363,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("registry", help="read the model registry")
-    p.add_argument("action", choices=["list", "show"])
-    p.add_argument("--config", help="a config whose `registry` section to use (default: the built-in defaults)")
-    p.add_argument("--model", help="model name")
-    p.add_argument("--version", default="latest", help="version number or alias (show)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.set_defaults(fn=cmd_registry)
+    p = sub.add_parser("registry", help="read and change the model registry (versions, aliases, history)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="a config whose `registry` section to use (default: the built-in defaults)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def action(name: str, text: str, *, by: bool = False) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=text, parents=[common])
+        a.set_defaults(fn=cmd_registry)
+        if by:
+            a.add_argument("--reason", default="", help="why (kept in the alias history)")
+            a.add_argument("--by", help="who or what makes the change (default: cli:$USER)")
+        return a
+
+    a = action("list", "models, or the versions of --model (filter, sort)")
+    a.add_argument("--model", help="list this model's versions (default: list models)")
+    a.add_argument("--where", action="append", default=[], metavar="EXPR", help="metric filter, e.g. 'val_loss<2.5' (repeatable: all must hold)")
+    a.add_argument("--sort", metavar="METRIC", help="sort by this metric (or version / created_at); versions without it come last")
+    a.add_argument("--desc", action="store_true", help="descending order")
+    a.add_argument("--format", help="only this artifact format (e.g. onnx_int8)")
+    a.add_argument("--transformation", help="only versions made this way (trained, quantized, ...)")
+    a.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only versions with this tag (repeatable)")
+    a.add_argument("--label", help="only the version with this label")
+    a.add_argument("--limit", type=int, help="at most N versions")
+    a.add_argument("--include-deleted", action="store_true", help="also list deleted versions")
+
+    a = action("show", "one version: record, metrics, lineage")
+    a.add_argument("--model", help="model name")
+    a.add_argument("--version", default="latest", help="version number, alias or latest (default)")
+    a.add_argument("--include-deleted", action="store_true", help="show a deleted version too")
+
+    a = action("compare", "two versions: metric deltas, differing config keys and params, lineage path")
+    a.add_argument("--model", help="model of version A (and of B unless --model-b)")
+    a.add_argument("--model-b", help="model of version B (default: --model)")
+    # one positional list (split in cmd_registry): argparse cannot place overrides after two fixed positionals
+    a.add_argument("refs", nargs="*", metavar="A B", help="the two versions: number, alias or latest (then any registry.key=value overrides)")
+
+    a = action("alias", "point an alias at a version (or --remove it); recorded in the history", by=True)
+    a.add_argument("--model", help="model name")
+    a.add_argument("--alias", help="alias name, e.g. production")
+    a.add_argument("--version", help="version number or another alias")
+    a.add_argument("--remove", action="store_true", help="remove the alias instead")
+
+    a = action("rollback", "move an alias back to its previous version; recorded in the history", by=True)
+    a.add_argument("--model", help="model name")
+    a.add_argument("--alias", help="alias name, e.g. production")
+
+    a = action("history", "alias changes (who, when, from, to, why), or --as-of TIME for one alias")
+    a.add_argument("--model", help="model name")
+    a.add_argument("--alias", help="only this alias")
+    a.add_argument("--as-of", metavar="TIME", help="ISO 8601 time (naive = UTC): which version --alias pointed at then")
+
+    a = action("delete", "soft-delete a version; refused while an alias points at it unless --force", by=True)
+    a.add_argument("--model", help="model name")
+    a.add_argument("--version", help="version number (or alias, which needs --force)")
+    a.add_argument("--force", action="store_true", help="also remove the aliases pointing at it (recorded in the history)")
+
+    for name, a in actions.choices.items():
+        if name != "compare":
+            a.add_argument("overrides", nargs="*", metavar="registry.key=value", help="override registry config keys")
 
     p = sub.add_parser("validate", help="validate a config file")
     p.add_argument("kind", choices=sorted(JOB_KINDS))
@@ -172,7 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb == "registry" and not any(x.startswith("-") for x in extra):
+        # argparse fills a variable-length positional only once: `registry compare 1 2 --json
+        # registry.db_url=...` leaves the words after --json over. They belong to the same lists.
+        args.overrides = getattr(args, "overrides", []) + [x for x in extra if "=" in x]
+        if args.action == "compare":
+            args.refs += extra
+        elif any("=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(x for x in extra if '=' not in x)}")
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except ConfigError as err:

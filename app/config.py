@@ -124,6 +124,23 @@ class DataConfig(Section):
 # ----------------------------------------------------------------------------- registry
 
 
+class MlflowMirrorConfig(Section):
+    """Optional mirror of the registry into MLflow: runs, registered model versions and aliases."""
+
+    enabled: bool = False
+    """Mirror each registered version to an MLflow run (params, metrics with steps, artifacts) and a registered model version, and every alias change to the MLflow alias. The registry database stays the source of truth: a failed mirror write is logged and retried, never fails the registry call."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default `sqlite:///<folder of the registry database>/mlflow.db` (needs the full `mlflow` package). Required when `registry.db_url` is not SQLite."""
+    registry_uri: str | None = None
+    """MLflow model-registry URI; default: the tracking URI."""
+    artifact_location: str | None = None
+    """Artifact root of the MLflow experiment (a folder or object-store URI); default `<folder of the registry database>/mlflow-artifacts`, never MLflow's `./mlruns` of the current folder. Required when `registry.db_url` is not SQLite."""
+    experiment: str = Field("temper", min_length=1, max_length=200)
+    """MLflow experiment holding one run per registered version (run name `<model>-v<N>`)."""
+    log_artifacts: bool = True
+    """Copy each version's local artifact folder into its MLflow run; false records only the location."""
+
+
 class RegistryConfig(Section):
     """Where the ModelRegistry actor lives and where it persists."""
 
@@ -132,12 +149,20 @@ class RegistryConfig(Section):
     namespace: str = Field("temper", pattern=_NAME_RE)
     """Ray namespace of the registry actor."""
     db_url: str = "sqlite:///temper_runs/registry.db"
-    """SQLAlchemy URL of the registry database. A relative sqlite path is resolved against the driver's working directory."""
+    """SQLAlchemy URL of the registry database: `sqlite:///path.db` (a relative path is resolved against the driver's working directory) or `postgresql+psycopg://user:pass@host/db` (psycopg 3, the `postgres` extra) on clusters. Older schemas are migrated on open."""
+    mlflow: MlflowMirrorConfig = Field(default_factory=MlflowMirrorConfig)
+    """Optional MLflow mirror (off by default)."""
 
     @model_validator(mode="after")
     def _url(self) -> "RegistryConfig":
         if "://" not in self.db_url:
             raise ValueError(f"registry.db_url must be a SQLAlchemy URL such as sqlite:///path.db, got {self.db_url!r}")
+        m = self.mlflow
+        if m.enabled and not self.db_url.startswith("sqlite") and (m.tracking_uri is None or m.artifact_location is None):
+            raise ValueError(
+                "registry.mlflow.tracking_uri and registry.mlflow.artifact_location must be set when "
+                "registry.mlflow.enabled is true and registry.db_url is not SQLite (their defaults sit next to a SQLite file)"
+            )
         return self
 
 
@@ -148,7 +173,13 @@ class TrainConfig(Section):
     """The distributed training loop run by Ray Train's TorchTrainer."""
 
     num_workers: int = Field(2, ge=1, le=1024)
-    """Number of Ray Train workers (DDP ranks)."""
+    """Number of Ray Train workers (data-parallel ranks)."""
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
+    """Parallelism: `ddp` (replicated), `fsdp` (torch FSDP2 fully_shard: params, grads, optimizer sharded), `zero1`/`zero2`/`zero3` (DeepSpeed ZeRO stage 1/2/3)."""
+    offload_optimizer: bool = False
+    """ZeRO only: keep optimizer state (and the fp32 master weights) in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep parameter partitions in CPU memory."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs each worker reserves."""
     use_gpu: bool = False
@@ -158,7 +189,9 @@ class TrainConfig(Section):
     steps: int = Field(200, ge=1)
     """Total optimizer steps of the run (a resumed run continues up to this count)."""
     batch_size: int = Field(32, ge=1)
-    """Samples per worker per step (global batch = batch_size x num_workers)."""
+    """Samples per worker per micro-batch (global batch = batch_size x grad_accum_steps x num_workers)."""
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    """Micro-batches accumulated into one optimizer step (gradients synchronised on the last one)."""
     lr: float = Field(3e-3, gt=0, lt=10)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.01, ge=0)
@@ -177,6 +210,8 @@ class TrainConfig(Section):
     """Write a checkpoint every N steps (a multiple of `eval_every`), and at the last step."""
     keep_last: int = Field(2, ge=1)
     """Checkpoints kept by Ray Train."""
+    pause_at_step: int | None = Field(None, ge=1)
+    """Stop this run once this step is done, with a checkpoint, without finishing the schedule; re-running the job continues to `steps` (time-boxed or preemptible budgets)."""
     log_every: int = Field(10, ge=1)
     """Rank 0 prints a progress line (loss, rate, ETA) every N steps."""
     seed: int = 1337
@@ -188,6 +223,12 @@ class TrainConfig(Section):
     def _checks(self) -> "TrainConfig":
         if self.warmup_steps >= self.steps and self.steps > 1:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
+        if self.pause_at_step is not None and self.pause_at_step >= self.steps:
+            raise ValueError(f"train.pause_at_step ({self.pause_at_step}) must be < train.steps ({self.steps})")
+        if self.offload_optimizer and not self.strategy.startswith("zero"):
+            raise ValueError(f"train.offload_optimizer needs a ZeRO strategy (zero1/zero2/zero3), not train.strategy {self.strategy!r}")
+        if self.offload_params and self.strategy != "zero3":
+            raise ValueError(f"train.offload_params needs train.strategy 'zero3', not {self.strategy!r}")
         if self.checkpoint_every % self.eval_every:
             raise ValueError(
                 f"train.checkpoint_every ({self.checkpoint_every}) must be a multiple of train.eval_every "

@@ -9,8 +9,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from app.config import (
-    CompressConfig, CompressJob, DataConfig, GPTConfig, OptimizeJob, RegistryConfig, ServeApp,
-    ServeConfig, ServedModel, TrainConfig, TrainJob, ViTConfig,
+    CompressConfig, CompressJob, DataConfig, GPTConfig, MlflowMirrorConfig, OptimizeJob, RegistryConfig,
+    ServeApp, ServeConfig, ServedModel, TrainConfig, TrainJob, ViTConfig,
 )
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`serve`", ServeConfig),
     ("`serve.models[]`", ServedModel),
     ("`registry`", RegistryConfig),
+    ("`registry.mlflow`", MlflowMirrorConfig),
 ]
 
 

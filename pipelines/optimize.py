@@ -30,6 +30,13 @@ class RunSummary:
 
 
 def stage_train(job: TrainJob, registry) -> dict:
+    import hashlib
+    import json
+    import platform
+
+    import sklearn
+
+    from actors.registry import flatten_dict
     from pipelines.compress import find_version_by_artifact
     from pipelines.train import fit
 
@@ -38,11 +45,18 @@ def stage_train(job: TrainJob, registry) -> dict:
     if existing is not None:
         print(f"[train] artifact already registered as v{existing['version']}", flush=True)
         return existing
+    # Hyperparameters as flat params (compare/MLflow show them); the data's identity: its config plus
+    # where its bytes come from (lm-code reads this Python's standard library, digits ships with sklearn).
+    params = flatten_dict({"model": job.model.model_dump(mode="json"), "train": job.train.model_dump(mode="json")})
+    source = f"python-{platform.python_version()}" if job.data.name == "lm-code" else f"sklearn-{sklearn.__version__}"
+    data_id = json.dumps({"data": job.data.model_dump(mode="json"), "source": source}, sort_keys=True)
     return ray.get(registry.register_version.remote(
         job.name, result.artifact_path, "torch_fp32",
         config=job.model_dump(mode="json"), config_hash=result.config_hash,
         metrics=result.metrics, transformation="trained",
         tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
+        params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
+        dataset_fingerprint=f"{job.data.name}:{hashlib.sha256(data_id.encode()).hexdigest()[:16]}",
     ))
 
 

@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here: its usage ping would stall MLflow calls
 
 
 def free_port() -> int:
@@ -41,3 +42,152 @@ def ray_cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+# The registry must behave the same on SQLite and PostgreSQL, so its tests run against both
+# (`registry_db_url`). The server is a real one from Debian's `postgresql` package, started
+# here on 127.0.0.1 for the session and stopped by pid; tests skip (saying why) only where
+# its binaries are not installed.
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server on 127.0.0.1 (trust auth, superuser `temper`)."""
+
+    user = "temper"
+
+    def __init__(self, port: int):
+        self.port = port
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def _admin(self):
+        import psycopg
+
+        return psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
+                               autocommit=True, connect_timeout=5)
+
+    def create_database(self) -> str:
+        import uuid
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with self._admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        with self._admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _postgres_bindir():
+    """The folder holding initdb and postgres: on PATH, else Debian's /usr/lib/postgresql/N/bin (newest)."""
+    import glob
+    import shutil
+    from pathlib import Path
+
+    candidates = [shutil.which("initdb")] + sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    for initdb in filter(None, candidates):
+        bindir = Path(initdb).resolve().parent
+        if (bindir / "postgres").is_file():
+            return bindir
+    return None
+
+
+def _server_account() -> dict:
+    """Popen arguments that run the server as an unprivileged user: PostgreSQL refuses to run as root.
+
+    Debian's package creates the `postgres` account; without it a system user `temper-pg` is added.
+    """
+    import pwd
+    import subprocess
+
+    if os.geteuid() != 0:
+        return {}
+    for name in ("postgres", "temper-pg"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "temper-pg"],
+                   check=True, capture_output=True)
+    entry = pwd.getpwnam("temper-pg")
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server started for this test session (initdb into a temporary folder)."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import psycopg
+
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed: "
+                    "`apt-get install -y postgresql` (.ci/run does this) to run the PostgreSQL half of the registry tests")
+    account = _server_account()
+    # Not under pytest's tmp folder: that is private to root (0700), and the server user must reach it.
+    root = Path(tempfile.mkdtemp(prefix="temper-pg-"))
+    if account:
+        os.chown(root, account["user"], account["group"])
+    data = root / "data"
+    init = subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", PostgresServer.user, "--auth=trust", "-E", "UTF8",
+         "--locale=C", "--no-sync"],
+        capture_output=True, text=True, **account,
+    )
+    if init.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"initdb failed ({init.returncode}): {init.stdout[-2000:]}{init.stderr[-2000:]}")
+    port = free_port()
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(root),
+             "-c", "fsync=off"],  # test data: durability against a crashed OS is not what is tested here
+            stdout=log_file, stderr=subprocess.STDOUT, **account,
+        )
+    server = PostgresServer(port)
+    try:
+        end = time.monotonic() + 60.0
+        while True:  # until the server accepts connections (or exits, or a minute passes)
+            try:
+                server._admin().close()
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > end:
+                    raise
+            try:  # waits a little for the server to exit, which would mean it failed to start
+                proc.wait(timeout=0.1)
+                pytest.fail(f"postgres exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            except subprocess.TimeoutExpired:
+                pass
+        yield server
+    finally:
+        proc.send_signal(signal.SIGINT)  # "fast shutdown": roll back, disconnect clients, stop
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_db_url(request, tmp_path):
+    """A fresh, empty registry database URL: a SQLite file, then a database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    name = server.create_database()
+    yield server.url(name)
+    server.drop_database(name)

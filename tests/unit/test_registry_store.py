@@ -1,4 +1,7 @@
-"""RegistryStore without Ray: numbering, lineage, metrics, aliases, refs, validation, persistence."""
+"""RegistryStore without Ray: numbering, lineage, metrics, aliases, refs, validation, persistence.
+
+Every test taking `store` or `db_url` runs twice: on a SQLite file and on a database of a real
+PostgreSQL server (tests/conftest.py). Tests taking `db_path` are about SQLite itself."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import sqlite3
 import threading
 
 import pytest
+
+from sqlalchemy import text
 
 from actors.registry import SCHEMA_VERSION, RegistryNotFound, RegistrySchemaError, RegistryStore
 
@@ -16,7 +21,19 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def store(db_path):
+def db_url(registry_db_url):
+    return registry_db_url
+
+
+@pytest.fixture
+def store(db_url):
+    s = RegistryStore(db_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path):
     s = RegistryStore(f"sqlite:///{db_path}")
     yield s
     s.close()
@@ -26,12 +43,12 @@ def _register(store, model, n=1, **kw):
     return [store.register_version(model, f"/ckpt/{model}/{i}", "torch_fp32", **kw)["version"] for i in range(n)]
 
 
-def test_sqlite_file_is_created_with_wal_and_foreign_keys(store, db_path):
+def test_sqlite_file_is_created_with_wal_and_foreign_keys(sqlite_store, db_path):
     assert db_path.is_file()
     with sqlite3.connect(db_path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
-    with store._engine.connect() as conn:
+    with sqlite_store._engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
 
@@ -196,8 +213,8 @@ def test_other_bad_inputs_name_the_field(store):
     assert store.list_models() == []
 
 
-def test_reopening_the_file_sees_everything(db_path):
-    url = f"sqlite:///{db_path}"
+def test_reopening_the_database_sees_everything(db_url):
+    url = db_url
     first = RegistryStore(url)
     _register(first, "gpt", 2, metrics={"val_loss": 2.0})
     first.register_version("gpt", "/q", "onnx_int8", parent={"model": "gpt", "version": 2}, transformation="quantized")
@@ -217,9 +234,9 @@ def test_reopening_the_file_sees_everything(db_path):
         second.close()
 
 
-def test_concurrent_writers_on_one_file_get_distinct_numbers(db_path):
-    # Two stores = two connections, as with the actor plus a CLI writing to the same file.
-    stores = [RegistryStore(f"sqlite:///{db_path}") for _ in range(2)]
+def test_concurrent_writers_on_one_database_get_distinct_numbers(db_url):
+    # Two stores = two connections, as with the actor plus a CLI writing to the same database.
+    stores = [RegistryStore(db_url) for _ in range(2)]
     start = threading.Barrier(len(stores))
     issued: list[int] = []
     errors: list[BaseException] = []
@@ -253,20 +270,22 @@ def test_relative_sqlite_path_gets_its_folder_created(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "reg.db").is_file()
 
 
-def test_newer_schema_version_is_refused(db_path):
-    RegistryStore(f"sqlite:///{db_path}").close()
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("UPDATE schema_info SET version = 99")
-    with pytest.raises(RegistrySchemaError, match=r"has schema version 99, but .* expects schema version 1"):
-        RegistryStore(f"sqlite:///{db_path}")
+def test_newer_schema_version_is_refused(store, db_url):
+    with store._engine.begin() as conn:
+        conn.execute(text("UPDATE schema_info SET version = 99"))
+    with pytest.raises(RegistrySchemaError, match=rf"has schema version 99, newer than .* expects schema version {SCHEMA_VERSION}"):
+        RegistryStore(db_url)
 
 
-def test_foreign_tables_without_schema_info_are_refused(db_path):
-    db_path.parent.mkdir(parents=True)
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("CREATE TABLE models (id INTEGER PRIMARY KEY, name TEXT)")
+def test_foreign_tables_without_schema_info_are_refused(db_url):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE models (id INTEGER PRIMARY KEY, name TEXT)"))
+    engine.dispose()
     with pytest.raises(RegistrySchemaError, match="no schema_info table"):
-        RegistryStore(f"sqlite:///{db_path}")
+        RegistryStore(db_url)
 
 
 def test_in_memory_store_works_for_quick_use():
