@@ -10,6 +10,8 @@ its hash, and the artifact format) and one weights file:
 |              |                           | other tensors fp32 (dynamic int8 quantization)       |
 | onnx_fp32    | model.onnx                | ONNX graph with weights inside (ONNX Runtime)        |
 | onnx_int8    | model.onnx                | ORT dynamic int8 (QDQ-free integer ops)              |
+| onnx_int8_static | model.onnx            | ORT static int8 (QDQ, activation ranges calibrated)  |
+| torch_bf16 / torch_fp16 | model.safetensors | weights cast to half precision (GPU serving)     |
 
 Weights are never pickled: safetensors or ONNX protobuf only.
 """
@@ -27,13 +29,17 @@ from safetensors.torch import load_file, save_file
 from app.config import TrainJob, config_hash
 from app.models import build_model
 
-FORMATS = ("torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8")
+FORMATS = ("torch_fp32", "torch_bf16", "torch_fp16", "torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static")
 WEIGHT_FILES = {
     "torch_fp32": "model.safetensors",
+    "torch_bf16": "model.safetensors",
+    "torch_fp16": "model.safetensors",
     "torch_int8": "model_int8.safetensors",
     "onnx_fp32": "model.onnx",
     "onnx_int8": "model.onnx",
+    "onnx_int8_static": "model.onnx",
 }
+HALF_DTYPES = {"torch_bf16": torch.bfloat16, "torch_fp16": torch.float16}
 
 
 class ArtifactError(ValueError):
@@ -87,6 +93,30 @@ def load_fp32(folder: str | Path) -> tuple[nn.Module, TrainJob]:
     model = build_model(job.model)
     model.load_state_dict(load_file(str(local_path(str(folder)) / WEIGHT_FILES["torch_fp32"])), strict=True)
     return model.eval(), job
+
+
+# ----------------------------------------------------------------------------- half precision
+
+
+def save_half(folder: str | Path, model: nn.Module, job: TrainJob, fmt: str, extra: dict[str, Any] | None = None) -> Path:
+    """Weights cast to bf16/fp16 (half the bytes; for GPU serving, where half-precision matmuls are fast)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = HALF_DTYPES[fmt]
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()},
+              str(folder / WEIGHT_FILES[fmt]))
+    write_meta(folder, job, fmt, extra)
+    return folder
+
+
+def load_half(folder: str | Path) -> tuple[nn.Module, TrainJob, torch.dtype]:
+    job, meta = read_meta(folder)
+    if meta["format"] not in HALF_DTYPES:
+        raise ArtifactError(f"{folder} holds format {meta['format']!r}, not torch_bf16/torch_fp16")
+    dtype = HALF_DTYPES[meta["format"]]
+    model = build_model(job.model).to(dtype)
+    model.load_state_dict(load_file(str(local_path(str(folder)) / WEIGHT_FILES[meta["format"]])), strict=True)
+    return model.eval(), job, dtype
 
 
 # ----------------------------------------------------------------------------- int8

@@ -166,6 +166,75 @@ class RegistryConfig(Section):
         return self
 
 
+# ----------------------------------------------------------------------------- callbacks
+
+
+class MagnitudePruningConfig(Section):
+    """Gradual magnitude pruning during training (a model-mutating callback)."""
+
+    name: Literal["magnitude_pruning"]
+    """Callback name."""
+    kind: Literal["unstructured", "rows", "heads", "2:4"] = "unstructured"
+    """`unstructured` (single weights), `rows` (output channels), `heads` (attention heads), `2:4` (N:M semi-structured, 50%)."""
+    scope: Literal["layer", "global"] = "global"
+    """unstructured only: one threshold per layer, or one threshold over all targets (computed across shards)."""
+    final_sparsity: float = Field(0.5, gt=0.0, lt=1.0)
+    """Fraction of target weights (rows, heads) zeroed at `end_step`; 2:4 is always 0.5."""
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    """Sparsity applied at `start_step` (cubic schedule of Zhu & Gupta from it to `final_sparsity`)."""
+    start_step: int = Field(0, ge=0)
+    """Step at which pruning starts (2:4 is applied once here)."""
+    end_step: int | None = Field(None, ge=1)
+    """Step at which `final_sparsity` is reached (default: 75% of train.steps)."""
+    update_every: int = Field(10, ge=1)
+    """Masks are recomputed every N steps between start and end (re-applied after every step)."""
+    targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down))\.weight"
+    """Regex over parameter names selecting the weights to prune (default: every Linear inside the transformer blocks)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> "MagnitudePruningConfig":
+        if self.kind == "2:4" and self.final_sparsity != 0.5:
+            raise ValueError("train.callbacks[].final_sparsity must be 0.5 for kind '2:4' (2 of every 4 weights)")
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError("train.callbacks[].initial_sparsity must be <= final_sparsity")
+        try:
+            re.compile(self.targets)
+        except re.error as err:
+            raise ValueError(f"train.callbacks[].targets is not a valid regex: {err}") from None
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    """Stop training when an evaluation metric stops improving (an observer callback)."""
+
+    name: Literal["early_stopping"]
+    """Callback name."""
+    metric: str | None = None
+    """Reported metric to watch (default: the model's primary metric, val_accuracy or val_loss)."""
+    mode: Literal["min", "max"] | None = None
+    """Whether lower or higher is better (default: the primary metric's)."""
+    patience: int = Field(3, ge=1)
+    """Evaluations without improvement before the run ends (with a checkpoint)."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """Smallest change that counts as an improvement."""
+
+
+CallbackConfig = Annotated[Union[MagnitudePruningConfig, EarlyStoppingConfig], Field(discriminator="name")]
+
+
+class DistillConfig(Section):
+    """Knowledge distillation from a registered teacher: loss = alpha*CE + (1-alpha)*T^2*KL."""
+
+    teacher: str = Field(pattern=_NAME_RE)
+    """Registry model name of the teacher (same dataset as the student)."""
+    teacher_version: str = "production"
+    """Teacher version number, alias, or `latest`."""
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the hard-label cross-entropy; 1 - alpha goes to the soft-target KL term."""
+    temperature: float = Field(2.0, gt=0.0, le=20.0)
+    """Softmax temperature T applied to both student and teacher logits in the KL term."""
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -210,6 +279,10 @@ class TrainConfig(Section):
     """Write a checkpoint every N steps (a multiple of `eval_every`), and at the last step."""
     keep_last: int = Field(2, ge=1)
     """Checkpoints kept by Ray Train."""
+    distill: DistillConfig | None = None
+    """Train this model as a student of a registered teacher (knowledge distillation); unset = plain training."""
+    callbacks: list[CallbackConfig] = Field(default_factory=list)
+    """Training callbacks by name, e.g. `[{name: magnitude_pruning, final_sparsity: 0.5}]`; model-mutating ones run before observers."""
     pause_at_step: int | None = Field(None, ge=1)
     """Stop this run once this step is done, with a checkpoint, without finishing the schedule; re-running the job continues to `steps` (time-boxed or preemptible budgets)."""
     log_every: int = Field(10, ge=1)
@@ -239,14 +312,14 @@ class TrainConfig(Section):
 
 # ----------------------------------------------------------------------------- compress
 
-CompressMethod = Literal["torch_int8", "onnx_fp32", "onnx_int8"]
+CompressMethod = Literal["torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_bf16", "torch_fp16"]
 
 
 class CompressConfig(Section):
     """Post-training compression of a registered version; each method becomes a new version."""
 
     methods: list[CompressMethod] = Field(default_factory=lambda: ["torch_int8", "onnx_int8"], min_length=1)
-    """Variants to produce: `torch_int8` (dynamic int8 Linear layers), `onnx_fp32` (ONNX Runtime), `onnx_int8` (ORT dynamic int8)."""
+    """Variants to produce: `torch_int8` (dynamic int8 Linear layers), `onnx_fp32` (ONNX Runtime), `onnx_int8` (ORT dynamic int8), `onnx_int8_static` (ORT static QDQ int8, calibrated), `torch_bf16` / `torch_fp16` (half-precision weights for GPU serving)."""
     eval_batches: int = Field(16, ge=1)
     """Validation batches used to score each variant (and the source, for the delta)."""
     eval_batch_size: int = Field(64, ge=1)
@@ -259,43 +332,150 @@ class CompressConfig(Section):
 
 # ----------------------------------------------------------------------------- serve
 
-Backend = Literal["torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8"]
+Backend = Literal["torch_fp32", "torch_bf16", "torch_fp16", "torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static"]
+
+_REF_RE = r"^([0-9]{1,9}|[A-Za-z][A-Za-z0-9_-]{0,63})$"
+"""A version reference in serving: a version number, an alias, or `latest`."""
+
+
+class AutoscalingSettings(Section):
+    """Ray Serve autoscaling of a model's deployments (passed through as Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, le=1024)
+    """Fewest replicas; 0 lets an idle route scale to zero (its next request waits for a replica to start)."""
+    max_replicas: int = Field(2, ge=1, le=1024)
+    """Most replicas."""
+    initial_replicas: int | None = Field(None, ge=0, le=1024)
+    """Replicas started at deploy time (default: min_replicas)."""
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    """Ongoing requests per replica the autoscaler aims at. Near max_batch_size keeps batches full; far below it spreads load into small batches."""
+    upscale_delay_s: float = Field(30.0, ge=0)
+    """How long the load must stay above target before replicas are added."""
+    downscale_delay_s: float = Field(600.0, ge=0)
+    """How long the load must stay below target before replicas are removed."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) must be <= autoscaling.max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(
+                f"autoscaling.initial_replicas ({self.initial_replicas}) must lie between min_replicas "
+                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class AutoRollbackConfig(Section):
+    """Watch a canary route against a baseline route; roll the canary's alias back in the registry when it is worse."""
+
+    canary: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    """Traffic route (a registry alias, e.g. `staging`) whose version is judged and rolled back."""
+    baseline: str = Field(pattern=_REF_RE)
+    """Traffic route the canary is compared with (e.g. `production`)."""
+    window_s: float = Field(300.0, gt=0)
+    """Sliding window of request outcomes compared (per route and version)."""
+    check_interval_s: float = Field(60.0, gt=0)
+    """How often the watcher compares (at most; it decides when outcomes arrive)."""
+    min_requests: int = Field(20, ge=1)
+    """Canary requests (successes + server errors) needed in the window before it is judged."""
+    error_rate_factor: float = Field(1.1, ge=1.0)
+    """Roll back when the canary's server-error rate exceeds the baseline's times this factor ..."""
+    min_error_rate: float = Field(0.01, ge=0.0, le=1.0)
+    """... and exceeds this absolute rate (so 1 error in 100 requests against a clean baseline is not enough)."""
+    latency_p95_factor: float | None = Field(2.0, ge=1.0)
+    """Roll back when the canary's p95 latency exceeds the baseline's times this factor (both with min_requests successes); null disables the latency check."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "AutoRollbackConfig":
+        if self.canary == self.baseline:
+            raise ValueError(f"auto_rollback.canary and auto_rollback.baseline must differ (both {self.canary!r})")
+        if self.canary == "latest":
+            raise ValueError("auto_rollback.canary must be an alias that can be rolled back, not 'latest'")
+        return self
 
 
 class ServedModel(Section):
-    """One model version hosted by a batched replica."""
+    """One registry model behind batched replicas: one deployment per traffic route."""
 
     model: str = Field(pattern=_NAME_RE)
     """Registry model name."""
-    version: str = "production"
-    """Registry version number (e.g. `3`) or alias (e.g. `production`)."""
+    version: str = Field("production", pattern=_REF_RE)
+    """Registry version number (e.g. `3`), alias (e.g. `production`) or `latest`; an alias is re-resolved every serve.alias_poll_interval_s. Leave at its default with `traffic`."""
+    traffic: dict[str, int] | None = None
+    """Weighted split over several versions served at once, e.g. `{production: 90, staging: 10}` (version refs -> integer percent, summing to 100). Each route is its own deployment; the first is the primary (`model-<name>`)."""
     backend: Backend | None = None
     """Expected backend of the version; when set, serving refuses a version of another format."""
     max_batch_size: int = Field(16, ge=1, le=1024)
     """Largest dynamic batch (live-reconfigurable through `user_config`)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
-    """How long a batch waits for more requests after the first (live-reconfigurable)."""
+    """How long a batch waits for more requests after the first (live-reconfigurable). A request that finds its replica idle skips the wait."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests a replica accepts at once; must be >= max_batch_size or batches are silently capped."""
+    max_queued_requests: int = Field(64, ge=1)
+    """Requests waiting for a replica slot (per caller); beyond it requests are answered 503 with Retry-After instead of queueing forever."""
     num_replicas: int = Field(1, ge=1)
-    """Replicas of this model's deployment."""
+    """Replicas of each route's deployment (fixed); leave at 1 with `autoscaling`."""
+    autoscaling: AutoscalingSettings | None = None
+    """Autoscale each route's deployment instead of a fixed `num_replicas`."""
     cpus_per_replica: float = Field(0.5, gt=0)
     """Logical CPUs each replica reserves."""
     max_new_tokens: int = Field(64, ge=1, le=4096)
     """lm models: cap on generated tokens per request."""
+    auto_rollback: AutoRollbackConfig | None = None
+    """Watch `traffic`'s canary route and roll its alias back when it errs or slows down (needs `traffic`)."""
+
+    def routes(self) -> dict[str, int]:
+        """Version ref -> weight (percent) of every route, primary first."""
+        return dict(self.traffic) if self.traffic else {self.version: 100}
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> "ServedModel":
+    def _checks(self) -> "ServedModel":
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"serve.models[].max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
                 f"max_batch_size ({self.max_batch_size}); Serve would silently cap batches"
             )
+        if self.traffic is not None:
+            # By value, not by `model_fields_set`: configs are dumped and re-validated (workers, Serve
+            # config files), which sets every field.
+            if self.version != ServedModel.model_fields["version"].default:
+                raise ValueError("serve.models[]: set either `version` (one route) or `traffic` (a split), not both")
+            if not self.traffic:
+                raise ValueError("serve.models[].traffic must name at least one version ref")
+            for ref, weight in self.traffic.items():
+                if not re.fullmatch(_REF_RE, ref):
+                    raise ValueError(f"serve.models[].traffic: {ref!r} is not a version number, alias or 'latest'")
+                if weight < 0:
+                    raise ValueError(f"serve.models[].traffic.{ref}: weight {weight} must be >= 0")
+            if sum(self.traffic.values()) != 100:
+                raise ValueError(f"serve.models[].traffic: weights sum to {sum(self.traffic.values())}; they must sum to 100 (percent)")
+        if self.autoscaling is not None:
+            if self.num_replicas != ServedModel.model_fields["num_replicas"].default:
+                raise ValueError("serve.models[]: set either `num_replicas` (fixed) or `autoscaling`, not both")
+            if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+                raise ValueError(
+                    f"serve.models[].autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}) "
+                    f"must be <= max_ongoing_requests ({self.max_ongoing_requests}): replicas never reach it"
+                )
+        if self.auto_rollback is not None:
+            routes = self.routes()
+            for role in ("canary", "baseline"):
+                ref = getattr(self.auto_rollback, role)
+                if self.traffic is None or ref not in routes:
+                    raise ValueError(
+                        f"serve.models[].auto_rollback.{role} {ref!r} must be a route of serve.models[].traffic "
+                        f"(routes: {sorted(routes)})"
+                    )
         return self
+
+    def max_replicas(self) -> int:
+        """Upper bound of replicas per route (sizes the ingress)."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
 
 
 class ServeConfig(Section):
-    """The Ray Serve application: an HTTP ingress plus one batched deployment per model."""
+    """The Ray Serve application: an HTTP ingress plus batched deployments (one per model route)."""
 
     app_name: str = Field("temper", pattern=_NAME_RE)
     """Serve application name."""
@@ -308,9 +488,17 @@ class ServeConfig(Section):
     models: list[ServedModel] = Field(default_factory=list)
     """Models to host. In `run`, an empty list means: the best compressed variant of the run's model."""
     request_timeout_s: float = Field(30.0, gt=0)
-    """Ingress timeout for one model call."""
+    """Ingress timeout for one model call (a whole generation, streamed or not); beyond it the answer is 504."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
     """Request bodies above this size are refused with 413."""
+    max_items_per_request: int = Field(256, ge=1, le=1024)
+    """Images (predict) or texts (score) one request may carry; more is refused with 413."""
+    sticky_header: str = Field("x-temper-route-key", pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+    """Request header whose value pins a caller to one traffic route (hashed; same value -> same route while the weights stand)."""
+    alias_poll_interval_s: float = Field(5.0, gt=0, le=3600)
+    """How often each replica re-resolves its alias in the registry; a moved alias is hot-swapped without a redeploy."""
+    retry_after_s: int = Field(1, ge=0, le=3600)
+    """Retry-After (seconds) sent with 503 answers under overload."""
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeConfig":
@@ -352,6 +540,13 @@ class TrainJob(JobBase):
             raise ValueError(f"model.kind {self.model.kind!r} does not fit data.name {self.data.name!r} (needs {want!r})")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision 'fp16' needs CUDA (train.use_gpu: true); use bf16 on CPU")
+        for i, cb in enumerate(self.train.callbacks):
+            if isinstance(cb, MagnitudePruningConfig):
+                end = cb.end_step or max(1, int(0.75 * self.train.steps))
+                if not cb.start_step < end <= self.train.steps:
+                    raise ValueError(f"train.callbacks.{i}: need start_step ({cb.start_step}) < end_step ({end}) <= train.steps ({self.train.steps})")
+                if cb.kind == "2:4" and self.model.d_model % 4:
+                    raise ValueError(f"train.callbacks.{i}.kind '2:4' needs model.d_model divisible by 4")
         if isinstance(self.model, GPTConfig) and self.model.vocab_size != 256:
             raise ValueError("model.vocab_size must be 256 for the byte-level lm-code data")
         return self
@@ -450,7 +645,8 @@ def format_validation_error(err: ValidationError) -> str:
     """One line per problem, each starting with the dotted key it concerns."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("gpt", "vit")) or "<root>"
+        # Discriminated unions put the tag in the path (model.gpt.n_head): drop it.
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("gpt", "vit", "magnitude_pruning", "early_stopping")) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not part of the schema)"

@@ -12,12 +12,13 @@ from app.config import (
     CompressConfig, CompressJob, DataConfig, GPTConfig, MlflowMirrorConfig, OptimizeJob, RegistryConfig,
     ServeApp, ServeConfig, ServedModel, TrainConfig, TrainJob, ViTConfig,
 )
+from app.config import AutoRollbackConfig, AutoscalingSettings
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("OptimizeJob (`python -m app run`)", OptimizeJob),
     ("TrainJob (`python -m app train`)", TrainJob),
     ("CompressJob (`python -m app compress`)", CompressJob),
-    ("ServeApp (`python -m app serve`)", ServeApp),
+    ("ServeApp (`python -m app serve deploy|status|shutdown|advise|config`)", ServeApp),
     ("`model` (kind: gpt)", GPTConfig),
     ("`model` (kind: vit)", ViTConfig),
     ("`data`", DataConfig),
@@ -25,6 +26,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`compress`", CompressConfig),
     ("`serve`", ServeConfig),
     ("`serve.models[]`", ServedModel),
+    ("`serve.models[].autoscaling`", AutoscalingSettings),
+    ("`serve.models[].auto_rollback`", AutoRollbackConfig),
     ("`registry`", RegistryConfig),
     ("`registry.mlflow`", MlflowMirrorConfig),
 ]

@@ -7,6 +7,15 @@ and returns a `Predictor` whose `logits(x)` maps numpy inputs to numpy logits:
 
 Task helpers (`classify`, `score_text`, `generate_text`) turn logits into answers and are
 what the batched Serve replica calls on a whole batch.
+
+Generation for serving (`generate_steps`) decodes a batch of prompts of different lengths one
+token per step for every active row, with greedy / temperature / top-k sampling per row:
+- torch backends use a KV cache (`KVCacheDecoder`): prompts are left-padded, padding keys are
+  masked and each row's RoPE positions start at its first real byte, so a row computes what it
+  would alone; once a row outgrows `block_size` the context slides and that step recomputes
+  the window, exactly as the no-cache path does;
+- ONNX backends recompute the (cropped) context every step (`RecomputeDecoder`, rows grouped by
+  length): the exported graph has no cache inputs.
 """
 
 from __future__ import annotations
@@ -15,12 +24,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 
-from app.artifacts import WEIGHT_FILES, ArtifactError, load_fp32, load_int8, local_path, read_meta
+from app.artifacts import HALF_DTYPES, WEIGHT_FILES, ArtifactError, load_fp32, load_half, load_int8, local_path, read_meta
 from app.config import TrainJob
 
 log = logging.getLogger(__name__)
@@ -35,12 +44,21 @@ class Predictor:
     job: TrainJob
     _torch_model: torch.nn.Module | None = None
     _ort_session: object | None = None
+    _input_dtype: torch.dtype | None = None  # half-precision models take half-precision images
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         if self._ort_session is not None:
             return self._ort_session.run(["logits"], {"input": x})[0]
+        t = torch.from_numpy(x)
+        if self._input_dtype is not None and t.is_floating_point():
+            t = t.to(self._input_dtype)
         with torch.inference_mode():
-            return self._torch_model(torch.from_numpy(x)).float().numpy()
+            return self._torch_model(t).float().numpy()
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Torch GPTs decode with a KV cache (`GPT.forward_kv`); ONNX graphs recompute."""
+        return self.task == "lm" and self._torch_model is not None and hasattr(self._torch_model, "forward_kv")
 
     @property
     def block_size(self) -> int:
@@ -73,7 +91,10 @@ def load_predictor(artifact_uri: str, expect_backend: str | None = None) -> Pred
         return Predictor(fmt, task, job, _torch_model=load_fp32(artifact_uri)[0])
     if fmt == "torch_int8":
         return Predictor(fmt, task, job, _torch_model=load_int8(artifact_uri)[0])
-    if fmt in ("onnx_fp32", "onnx_int8"):
+    if fmt in HALF_DTYPES:
+        model, _, dtype = load_half(artifact_uri)
+        return Predictor(fmt, task, job, _torch_model=model, _input_dtype=dtype)
+    if fmt in ("onnx_fp32", "onnx_int8", "onnx_int8_static"):
         path = str(local_path(artifact_uri) / WEIGHT_FILES[fmt])
         return Predictor(fmt, task, job, _ort_session=_ort_session(path))
     raise ArtifactError(f"{artifact_uri}: unknown artifact format {fmt!r}")
@@ -128,6 +149,173 @@ def generate_text(pred: Predictor, tokens: np.ndarray, max_new_tokens: int) -> n
         new.append(nxt)
         ctx = np.concatenate([ctx, nxt], axis=1)
     return np.concatenate(new, axis=1) if new else np.zeros((tokens.shape[0], 0), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row is continued."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    """0 = greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_k: int = 0
+    """Sample among the k most likely bytes only (0 = all)."""
+    seed: int | None = None
+    """Seed of this row's sampler: the same seed gives the same text whatever else is in the batch."""
+
+
+class NonFiniteOutputError(ValueError):
+    """The model produced NaN or infinite logits (a broken version): never turned into tokens."""
+
+
+def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One byte id from a row of next-token logits (V,)."""
+    if not np.isfinite(logits).all():
+        raise NonFiniteOutputError("the model produced non-finite logits")
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < z.shape[0]:
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.shape[0], p=p / p.sum()))
+
+
+class KVCacheDecoder:
+    """Batched incremental decoding of a torch GPT with a KV cache (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, block_size: int):
+        self.model, self.block_size = model, block_size
+
+    def start(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Prefill the prompts (each cropped to its last block_size bytes); next-token logits (B, V)."""
+        self.ctx = [list(map(int, r[-self.block_size:])) for r in rows]
+        return self._prefill()
+
+    def _prefill(self) -> np.ndarray:
+        from app.models.gpt import decode_mask
+
+        lens = [len(c) for c in self.ctx]
+        B, T = len(lens), max(lens)
+        idx = torch.zeros((B, T), dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        valid = torch.zeros((B, T), dtype=torch.bool)
+        for b, (c, n) in enumerate(zip(self.ctx, lens)):  # left padding: real bytes end at T
+            idx[b, T - n:] = torch.tensor(c, dtype=torch.long)
+            pos[b, T - n:] = torch.arange(n)
+            valid[b, T - n:] = True
+        with torch.inference_mode():
+            logits, self.cache = self.model.forward_kv(idx, pos, decode_mask(valid, T), None, last_only=True)
+        self.valid, self.next_pos = valid, torch.tensor(lens, dtype=torch.long)
+        return logits[:, -1].float().numpy()
+
+    def step(self, tokens: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Feed one new byte per kept row (`keep`: indices of the rows still decoding, in order)."""
+        if keep is not None and len(keep) != len(self.ctx):
+            sel = torch.as_tensor(keep, dtype=torch.long)
+            self.cache = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in self.cache]
+            self.valid, self.next_pos = self.valid.index_select(0, sel), self.next_pos.index_select(0, sel)
+            self.ctx = [self.ctx[i] for i in keep]
+        for c, t in zip(self.ctx, tokens):
+            c.append(int(t))
+        if int(self.next_pos.max()) >= self.block_size:
+            # A row outgrew the context: slide every row's window and recompute it (what the
+            # no-cache path does each step), so results stay identical to it.
+            self.ctx = [c[-self.block_size:] for c in self.ctx]
+            return self._prefill()
+        from app.models.gpt import decode_mask
+
+        self.valid = torch.cat([self.valid, torch.ones((len(self.ctx), 1), dtype=torch.bool)], dim=1)
+        idx = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(-1, 1)
+        with torch.inference_mode():
+            logits, self.cache = self.model.forward_kv(idx, self.next_pos.view(-1, 1), decode_mask(self.valid, 1), self.cache)
+        self.next_pos = self.next_pos + 1
+        return logits[:, -1].float().numpy()
+
+
+class RecomputeDecoder:
+    """Decoding by re-running the cropped context each step (any backend, e.g. ONNX Runtime)."""
+
+    def __init__(self, pred: "Predictor"):
+        self.pred = pred
+
+    def start(self, rows: list[np.ndarray]) -> np.ndarray:
+        self.ctx = [list(map(int, r)) for r in rows]
+        return self._logits()
+
+    def step(self, tokens: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        if keep is not None:
+            self.ctx = [self.ctx[i] for i in keep]
+        for c, t in zip(self.ctx, tokens):
+            c.append(int(t))
+        return self._logits()
+
+    def _logits(self) -> np.ndarray:
+        n = self.pred.block_size
+        windows = [c[-n:] for c in self.ctx]
+        out = np.empty((len(windows), self.pred.job.model.vocab_size), dtype=np.float32)
+        by_len: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            by_len.setdefault(len(w), []).append(i)
+        for members in by_len.values():  # one forward per length: the graph takes no padding mask
+            x = np.asarray([windows[i] for i in members], dtype=np.int64)
+            out[members] = self.pred.logits(x)[:, -1, :]
+        return out
+
+
+def make_decoder(pred: "Predictor", use_kv_cache: bool | None = None):
+    """KV cache for torch backends (default), recompute otherwise or when `use_kv_cache=False`."""
+    if use_kv_cache is None:
+        use_kv_cache = pred.supports_kv_cache
+    if use_kv_cache and not pred.supports_kv_cache:
+        raise ValueError(f"backend {pred.backend!r} has no KV-cache decode path")
+    return KVCacheDecoder(pred._torch_model, pred.block_size) if use_kv_cache else RecomputeDecoder(pred)
+
+
+def generate_steps(
+    pred: "Predictor", rows: list[np.ndarray], params: list[SamplingParams], use_kv_cache: bool | None = None
+) -> Iterator[list[int | None]]:
+    """Continue every row; yields once per step a list with each row's new byte id (None once a
+    row has its `max_new_tokens`). Rows that are done leave the batch (their cache rows are dropped)."""
+    if len(rows) != len(params):
+        raise ValueError(f"{len(rows)} rows but {len(params)} sampling params")
+    if not rows:
+        return
+    decoder = make_decoder(pred, use_kv_cache)
+    rngs = [np.random.default_rng(p.seed) for p in params]
+    produced = [0] * len(rows)
+    active = [i for i, p in enumerate(params) if p.max_new_tokens > 0]
+    if not active:
+        return
+    logits = decoder.start([rows[i] for i in active])
+    while True:
+        tokens = [next_token(logits[j], params[i], rngs[i]) for j, i in enumerate(active)]
+        out: list[int | None] = [None] * len(rows)
+        for i, t in zip(active, tokens):
+            out[i] = t
+            produced[i] += 1
+        yield out
+        keep = [j for j, i in enumerate(active) if produced[i] < params[i].max_new_tokens]
+        if not keep:
+            return
+        active = [active[j] for j in keep]
+        logits = decoder.step(np.asarray([tokens[j] for j in keep], dtype=np.int64), np.asarray(keep))
+
+
+def generate_tokens(
+    pred: "Predictor", rows: list[np.ndarray], params: list[SamplingParams], use_kv_cache: bool | None = None
+) -> list[list[int]]:
+    """`generate_steps` run to the end: every row's new byte ids."""
+    out: list[list[int]] = [[] for _ in rows]
+    for step in generate_steps(pred, rows, params, use_kv_cache):
+        for i, t in enumerate(step):
+            if t is not None:
+                out[i].append(t)
+    return out
 
 
 def time_batch(pred: Predictor, x: np.ndarray, iters: int, warmup: int = 5) -> float:

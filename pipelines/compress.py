@@ -101,7 +101,62 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
             f" [{time.perf_counter() - t0:.1f}s]"
         )
         reports.append(VariantReport(method, record["version"], str(dst), metrics, rejected))
+    report = write_report(job, source, src_metrics, reports, kind)
+    _say(f"[compress] report: {report} (+ {report.with_suffix('.png').name})")
     return source, reports
+
+
+def write_report(job: CompressJob, source: dict, src_metrics: dict, reports: list[VariantReport], kind: str) -> Path:
+    """Markdown table + a PNG Pareto plot (quality vs batch-1 latency, marker area ~ size on disk)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, mode = primary_metric(kind)
+    folder = Path(job.storage_path).resolve() / job.name / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"compress-v{source['version']}"
+    rows = [("torch_fp32 (source)", source["version"], src_metrics, False)] + [
+        (r.method, r.version, r.metrics, r.rejected) for r in reports
+    ]
+    base_lat, base_size = src_metrics["latency_b1_ms"], src_metrics["size_bytes"]
+    lines = [
+        f"# Compression report: {job.name} v{source['version']}",
+        "",
+        f"Quality = `{metric}` ({'higher' if mode == 'max' else 'lower'} is better) on {job.compress.eval_batches} x "
+        f"{job.compress.eval_batch_size} held-out samples; latency = median of {job.compress.latency_iters} calls in one process.",
+        "",
+        f"| variant | version | {metric} | quality drop | size MB | size x | batch-1 ms | batch-1 x | batch-32 ms | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, version, m, rejected in rows:
+        drop = m.get("quality_drop", 0.0)
+        lines.append(
+            f"| {name} | v{version} | {m[metric]:.4f} | {drop:+.2%} | {m['size_bytes'] / 1e6:.3f} | {m['size_bytes'] / base_size:.2f} | "
+            f"{m['latency_b1_ms']:.3f} | {m['latency_b1_ms'] / base_lat:.2f} | {m['latency_b32_ms']:.3f} | "
+            f"{'rejected (quality)' if rejected else 'ok'} |"
+        )
+    lines += ["", f"![Pareto plot]({stem.name}.png)", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sizes = [m["size_bytes"] for _, _, m, _ in rows]
+    scale = 900 / max(sizes)
+    for name, version, m, rejected in rows:
+        ax.scatter(m["latency_b1_ms"], m[metric], s=max(30, m["size_bytes"] * scale), alpha=0.6,
+                   marker="x" if rejected else "o", label=f"v{version} {name}")
+        ax.annotate(f"v{version}", (m["latency_b1_ms"], m[metric]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel("batch-1 latency (ms, log scale)")
+    ax.set_xscale("log")
+    ax.set_ylabel(metric + (" (higher is better)" if mode == "max" else " (lower is better)"))
+    ax.set_title(f"{job.name}: quality vs latency (marker area ~ size on disk)")
+    ax.legend(fontsize=7, loc="best", markerscale=0.3)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return stem.with_suffix(".md")
 
 
 def _say(msg: str) -> None:

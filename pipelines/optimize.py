@@ -40,7 +40,15 @@ def stage_train(job: TrainJob, registry) -> dict:
     from pipelines.compress import find_version_by_artifact
     from pipelines.train import fit
 
-    result = fit(job)
+    teacher = None
+    if job.train.distill is not None:  # the teacher comes from the registry, by version or alias
+        d = job.train.distill
+        teacher = ray.get(registry.get_version.remote(d.teacher, d.teacher_version))
+        if teacher["format"] != "torch_fp32":
+            raise ValueError(f"train.distill: teacher {d.teacher} v{teacher['version']} is {teacher['format']!r}; "
+                             "distillation needs a torch_fp32 version")
+        print(f"[train] distilling from {d.teacher} v{teacher['version']} (alpha {d.alpha}, T {d.temperature})", flush=True)
+    result = fit(job, teacher_artifact=teacher["artifact_uri"] if teacher else None)
     existing = find_version_by_artifact(registry, job.name, result.artifact_path)
     if existing is not None:
         print(f"[train] artifact already registered as v{existing['version']}", flush=True)
@@ -53,7 +61,8 @@ def stage_train(job: TrainJob, registry) -> dict:
     return ray.get(registry.register_version.remote(
         job.name, result.artifact_path, "torch_fp32",
         config=job.model_dump(mode="json"), config_hash=result.config_hash,
-        metrics=result.metrics, transformation="trained",
+        metrics=result.metrics, transformation="distilled" if teacher else "trained",
+        parent={"model": teacher["model"], "version": teacher["version"]} if teacher else None,
         tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
         params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
         dataset_fingerprint=f"{job.data.name}:{hashlib.sha256(data_id.encode()).hexdigest()[:16]}",

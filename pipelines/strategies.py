@@ -201,6 +201,29 @@ class TorchStrategy:
             return {k: v.float() for k, v in sd.items()}
         return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
 
+    # --- pruning access (pipelines/callbacks.py): rows of weights this rank holds
+    def weight_views(self, names: list[str]):
+        """(name -> RowView, reduce): FSDP2 shards dim 0, so a view is this rank's rows and `reduce`
+        sums over ranks; DDP views are whole weights (identical on every rank), `reduce` is identity."""
+        from app.compression.pruning import RowView, no_reduce
+
+        params = dict(self.module.named_parameters())
+        if self.name != "fsdp" or self.world == 1:
+            return {n: RowView(params[n].data, 0, tuple(params[n].shape)) for n in names}, no_reduce
+        rank = dist.get_rank()
+        views = {}
+        for n in names:
+            p = params[n]
+            chunk = math.ceil(p.shape[0] / self.world)  # FSDP2 shards dim 0 like torch.chunk
+            views[n] = RowView(p.to_local().data, min(rank * chunk, p.shape[0]), tuple(p.shape))
+        return views, _all_reduce_sum
+
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        views, _ = self.weight_views(list(masks))
+        with torch.no_grad():
+            for n, mask in masks.items():
+                views[n].local.mul_(mask.to(views[n].local.dtype))
+
     def extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()}
 
@@ -309,6 +332,40 @@ class DeepSpeedStrategy:
         # The fp32 master weights (not the bf16 module copy); a collective under stage 3.
         return {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
 
+    # --- pruning access: whole fp32 master weights (a collective: every rank, same order)
+    def weight_views(self, names: list[str]):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from app.compression.pruning import RowView, no_reduce
+
+        params = dict(self.module.named_parameters())
+        views = {}
+        for n in names:
+            full = safe_get_full_fp32_param(params[n]).detach()  # full shape, also under stage 3
+            views[n] = RowView(full, 0, tuple(full.shape))
+        return views, no_reduce
+
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Mask the fp32 master weights (what the optimizer updates) and the module's copy (what
+        forward reads: the whole low-precision weight under stage 1/2, this rank's flat partition
+        under stage 3)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for n, mask in masks.items():
+                p = params[n]
+                full = safe_get_full_fp32_param(p) * mask.to(torch.float32)
+                safe_set_full_fp32_param(p, full)
+                if self.stage < 3:
+                    p.data.copy_(full.to(p.dtype))
+                else:
+                    part = p.ds_tensor
+                    flat = full.flatten().to(part.dtype)
+                    start = dist.get_rank() * part.numel()
+                    chunk = flat[start:start + part.numel()]
+                    part.data[: chunk.numel()].copy_(chunk)
+
     def extra_state(self) -> dict:
         return {}
 
@@ -334,9 +391,10 @@ class DeepSpeedStrategy:
         masters = []
         for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
             masters += list(getattr(opt, attr, []) or [])
-        same_as_module = self.precision == "fp32" and self.stage < 3  # fp32: master *is* the flat module buffer
+        # DeepSpeed clones the fp32 master partition even in fp32 training; a buffer that really is
+        # shared would have the same address and be counted once.
         return {
-            "param_bytes": _tensor_bytes(module_params) + (0 if same_as_module else _tensor_bytes(masters)),
+            "param_bytes": _tensor_bytes(list(module_params) + masters),
             "optimizer_bytes": _tensor_bytes(_optimizer_state_tensors(getattr(opt, "optimizer", self.optimizer))),
         }
 
@@ -345,6 +403,12 @@ class DeepSpeedStrategy:
 
 
 # ----------------------------------------------------------------------------- registry
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def _rank() -> int:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from app.artifacts import save_fp32
 from app.config import TrainJob, config_hash
 from app.data import build_data
+from app.compression.distillation import distillation_loss
 from app.evaluation import eval_sums, metrics_from_sums, primary_metric, task_loss
 from app.models import build_model
 from app import telemetry
@@ -77,6 +78,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipelines.callbacks import TrainState, build_callbacks
     from pipelines.strategies import build_strategy
 
     # --- setup: the worker re-validates what the driver sent (STYLE lesson 2)
@@ -98,6 +100,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         strategy.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
+    callbacks = build_callbacks(job, model)
+    state = TrainState(job, strategy, rank, world)
+    teacher = _load_teacher(job, loop_config.get("teacher_artifact"), device)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         _say(f"[train] {job.name}: {job.model.kind} {n_params / 1e6:.2f}M params, {world} workers on {device.type}, "
@@ -108,9 +113,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            start_step = _load_checkpoint(Path(ckpt_dir), job, strategy, scheduler, device)
+            start_step = _load_checkpoint(Path(ckpt_dir), job, strategy, scheduler, callbacks)
         if rank == 0:
             _say(f"[train] resumed from checkpoint at step {start_step}")
+    state.step = state.resumed_from = start_step
+    for cb in callbacks:
+        cb.on_setup(state)
 
     kind = job.model.kind
     metric_name, _ = primary_metric(kind)
@@ -120,7 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     m_step = telemetry.gauge(telemetry.TRAIN_STEP, ("run", "rank"))
     m_eval = telemetry.gauge(telemetry.EVAL_METRIC, ("run", "metric"))
 
-    if start_step >= tc.steps:  # already finished: report the final evaluation once more
+    if start_step >= tc.steps or state.should_stop:  # finished (or stopped early): report the final evaluation once more
         metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world)}
         ray.train.report({**metrics, **_memory_metrics(strategy, world)})
         return
@@ -134,13 +142,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for micro in range(tc.grad_accum_steps):
             # Batches are a function of (seed, micro-batch index, rank): the step count is the data position.
             x, y = (t.to(device) for t in data.train_batch(tc.seed, step * tc.grad_accum_steps + micro, rank, tc.batch_size))
-            loss = task_loss(kind, strategy.forward(x), y)
+            logits = strategy.forward(x)
+            if teacher is None:
+                loss = task_loss(kind, logits, y)
+            else:
+                with torch.no_grad():
+                    soft = teacher(x)
+                loss = distillation_loss(logits, soft, y, tc.distill.alpha, tc.distill.temperature)
             strategy.backward(loss, last_micro=micro == tc.grad_accum_steps - 1)
             step_loss += loss.item() / tc.grad_accum_steps
             seen_since_log += x.shape[0]
         info = strategy.step()
         scheduler.step()
         done = step + 1
+        state.step = done
+        callback_metrics: dict[str, float] = {}
+        for cb in callbacks:  # model-mutating callbacks (pruning masks) first, then observers
+            callback_metrics.update(cb.on_step_end(state))
         loss_acc += step_loss
         steps_since_log += 1
 
@@ -160,24 +178,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pausing = done == tc.pause_at_step
         if done % tc.eval_every == 0 or done == tc.steps or pausing:
             metrics = {"step": done, "start_step": start_step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": info.grad_norm, **_evaluate(job, strategy, data, rank, world)}
+                       "grad_norm": info.grad_norm, **callback_metrics, **_evaluate(job, strategy, data, rank, world)}
+            for cb in callbacks:
+                metrics.update(cb.on_eval_end(state, metrics))
             metrics.update(_memory_metrics(strategy, world))
             if rank == 0:
                 m_eval.set(metrics[metric_name], {"run": job.name, "metric": metric_name})
                 _say(f"[eval] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
-            if done % tc.checkpoint_every == 0 or done == tc.steps or pausing:
+            if done % tc.checkpoint_every == 0 or done == tc.steps or pausing or state.should_stop:
                 with tempfile.TemporaryDirectory() as tmp:
                     folder = Path(tmp)
-                    _save_checkpoint(folder, job, strategy, scheduler, done, metrics, rank)
+                    _save_checkpoint(folder, job, strategy, scheduler, callbacks, done, metrics, rank)
                     # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
                     ckpt = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
                     ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{done:08d}")
             else:
                 ray.train.report(metrics)
+        if state.should_stop:
+            if rank == 0:
+                _say(f"[train] stopped early at step {done} (train.callbacks early_stopping)")
+            return
         if pausing:
             if rank == 0:
                 _say(f"[train] paused at step {done} (train.pause_at_step); re-run the job to continue to {tc.steps}")
             return
+
+
+def _load_teacher(job: TrainJob, artifact: str | None, device):
+    """The frozen teacher for distillation (every rank holds a full copy; it is only run forward)."""
+    if job.train.distill is None:
+        return None
+    if artifact is None:
+        raise ValueError("train.distill is set but the driver resolved no teacher artifact")
+    from app.artifacts import load_fp32
+
+    teacher, teacher_job = load_fp32(artifact)
+    if teacher_job.data.name != job.data.name:
+        raise ValueError(f"train.distill.teacher was trained on {teacher_job.data.name!r}, the student on {job.data.name!r}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
 
 
 def _write_pid(job: TrainJob, rank: int) -> None:
@@ -228,16 +268,16 @@ def _evaluate(job: TrainJob, strategy, data, rank: int, world: int) -> dict[str,
     return metrics_from_sums(job.model.kind, sums.numpy())
 
 
-def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, step: int, metrics: dict, rank: int) -> None:
+def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:
     strategy.save(folder)                 # every rank: its shard (DCP / DeepSpeed), or rank 0 (DDP)
     full = strategy.full_state_dict()     # a collective: every rank takes part
     if rank == 0:
         save_fp32(folder, full, job, {"step": step, "metrics": metrics, "strategy": job.train.strategy})
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    **strategy.extra_state()}, folder / TRAINER_STATE)
+                    "callbacks": [cb.state_dict() for cb in callbacks], **strategy.extra_state()}, folder / TRAINER_STATE)
 
 
-def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, device) -> int:
+def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks) -> int:
     from app.artifacts import read_meta
 
     saved_job, meta = read_meta(folder)
@@ -257,6 +297,12 @@ def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, device) -
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     strategy.load_extra_state(state)
+    saved_callbacks = state.get("callbacks", [])
+    if len(saved_callbacks) != len(callbacks):
+        raise ValueError(f"the checkpoint in {folder} holds {len(saved_callbacks)} callback states, train.callbacks lists "
+                         f"{len(callbacks)}: resume with the same callbacks or start under a new `name`")
+    for cb, cb_state in zip(callbacks, saved_callbacks):
+        cb.load_state_dict(cb_state)
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 
@@ -275,8 +321,11 @@ class TrainResult:
     config_hash: str
 
 
-def fit(job: TrainJob) -> TrainResult:
-    """Run the job on the connected Ray cluster; returns metrics and a durable fp32 artifact."""
+def fit(job: TrainJob, teacher_artifact: str | None = None) -> TrainResult:
+    """Run the job on the connected Ray cluster; returns metrics and a durable fp32 artifact.
+
+    `teacher_artifact`: the fp32 artifact folder of the distillation teacher (resolved from the
+    registry by the caller when `train.distill` is set)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -284,7 +333,7 @@ def fit(job: TrainJob) -> TrainResult:
     tc = job.train
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json")},
+        train_loop_config={"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),

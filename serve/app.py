@@ -1,477 +1,162 @@
-"""Temper on Ray Serve: one HTTP ingress plus one dynamically batched replica set per model.
+"""Temper on Ray Serve: one HTTP ingress, batched replicas per model route, a rollout watcher.
 
-    client --HTTP--> TemperIngress (FastAPI, validation, errors, metrics)
-                         --DeploymentHandle--> BatchedModelServer "model-<name>" (@serve.batch)
-                                                   --load_predictor--> registry version's artifact
+    client --HTTP--> TemperIngress (FastAPI: validation, errors, traffic split, metrics)
+                         --DeploymentHandle--> BatchedModelServer "model-<name>"            (route 1)
+                                           --> BatchedModelServer "model-<name>--<ref>"     (route 2 ...)
+                         --outcomes--> RolloutWatcher --rollback_alias--> ModelRegistry
 
 Read top to bottom:
-1. errors and request schemas (what a client may send, what a 4xx says);
-2. plain batch functions (`run_classify_batch`, `run_lm_batch`, ...), testable without Serve;
-3. `BatchedModelServer`: resolves a registry version, loads it, and runs batches. Batch size,
-   batch wait and the version ref live in `user_config`, so `reconfigure` changes them live
-   (the version is hot-swapped: load new -> switch -> drop old);
-4. `TemperIngress` / `make_api`: the REST API under `/api/v1/`;
-5. `build_app`, `deploy`, `shutdown`.
+1. the ingress's helpers: `RouteTable` (weighted split, sticky keys, live weights),
+   `OutcomeReporter` (outcomes to the rollout watcher), metrics, the request middleware;
+2. `make_api`: the REST API under `/api/v1/` (testable with fake handles, no Ray);
+3. `TemperIngress`;
+4. `build_app`, `deploy`, `shutdown`, `app_status`, `serve_config_file`.
+
+What is live and what restarts (see `build_app`): batch size, batch wait, a route's version
+ref and the traffic weights live in `user_config`, so redeploying with only those changed
+reconfigures the running replicas (hot swap for the version) and HTTP never drops. A moved
+registry alias reaches the replicas by polling (`serve.alias_poll_interval_s`), no redeploy.
+The model server (batching, generation, hot swap) is in `serve/model_server.py`, the error
+body and request schemas in `serve/protocol.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import json
 import logging
 import time
 import uuid
-from collections import Counter as CountMap
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import telemetry
-from app.config import RegistryConfig, ServeApp, ServeConfig, ServedModel
-from app.inference import Predictor, classify, generate_text, load_predictor, score_text
+from app.config import ServeApp, ServeConfig, ServedModel
+from serve.model_server import (  # noqa: F401  (re-exported: callers and tests import them from here)
+    BatchedModelServer,
+    BatchSettings,
+    BatchStats,
+    ClassifyRequest,
+    GenerateItem,
+    LMRequest,
+    LoadedVersion,
+    group_lm_rows,
+    images_from_inputs,
+    run_classify_batch,
+    run_lm_batch,
+    tokens_from_text,
+)
+from serve.protocol import (  # noqa: F401
+    API_PREFIX,
+    APIError,
+    GenerateRequest,
+    ModelRequestError,
+    ModelServerError,
+    PredictRequest,
+    ScoreRequest,
+    error_body,
+    error_code,
+    raise_if_refused,
+)
+from serve.rollout import RolloutWatcher
+from serve.routing import TrafficRouter
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
 INGRESS_CPUS = 0.1
 """Logical CPUs the ingress replica reserves: it only parses JSON and awaits handles."""
 HEALTH_WAIT_S = 60.0
 """How long `deploy` polls the health endpoint after `serve.run` returns."""
+ROUTE_HEADER = "x-temper-route"
+"""Request header naming a route explicitly (e.g. `staging`): bypasses the split (canary checks, blue-green)."""
+REPORT_INTERVAL_S = 1.0
+"""How often (at most) the ingress sends its buffered outcomes to the rollout watcher."""
+WATCHER_NAME = "RolloutWatcher"
+INGRESS_NAME = "TemperIngress"
 
-# ============================================================================ errors
+# ============================================================================ ingress helpers
 
-ERROR_CODES = {
-    400: "400_0001", 401: "401_0001", 403: "403_0001", 404: "404_0001", 409: "409_0001",
-    413: "413_0001", 422: "422_0001", 500: "500_0001", 503: "500_0002", 504: "500_0003",
-}
-"""HTTP status -> error code of the error body (REQUIREMENTS.md)."""
 
-
-def error_code(status: int) -> str:
-    return ERROR_CODES.get(status, "400_0001" if status < 500 else "500_0001")
-
-
-class ModelRequestError(Exception):
-    """A request a model server refuses (wrong shape, wrong task, over a cap): a 4xx.
-
-    The server's entry points return it as `{"refused": {...}}` (see `as_refusal`); callers
-    turn that back into this exception with `raise_if_refused`.
-    """
-
-    def __init__(self, status: int, field: str, message: str):
-        super().__init__(status, field, message)
-        self.status, self.field, self.message = status, field, message
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-    def as_refusal(self) -> dict:
-        return {"refused": {"status": self.status, "field": self.field, "message": self.message}}
-
-
-def raise_if_refused(result: dict) -> dict:
-    """A server entry point's result, or ModelRequestError when it refused the request."""
-    refused = result.get("refused") if isinstance(result, dict) else None
-    if refused is not None:
-        raise ModelRequestError(refused["status"], refused["field"], refused["message"])
-    return result
-
-
-class APIError(Exception):
-    """An error the ingress answers with the JSON error body."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, detail: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field, self.detail = status, message, field, detail or message
-
-
-def error_body(status: int, message: str, request_id: str, field: str | None = None, detail: str | None = None) -> dict:
-    return {
-        "error_code": error_code(status),
-        "error_message": message,
-        "error_details": {"field": field, "message": detail or message},
-        "request_id": request_id,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-    }
-
-
-# ============================================================================ request schemas
-
-
-def _check_image(value: Any) -> list:
-    """One image: a flat list of numbers, or a rectangular list of lists of numbers."""
-
-    def is_num(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    if not isinstance(value, list) or not value:
-        raise ValueError("an image must be a non-empty list of numbers or of rows of numbers")
-    if all(is_num(x) for x in value):
-        return [float(x) for x in value]
-    if all(isinstance(row, list) for row in value):
-        width = len(value[0])
-        for i, row in enumerate(value):
-            if len(row) != width or not row:
-                raise ValueError(f"row {i} has {len(row)} values, row 0 has {width}: rows must be of one length")
-            if not all(is_num(x) for x in row):
-                raise ValueError(f"row {i} holds a value that is not a number")
-        return [[float(x) for x in row] for row in value]
-    raise ValueError("an image must be a list of numbers or a list of rows of numbers, not a mix")
-
-
-Image = Annotated[Any, AfterValidator(_check_image)]
-
-
-class APIRequest(BaseModel):
-    """Request bodies: unknown keys are errors; JSON types are taken strictly (no "3" for 3)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class PredictRequest(APIRequest):
-    inputs: list[Image] = Field(min_length=1, max_length=1024)
-    """Images: each a flat list of C*H*W floats (64 for digits) or H rows of W floats (8x8)."""
-    top_k: int = Field(3, ge=1, le=100)
-    """Classes (with probabilities) returned per image."""
-
-
-class ScoreRequest(APIRequest):
-    texts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=64)
-    """Texts to score (UTF-8 bytes, at most the model's block_size each)."""
-    top_k: int = Field(5, ge=1, le=256)
-    """Most likely next bytes returned per text."""
-
-
-class GenerateRequest(APIRequest):
-    prompt: str = Field(min_length=1)
-    """Prompt text (UTF-8); only its last block_size bytes are seen by the model."""
-    max_new_tokens: int = Field(16, ge=1)
-    """Bytes to generate (greedy); capped by the served model's `max_new_tokens`."""
-
-
-# ============================================================================ batch functions (no Serve)
-
-
-@dataclass
-class ClassifyRequest:
-    """One predict request inside a batch: its images (N, C, H, W) float32 and top_k."""
-
-    images: np.ndarray
-    top_k: int
-
-
-@dataclass
-class LMRequest:
-    """One lm request inside a batch: `score` (rows = texts) or `generate` (one row = prompt)."""
-
-    op: Literal["score", "generate"]
-    rows: list[np.ndarray]  # each (T,) int64 byte ids
-    top_k: int = 5
-    max_new_tokens: int = 0
-
-
-def images_from_inputs(inputs: list, input_shape: tuple[int, ...]) -> np.ndarray:
-    """JSON images -> (N, C, H, W) float32; raises ModelRequestError naming `inputs.<i>`."""
-    c, h, w = input_shape
-    out = np.empty((len(inputs), c, h, w), dtype=np.float32)
-    for i, item in enumerate(inputs):
-        arr = np.asarray(item, dtype=np.float32)
-        if arr.ndim == 1 and arr.size == c * h * w:
-            arr = arr.reshape(c, h, w)
-        elif arr.shape == (h, w) and c == 1:
-            arr = arr[None]
-        elif arr.shape != (c, h, w):
-            raise ModelRequestError(
-                422, f"inputs.{i}",
-                f"image has shape {list(arr.shape)}; expected {c * h * w} values or {h}x{w} rows"
-                + ("" if c == 1 else f" per channel ({c}x{h}x{w})"),
-            )
-        if not np.isfinite(arr).all():
-            raise ModelRequestError(422, f"inputs.{i}", "image holds NaN or infinite values")
-        out[i] = arr
-    return out
-
-
-def tokens_from_text(text: str) -> np.ndarray:
-    """UTF-8 bytes of a text as (T,) int64 byte ids."""
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-
-
-def run_classify_batch(pred: Predictor, requests: list[ClassifyRequest]) -> list[dict]:
-    """All images of all requests in one forward pass; per request {outputs, probabilities}."""
-    images = np.concatenate([r.images for r in requests], axis=0)  # (sum N, C, H, W)
-    results = classify(pred, images, max(r.top_k for r in requests))
-    out, start = [], 0
-    for r in requests:
-        mine = results[start:start + len(r.images)]
-        start += len(r.images)
-        out.append({
-            "outputs": [x["label"] for x in mine],
-            "probabilities": [x["top_k"][:r.top_k] for x in mine],
-        })
-    return out
-
-
-LMGroupKey = tuple[str, int, int]  # (op, prompt length, max_new_tokens)
-
-
-def group_lm_rows(requests: list[LMRequest]) -> dict[LMGroupKey, list[tuple[int, int]]]:
-    """(request index, row index) of every row, grouped by (op, length, max_new_tokens).
-
-    Rows of one group stack into one (G, T) array without padding. Groups keep first-seen
-    order and rows keep request order, so results can be scattered back exactly.
-    """
-    groups: dict[LMGroupKey, list[tuple[int, int]]] = {}
-    for i, req in enumerate(requests):
-        for j, row in enumerate(req.rows):
-            key = (req.op, int(row.shape[0]), req.max_new_tokens if req.op == "generate" else 0)
-            groups.setdefault(key, []).append((i, j))
-    return groups
-
-
-def run_lm_batch(pred: Predictor, requests: list[LMRequest]) -> list[list]:
-    """Per request, per row: a score dict (`score`) or the list of generated byte ids (`generate`).
-
-    Each (op, length, max_new_tokens) group runs as one numpy batch. Rows of other lengths wait
-    for their own group: padding with attention masks (and a KV cache so that one decode step
-    serves every active sequence) come later; they are where generation batching pays most.
-    """
-    out: list[list] = [[None] * len(r.rows) for r in requests]
-    for (op, _length, max_new), members in group_lm_rows(requests).items():
-        x = np.stack([requests[i].rows[j] for i, j in members])  # (G, T)
-        if op == "score":
-            results = score_text(pred, x, max(requests[i].top_k for i, _ in members))
-            for (i, j), res in zip(members, results):
-                res["next"] = res["next"][:requests[i].top_k]
-                out[i][j] = res
-        else:
-            new = generate_text(pred, x, max_new)  # (G, max_new)
-            for (i, j), row in zip(members, new):
-                out[i][j] = [int(t) for t in row]
-    return out
-
-
-class BatchStats:
-    """Counts of batch sizes seen by one replica (what tests assert real batching on)."""
-
-    def __init__(self) -> None:
-        self.sizes: CountMap[int] = CountMap()
-
-    def record(self, size: int) -> None:
-        self.sizes[size] += 1
-
-    def snapshot(self) -> dict:
-        return {
-            "batches": sum(self.sizes.values()),
-            "max_batch_size_seen": max(self.sizes, default=0),
-            "batch_size_counts": dict(sorted(self.sizes.items())),
-        }
-
-
-# ============================================================================ model server
-
-
-class BatchSettings(BaseModel):
-    """The live part of a served model: Serve passes it to `reconfigure` as `user_config`."""
+class IngressSettings(BaseModel):
+    """The live part of the ingress (its `user_config`): traffic weights per model, routes in deployment order."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(ge=1, le=1024)
-    """Largest dynamic batch (requests)."""
-    batch_wait_timeout_s: float = Field(ge=0, le=10)
-    """Wait for more requests after the first of a batch."""
-    version: str
-    """Registry version number or alias to serve."""
-
-    @classmethod
-    def of(cls, served: ServedModel) -> "BatchSettings":
-        return cls(max_batch_size=served.max_batch_size, batch_wait_timeout_s=served.batch_wait_timeout_s, version=served.version)
+    traffic: dict[str, dict[str, int]]
 
 
-@dataclass(frozen=True)
-class LoadedVersion:
-    """A loaded registry version; a batch takes one snapshot so a hot swap never mixes versions."""
+class RouteTable:
+    """The traffic router of every served model; `update` applies new weights live."""
 
-    version: int
-    backend: str
-    artifact_uri: str
-    predictor: Predictor = field(repr=False)
+    def __init__(self, traffic: Mapping[str, Mapping[str, int]]):
+        self.routers = {model: TrafficRouter(dict(weights)) for model, weights in traffic.items()}
+
+    def update(self, traffic: Mapping[str, Mapping[str, int]]) -> None:
+        for model, weights in traffic.items():
+            router = self.routers.get(model)
+            if router is None or len(router.weights) != len(weights):
+                # Routes are deployments: adding or removing one redeploys the ingress (new version).
+                raise ValueError(f"model {model!r}: live traffic update must keep its {len(router.weights) if router else 0} routes")
+            router.set_weights(dict(weights))
+
+    def pick(self, model: str, sticky_key: str | None, explicit: str | None) -> tuple[int, str]:
+        """(index of the route's handle, route name) for one request."""
+        router = self.routers[model]
+        routes = router.routes
+        if explicit:
+            if explicit not in routes:
+                raise APIError(404, f"model {model!r} has no route {explicit!r} (routes: {routes})", ROUTE_HEADER)
+            return routes.index(explicit), explicit
+        route = router.pick(sticky_key)
+        return routes.index(route), route
 
 
-@serve.deployment
-class BatchedModelServer:
-    """One registry model version behind `@serve.batch` (`predict`: classifier, `lm`: language model).
+class OutcomeReporter:
+    """Buffers model-call outcomes of watched models and sends them to the rollout watcher.
 
-    Callers use the validating entry points `classify`, `score` and `generate`; they enqueue
-    into the batched methods, so one forward pass serves many concurrent requests.
+    Flushing piggybacks on traffic (at most every `interval_s`): without requests there is
+    nothing new to judge, so no timer is needed.
     """
 
-    def __init__(self, model: str, backend: str | None, max_new_tokens: int, registry: dict):
-        import ray
+    def __init__(self, watcher: Any | None, watched: set[str], interval_s: float = REPORT_INTERVAL_S):
+        self.watcher, self.watched, self.interval_s = watcher, watched, interval_s
+        self._buffer: list[tuple] = []
+        self._last = float("-inf")
+        self._pending: set[asyncio.Task] = set()
 
-        self.model = model
-        self.backend = backend
-        self.max_new_tokens = max_new_tokens
-        reg = RegistryConfig.model_validate(registry)
+    def record(self, model: str, route: str, version: int | None, outcome: str, latency_ms: float) -> None:
+        if self.watcher is None or model not in self.watched:
+            return
+        self._buffer.append((model, route, version, outcome, round(latency_ms, 3)))
+        if time.monotonic() - self._last >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        batch, self._buffer, self._last = self._buffer, [], time.monotonic()
+        task = asyncio.ensure_future(self._send(batch))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, batch: list[tuple]) -> None:
         try:
-            self._registry = ray.get_actor(reg.actor_name, namespace=reg.namespace)
-        except ValueError:
-            raise RuntimeError(
-                f"registry actor {reg.actor_name!r} (namespace {reg.namespace!r}) is not running; "
-                "register a model first (it is started by `get_or_create_registry`)"
-            ) from None
-        self._loaded: LoadedVersion | None = None
-        self._settings: BatchSettings | None = None
-        self._swap = asyncio.Lock()
-        self._stats = BatchStats()
-        self._batch_hist = telemetry.histogram(
-            telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "method")
-        )
-
-    async def reconfigure(self, user_config: dict) -> None:
-        """Apply batch settings and (re)load the version when its ref resolves to another one.
-
-        A new version is loaded while the current one keeps answering, then swapped in; a
-        ref that does not resolve or load raises and leaves the replica as it was.
-        """
-        settings = BatchSettings.model_validate(user_config)
-        async with self._swap:
-            record = await self._registry.get_version.remote(self.model, settings.version)
-            if self._loaded is None or record["version"] != self._loaded.version:
-                pred = await asyncio.to_thread(load_predictor, record["artifact_uri"], self.backend)
-                old = self._loaded
-                self._loaded = LoadedVersion(record["version"], pred.backend, record["artifact_uri"], pred)
-                log.info(
-                    "model %s: serving version %s (%s, %s)%s", self.model, record["version"], pred.backend,
-                    record["artifact_uri"], f", replacing version {old.version}" if old else "",
-                )
-        for method in (self.predict, self.lm):
-            method.set_max_batch_size(settings.max_batch_size)
-            method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        self._settings = settings
-
-    def check_health(self) -> None:
-        if self._loaded is None:
-            raise RuntimeError(f"model {self.model!r}: no version loaded")
-
-    def _current(self) -> LoadedVersion:
-        if self._loaded is None:
-            raise RuntimeError(f"model {self.model!r}: no version loaded (reconfigure was not called)")
-        return self._loaded
-
-    def _record_batch(self, size: int, method: str) -> None:
-        self._stats.record(size)
-        self._batch_hist.observe(size, tags={"model": self.model, "method": method})
-
-    # ---- batched methods: a list of requests in, a list of results out (same order)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, requests: list[ClassifyRequest]) -> list[dict]:
-        loaded = self._current()
-        self._record_batch(len(requests), "predict")
-        # Off the event loop: the replica keeps enqueueing requests (and answering health
-        # checks) while a batch computes.
-        results = await asyncio.to_thread(run_classify_batch, loaded.predictor, requests)
-        return [{"version": loaded.version, "backend": loaded.backend, **r} for r in results]
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def lm(self, requests: list[LMRequest]) -> list[dict]:
-        loaded = self._current()
-        self._record_batch(len(requests), "lm")
-        results = await asyncio.to_thread(run_lm_batch, loaded.predictor, requests)
-        return [{"version": loaded.version, "backend": loaded.backend, "results": r} for r in results]
-
-    # ---- validating entry points (what the ingress and HandleClient call). A refused request
-    # comes back as {"refused": {status, field, message}} rather than as an exception, so
-    # client mistakes do not fill replica logs with "Request failed" tracebacks.
-
-    def _need_task(self, task: str, endpoint: str) -> Predictor:
-        pred = self._current().predictor
-        if pred.task != task:
-            other = "predict" if pred.task == "classifier" else "score or generate"
-            raise ModelRequestError(
-                400, "model", f"model {self.model!r} is a {pred.task!r} model, {endpoint} needs a {task!r} model (use {other})"
-            )
-        return pred
-
-    async def classify(self, inputs: list, top_k: int = 3) -> dict:
-        """inputs: images as nested lists / arrays -> {version, backend, outputs, probabilities}."""
-        try:
-            pred = self._need_task("classifier", "predict")
-            images = images_from_inputs(list(inputs), pred.input_shape())
-        except ModelRequestError as err:
-            return err.as_refusal()
-        return await self.predict(ClassifyRequest(images, int(top_k)))
-
-    async def score(self, texts: list[str], top_k: int = 5) -> dict:
-        """texts -> {version, backend, outputs: [{nll, perplexity, next: [...]}, ...]}."""
-        try:
-            pred = self._need_task("lm", "score")
-            rows = []
-            for i, text in enumerate(texts):
-                row = tokens_from_text(text)
-                if not 1 <= len(row) <= pred.block_size:
-                    raise ModelRequestError(422, f"texts.{i}", f"text is {len(row)} bytes; 1 to {pred.block_size} (block_size) are accepted")
-                rows.append(row)
-        except ModelRequestError as err:
-            return err.as_refusal()
-        out = await self.lm(LMRequest("score", rows, top_k=int(top_k)))
-        return {"version": out["version"], "backend": out["backend"], "outputs": out["results"]}
-
-    async def generate(self, prompt: str, max_new_tokens: int = 16) -> dict:
-        """prompt -> {version, backend, tokens: [new byte ids], text}."""
-        row = tokens_from_text(prompt)
-        try:
-            self._need_task("lm", "generate")
-            if not 1 <= max_new_tokens <= self.max_new_tokens:
-                raise ModelRequestError(422, "max_new_tokens", f"must be between 1 and {self.max_new_tokens} for model {self.model!r}")
-            if not len(row):
-                raise ModelRequestError(422, "prompt", "prompt is empty")
-        except ModelRequestError as err:
-            return err.as_refusal()
-        out = await self.lm(LMRequest("generate", [row], max_new_tokens=int(max_new_tokens)))
-        tokens = out["results"][0]
-        return {
-            "version": out["version"], "backend": out["backend"],
-            "tokens": tokens, "text": bytes(tokens).decode("utf-8", errors="replace"),
-        }
-
-    async def info(self) -> dict:
-        """What /api/v1/models lists for this model."""
-        loaded, settings = self._current(), self._settings
-        pred = loaded.predictor
-        return {
-            "model": self.model, "version": loaded.version, "backend": loaded.backend, "task": pred.task,
-            "artifact_uri": loaded.artifact_uri, "input_shape": list(pred.input_shape()),
-            "block_size": pred.block_size, "max_new_tokens": self.max_new_tokens,
-            "ref": settings.version, "max_batch_size": settings.max_batch_size,
-            "batch_wait_timeout_s": settings.batch_wait_timeout_s,
-        }
-
-    async def stats(self) -> dict:
-        """Batch sizes this replica ran, plus the version and backend answering."""
-        loaded = self._current()
-        return {
-            **self._stats.snapshot(), "version": loaded.version, "backend": loaded.backend,
-            "replica": serve.get_replica_context().replica_id.unique_id,
-        }
-
-
-# ============================================================================ ingress (REST API)
+            await self.watcher.report.remote(batch)
+        except Exception as err:  # a lost report delays a rollback decision; serving goes on
+            log.warning("rollout watcher did not take %d outcomes: %s", len(batch), err)
 
 
 class IngressMetrics:
-    """Request counter, error counter and latency histogram of the ingress (ray.util.metrics)."""
+    """Request counter, error counter, latency histogram and per-route outcomes (ray.util.metrics)."""
 
     def __init__(self) -> None:
         self.requests = telemetry.counter(telemetry.SERVE_REQUESTS, ("model", "endpoint", "status"))
@@ -479,12 +164,16 @@ class IngressMetrics:
         self.latency = telemetry.histogram(
             telemetry.SERVE_LATENCY_MS, tuple(telemetry.LATENCY_BOUNDARIES_MS), ("model", "endpoint")
         )
+        self.routes = telemetry.counter(telemetry.SERVE_ROUTE_REQUESTS, ("model", "route", "version", "outcome"))
 
     def observe(self, model: str, endpoint: str, status: int, latency_ms: float) -> None:
         self.requests.inc(tags={"model": model, "endpoint": endpoint, "status": str(status)})
         self.latency.observe(latency_ms, tags={"model": model, "endpoint": endpoint})
         if status >= 400:
             self.errors.inc(tags={"model": model, "endpoint": endpoint, "error_code": error_code(status)})
+
+    def route(self, model: str, route: str, version: int | None, outcome: str) -> None:
+        self.routes.inc(tags={"model": model, "route": route, "version": str(version or "-"), "outcome": outcome})
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -574,8 +263,9 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", None) or str(uuid.uuid4())
 
 
-def _error_response(request: Request, status: int, message: str, field: str | None = None, detail: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, _request_id(request), field, detail), status_code=status)
+def _error_response(request: Request, status: int, message: str, field: str | None = None, detail: str | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, _request_id(request), field, detail), status_code=status, headers=headers)
 
 
 def _field_path(loc: tuple) -> str:
@@ -604,7 +294,7 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _error_response(request, exc.status, exc.message, exc.field, exc.detail)
+        return _error_response(request, exc.status, exc.message, exc.field, exc.detail, exc.headers or None)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -614,45 +304,95 @@ def install_error_handlers(api: FastAPI) -> None:
         return _error_response(request, exc.status_code, msg, "body" if exc.status_code == 413 else None)
 
 
-def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetrics | None = None,
-             behind_serve_proxy: bool = False) -> FastAPI:
-    """The REST API. `servers` maps model name -> a handle to its BatchedModelServer (anything
-    whose `.classify/.score/.generate/.info.remote(...)` returns an awaitable, so the API is
-    testable with fakes). `metrics=None` records none (tests without Ray).
+def _sse(event: str, data: dict) -> bytes:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
-    Of `cfg.models[]` only the fixed fields are read (model, max_new_tokens,
-    max_ongoing_requests, num_replicas): batch settings and version refs change live in the
-    model servers while this app keeps running (see `build_app`), so they are asked from them.
+
+# ============================================================================ the REST API
+
+
+def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetrics | None = None,
+             behind_serve_proxy: bool = False, routes: RouteTable | None = None,
+             reporter: OutcomeReporter | None = None) -> FastAPI:
+    """The REST API. `servers` maps model name -> the handles of its route deployments in route
+    order (or one handle): anything whose `.classify/.score/.generate/.info.remote(...)` returns
+    an awaitable, so the API is testable with fakes. `metrics=None` records none (tests without Ray).
+
+    Of `cfg.models[]` only the fixed fields are read (model, max_new_tokens, queue and replica
+    settings): batch settings, version refs and traffic weights change live (the model servers
+    and `routes` hold them), so they are asked from there.
     """
-    from ray.serve.exceptions import BackPressureError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     served = {m.model: m for m in cfg.models}
+    handles = {name: list(v) if isinstance(v, (list, tuple)) else [v] for name, v in servers.items()}
+    routes = routes or RouteTable({m.model: m.routes() for m in cfg.models})
+    reporter = reporter or OutcomeReporter(None, set())
     api = FastAPI(title="Temper", version="1", openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs")
     install_error_handlers(api)
     api.add_middleware(
         RequestContextMiddleware, max_body_bytes=cfg.max_body_bytes, models=set(served), metrics=metrics,
         add_id_header=not behind_serve_proxy,
     )
+    overloaded_headers = {"Retry-After": str(cfg.retry_after_s)}
 
-    def server_of(model: str):
+    def record(model: str, route: str, version: int | None, outcome: str, latency_ms: float) -> None:
+        if metrics is not None:
+            metrics.route(model, route, version, outcome)
+        reporter.record(model, route, version, outcome, latency_ms)
+
+    def pick(model: str, request: Request) -> tuple[Any, str]:
         if model not in served:
             raise APIError(404, f"model {model!r} is not served here (served: {sorted(served)})", "model")
-        return servers[model]
+        index, route = routes.pick(model, request.headers.get(cfg.sticky_header), request.headers.get(ROUTE_HEADER))
+        return handles[model][index], route
 
-    async def call(model: str, method: str, *args: Any) -> dict:
-        response = getattr(server_of(model), method).remote(*args)
-        try:
-            return raise_if_refused(await asyncio.wait_for(_awaited(response), cfg.request_timeout_s))
-        except ModelRequestError as err:
+    def check_items(n: int, fld: str) -> None:
+        if n > cfg.max_items_per_request:
+            raise APIError(413, f"{n} {fld} in one request; at most {cfg.max_items_per_request} "
+                           "(serve.max_items_per_request): split it", fld)
+
+    def translate(model: str, route: str, err: Exception, t0: float) -> APIError:
+        """A failed model call as the API error to answer (and its outcome recorded)."""
+        ms = (time.perf_counter() - t0) * 1000
+        if isinstance(err, ModelRequestError):
+            record(model, route, None, "client_error", ms)
             prefix = "invalid request: " if err.status == 422 else ""
-            raise APIError(err.status, f"{prefix}{err.field}: {err.message}", err.field, err.message) from None
-        except asyncio.TimeoutError:
+            return APIError(err.status, f"{prefix}{err.field}: {err.message}", err.field, err.message)
+        if isinstance(err, ModelServerError):
+            record(model, route, err.version, "server_error", ms)
+            return APIError(err.status, f"model {model!r} version {err.version} ({route}) failed: {err.message}")
+        if isinstance(err, asyncio.TimeoutError):
+            record(model, route, None, "server_error", ms)
+            return APIError(504, f"model {model!r} did not answer within {cfg.request_timeout_s} s (serve.request_timeout_s)")
+        if isinstance(err, (BackPressureError, DeploymentUnavailableError)):
+            record(model, route, None, "rejected", ms)
+            return APIError(503, f"model {model!r} ({route}) is overloaded, retry later: {err}", headers=overloaded_headers)
+        raise TypeError(type(err))
+
+    async def call(model: str, method: str, request: Request, *args: Any) -> tuple[dict, str]:
+        handle, route = pick(model, request)
+        t0 = time.perf_counter()
+        response = getattr(handle, method).remote(*args)
+        try:
+            out = raise_if_refused(await asyncio.wait_for(_awaited(response), cfg.request_timeout_s))
+        except (ModelRequestError, ModelServerError, BackPressureError, DeploymentUnavailableError) as err:
+            raise translate(model, route, err, t0) from None
+        except asyncio.TimeoutError as err:
             cancel = getattr(response, "cancel", None)
             if cancel is not None:
                 cancel()
-            raise APIError(504, f"model {model!r} did not answer within {cfg.request_timeout_s} s (serve.request_timeout_s)") from None
-        except BackPressureError as err:
-            raise APIError(503, f"model {model!r} is overloaded, retry later: {err}") from None
+            raise translate(model, route, err, t0) from None
+        except Exception:  # unexpected: counted against the route, answered 500 by the middleware
+            record(model, route, None, "server_error", (time.perf_counter() - t0) * 1000)
+            raise
+        record(model, route, out.get("version"), "ok", (time.perf_counter() - t0) * 1000)
+        return out, route
+
+    def answer(model: str, route: str, out: dict, t0: float, **fields: Any) -> dict:
+        return {"model": model, "route": route, "version": out["version"], "backend": out["backend"], **fields,
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     @api.get(f"{API_PREFIX}/health", name="health")
     async def health() -> dict:
@@ -660,45 +400,91 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
 
     @api.get(f"{API_PREFIX}/models", name="models")
     async def models() -> dict:
-        infos = await asyncio.gather(*(call(name, "info") for name in served))
-        out = []
-        for info in infos:
-            m = served[info["model"]]
-            out.append({**info, "max_ongoing_requests": m.max_ongoing_requests, "num_replicas": m.num_replicas})
-        return {"models": out}
+        async def describe(name: str) -> dict:
+            m = served[name]
+            weights = routes.routers[name].weights
+            infos = await asyncio.gather(*(_awaited(h.info.remote()) for h in handles[name]))
+            route_list = [{"route": r, "weight": w, "deployment": model_deployment_name(name, None if i == 0 else r),
+                           "version": info["version"], "backend": info["backend"]}
+                          for i, ((r, w), info) in enumerate(zip(weights.items(), infos))]
+            return {**infos[0], "model": name, "traffic": weights, "routes": route_list,
+                    "max_ongoing_requests": m.max_ongoing_requests, "max_queued_requests": m.max_queued_requests,
+                    "num_replicas": m.num_replicas if m.autoscaling is None else None,
+                    "autoscaling": m.autoscaling.model_dump() if m.autoscaling else None,
+                    "auto_rollback": m.auto_rollback.model_dump() if m.auto_rollback else None}
+
+        return {"models": list(await asyncio.gather(*(describe(name) for name in served)))}
 
     @api.post(f"{API_PREFIX}/models/{{model}}/predict", name="predict")
-    async def predict(model: str, body: PredictRequest) -> dict:
+    async def predict(model: str, body: PredictRequest, request: Request) -> dict:
         t0 = time.perf_counter()
-        out = await call(model, "classify", body.inputs, body.top_k)
-        return {
-            "model": model, "version": out["version"], "backend": out["backend"],
-            "outputs": out["outputs"], "probabilities": out["probabilities"],
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        check_items(len(body.inputs), "inputs")
+        out, route = await call(model, "classify", request, body.inputs, body.top_k)
+        return answer(model, route, out, t0, outputs=out["outputs"], probabilities=out["probabilities"])
 
     @api.post(f"{API_PREFIX}/models/{{model}}/score", name="score")
-    async def score(model: str, body: ScoreRequest) -> dict:
+    async def score(model: str, body: ScoreRequest, request: Request) -> dict:
         t0 = time.perf_counter()
-        out = await call(model, "score", body.texts, body.top_k)
-        return {
-            "model": model, "version": out["version"], "backend": out["backend"], "outputs": out["outputs"],
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        check_items(len(body.texts), "texts")
+        out, route = await call(model, "score", request, body.texts, body.top_k)
+        return answer(model, route, out, t0, outputs=out["outputs"])
 
     @api.post(f"{API_PREFIX}/models/{{model}}/generate", name="generate")
-    async def generate(model: str, body: GenerateRequest) -> dict:
+    async def generate(model: str, body: GenerateRequest, request: Request):
         t0 = time.perf_counter()
         cap = served[model].max_new_tokens if model in served else None
         if cap is not None and body.max_new_tokens > cap:
             raise APIError(422, f"invalid request: max_new_tokens: at most {cap} for model {model!r}", "max_new_tokens",
                            f"must be <= {cap} (serve.models[].max_new_tokens)")
-        out = await call(model, "generate", body.prompt, body.max_new_tokens)
-        return {
-            "model": model, "version": out["version"], "backend": out["backend"],
-            "text": out["text"], "tokens": out["tokens"],
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        args = (body.prompt, body.max_new_tokens, body.temperature, body.top_k, body.seed)
+        if body.stream:
+            return await stream_generation(model, request, args, t0)
+        out, route = await call(model, "generate", request, *args)
+        return answer(model, route, out, t0, text=out["text"], tokens=out["tokens"])
+
+    async def stream_generation(model: str, request: Request, args: tuple, t0: float) -> StreamingResponse:
+        """Server-sent events: `start` {model, route, version, backend, request_id}, one `token`
+        {index, token, text} per byte (text: the UTF-8 characters completed by it), then `done`
+        {tokens, text, latency_ms, finish_reason} or `error` (the JSON error body)."""
+        handle, route = pick(model, request)
+        deadline = t0 + cfg.request_timeout_s
+        gen = handle.options(stream=True).generate_stream.remote(*args)
+        try:  # errors before the first event still get a proper status code
+            head = raise_if_refused(await asyncio.wait_for(gen.__anext__(), cfg.request_timeout_s))
+        except (ModelRequestError, ModelServerError, BackPressureError, DeploymentUnavailableError, asyncio.TimeoutError) as err:
+            gen.cancel()
+            raise translate(model, route, err, t0) from None
+        except StopAsyncIteration:
+            raise APIError(500, f"model {model!r} ended the stream before it started") from None
+        request_id = _request_id(request)
+
+        async def events():
+            tokens: list[int] = []
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            yield _sse("start", {"model": model, "route": route, "version": head["version"],
+                                 "backend": head["backend"], "request_id": request_id})
+            try:
+                while True:
+                    item = await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001))
+                    raise_if_refused(item)
+                    tokens.append(item)
+                    yield _sse("token", {"index": len(tokens) - 1, "token": item, "text": utf8.decode(bytes([item]))})
+            except StopAsyncIteration:
+                ms = (time.perf_counter() - t0) * 1000
+                record(model, route, head["version"], "ok", ms)
+                yield _sse("done", {"tokens": tokens, "text": bytes(tokens).decode("utf-8", errors="replace"),
+                                    "latency_ms": round(ms, 3), "finish_reason": "length"})
+            except (ModelServerError, asyncio.TimeoutError) as err:
+                gen.cancel()
+                api_err = translate(model, route, err, t0)
+                yield _sse("error", error_body(api_err.status, api_err.message, request_id, api_err.field))
+            except Exception as err:  # the response has started: report in-band, log the trace
+                log.exception("stream %s of model %s failed", request_id, model)
+                record(model, route, head["version"], "server_error", (time.perf_counter() - t0) * 1000)
+                yield _sse("error", error_body(500, f"internal error ({type(err).__name__})", request_id, detail=str(err)[:500]))
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return api
 
@@ -710,22 +496,35 @@ async def _awaited(response: Any) -> Any:
 @serve.deployment
 @serve.ingress()
 class TemperIngress:
-    """HTTP entry of the app: builds the FastAPI app at replica start (`make_api`)."""
+    """HTTP entry of the app: builds the FastAPI app at replica start (`make_api`); traffic
+    weights arrive (and change live) through `reconfigure`."""
 
-    def __init__(self, serve_cfg: dict, servers: dict):
+    def __init__(self, serve_cfg: dict, servers: dict, watcher: Any = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
-        self.servers = servers  # model name -> DeploymentHandle (Serve replaced the bound apps)
+        self.servers = servers  # model name -> DeploymentHandles of its routes (Serve replaced the bound apps)
+        self.routes = RouteTable({m.model: m.routes() for m in self.cfg.models})
+        self.reporter = OutcomeReporter(watcher, {m.model for m in self.cfg.models if m.auto_rollback})
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.routes.update(IngressSettings.model_validate(user_config).traffic)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True)
+        return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True,
+                        routes=self.routes, reporter=self.reporter)
 
 
 # ============================================================================ build / deploy
 
 
-def model_deployment_name(model: str) -> str:
-    """Serve deployment name of a served model (for `serve.get_deployment_handle`)."""
-    return f"model-{model}"
+def model_deployment_name(model: str, route: str | None = None) -> str:
+    """Serve deployment name of a model's route: `model-<name>` for its first (primary) route,
+    `model-<name>--<ref>` for the others (for `serve.get_deployment_handle`)."""
+    return f"model-{model}" if route is None else f"model-{model}--{route}"
+
+
+def route_deployments(m: ServedModel) -> list[tuple[str, str]]:
+    """(route ref, deployment name) of each route of a served model, primary first."""
+    return [(ref, model_deployment_name(m.model, None if i == 0 else ref)) for i, ref in enumerate(m.routes())]
 
 
 def _code_version(*parts: Any) -> str:
@@ -738,54 +537,104 @@ def _code_version(*parts: Any) -> str:
     """
     import ray
 
-    blob = json.dumps(
-        [parts, _source_digest(), ray.get_runtime_context().get_job_id()],
-        sort_keys=True, default=str,
-    )
+    job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    blob = json.dumps([parts, _source_digest(), job], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _source_digest() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    """Hash of the code that runs in the replicas (serve/, inference, models)."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("serve/*.py")) + [root / "app/inference.py"] + sorted(root.glob("app/models/*.py"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def _ingress_capacity(cfg: ServeConfig) -> int:
+    """Requests the ingress admits at once: everything the model replicas could hold or queue,
+    so overload is answered by the model queues (503 with our error body), not by Serve's proxy."""
+    return sum((m.max_ongoing_requests + m.max_queued_requests) * m.max_replicas() * len(m.routes()) for m in cfg.models) + 16
+
+
+def _fixed_ingress_config(cfg: ServeConfig) -> dict:
+    """The ingress's config minus its live fields: its deployment version is computed from this.
+
+    A redeploy that only changes batch settings, version refs or traffic weights keeps the
+    ingress (and HTTP) up: the model servers and the ingress are reconfigured. `make_api` must
+    therefore never read those fields from its config.
+    """
+    fixed = cfg.model_dump(mode="json")
+    for m in fixed["models"]:
+        for name in ("max_batch_size", "batch_wait_timeout_s", "version"):
+            m.pop(name)
+        m["traffic"] = list(m["traffic"]) if m["traffic"] else None  # the routes (deployments), not their weights
+    return fixed
+
+
+def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig, args: tuple) -> dict:
+    """Serve options of one route deployment (what `serve config` writes as well)."""
+    opts: dict[str, Any] = dict(
+        name=name,
+        max_ongoing_requests=m.max_ongoing_requests,
+        max_queued_requests=m.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
+        ray_actor_options={"num_cpus": m.cpus_per_replica},
+        user_config=BatchSettings(max_batch_size=m.max_batch_size, batch_wait_timeout_s=m.batch_wait_timeout_s,
+                                  version=ref).model_dump(),
+    )
+    if m.autoscaling is not None:
+        opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
+    else:
+        opts["num_replicas"] = m.num_replicas
+    return opts
 
 
 def build_app(app_cfg: ServeApp) -> serve.Application:
-    """Ingress + one BatchedModelServer deployment per served model, ready for `serve.run`."""
+    """Ingress + one BatchedModelServer deployment per model route (+ the rollout watcher when a
+    model has `auto_rollback`), ready for `serve.run`."""
     cfg = app_cfg.serve
     registry = app_cfg.registry.model_dump(mode="json")
-    servers = {}
+    servers: dict[str, list] = {}
     for m in cfg.models:
-        args = (m.model, m.backend, m.max_new_tokens, registry)
-        deployment = BatchedModelServer.options(
-            name=model_deployment_name(m.model),
-            num_replicas=m.num_replicas,
-            max_ongoing_requests=m.max_ongoing_requests,
-            ray_actor_options={"num_cpus": m.cpus_per_replica},
-            user_config=BatchSettings.of(m).model_dump(),
-            # Private in Ray 2.60 (`version` needs `_internal=True`); see `_code_version`.
-            version=_code_version(args), _internal=True,
-        )
-        servers[m.model] = deployment.bind(*args)
-    # The ingress's version leaves out the live fields: a redeploy that only changes batch
-    # settings or version refs reconfigures the model servers and keeps the ingress (and HTTP)
-    # up. `make_api` must therefore never read those fields from its config.
-    fixed = cfg.model_dump(mode="json")
-    for m in fixed["models"]:
-        for name in BatchSettings.model_fields:
-            m.pop(name)
+        servers[m.model] = []
+        for ref, name in route_deployments(m):
+            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s)
+            opts = route_deployment_options(m, ref, name, cfg, args)
+            # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
+            deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica), _internal=True)
+            servers[m.model].append(deployment.bind(*args))
+    rollback = {m.model: m.auto_rollback.model_dump(mode="json") for m in cfg.models if m.auto_rollback}
+    watcher = None
+    if rollback:
+        watcher = RolloutWatcher.options(
+            name=WATCHER_NAME, version=_code_version(rollback, registry), _internal=True,
+        ).bind(rollback, registry)
+    capacity = _ingress_capacity(cfg)
     return TemperIngress.options(
-        name="TemperIngress",
-        version=_code_version(fixed), _internal=True,
+        name=INGRESS_NAME,
+        version=_code_version(_fixed_ingress_config(cfg), bool(watcher)), _internal=True,
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
-        max_ongoing_requests=sum(m.max_ongoing_requests * m.num_replicas for m in cfg.models) + 16,
-    ).bind(cfg.model_dump(mode="json"), servers)
+        max_ongoing_requests=capacity,
+        max_queued_requests=capacity,
+        backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
+        user_config=IngressSettings(traffic={m.model: m.routes() for m in cfg.models}).model_dump(),
+    ).bind(cfg.model_dump(mode="json"), servers, watcher)
 
 
 def app_builder(args: dict) -> serve.Application:
     """Application builder for Serve config files / KubeRay RayService:
-    `import_path: serve.app:app_builder` with `args:` holding a ServeApp (registry + serve)."""
-    return build_app(ServeApp.model_validate(args))
+    `import_path: serve.app:app_builder` with `args:` holding a ServeApp (registry + serve).
+
+    It runs in a task on the cluster: the registry actor (detached) is started there when it is
+    not running yet, so `serve deploy FILE` works on its own."""
+    from actors.registry import get_or_create_registry
+
+    app_cfg = ServeApp.model_validate(args)
+    get_or_create_registry(app_cfg.registry)
+    return build_app(app_cfg)
 
 
 def base_url(cfg: ServeConfig) -> str:
@@ -794,8 +643,8 @@ def base_url(cfg: ServeConfig) -> str:
 
 
 def check_versions(app_cfg: ServeApp) -> list[dict]:
-    """Driver-side check that every served model's version ref resolves (and has the expected
-    backend) before any replica starts; returns the registry records."""
+    """Driver-side check that every route's version ref resolves (and has the expected backend)
+    before any replica starts; returns the registry records, route by route."""
     import ray
 
     from actors.registry import get_or_create_registry
@@ -803,16 +652,17 @@ def check_versions(app_cfg: ServeApp) -> list[dict]:
     registry = get_or_create_registry(app_cfg.registry)
     records = []
     for m in app_cfg.serve.models:
-        try:
-            record = ray.get(registry.get_version.remote(m.model, m.version))
-        except Exception as err:
-            raise ValueError(f"serve.models[{m.model}]: version {m.version!r} cannot be served: {err}") from err
-        if m.backend is not None and record["format"] != m.backend:
-            raise ValueError(
-                f"serve.models[{m.model}]: version {record['version']} has backend {record['format']!r}, "
-                f"but backend {m.backend!r} was asked for"
-            )
-        records.append(record)
+        for ref in m.routes():
+            try:
+                record = ray.get(registry.get_version.remote(m.model, ref))
+            except Exception as err:
+                raise ValueError(f"serve.models[{m.model}]: version {ref!r} cannot be served: {err}") from err
+            if m.backend is not None and record["format"] != m.backend:
+                raise ValueError(
+                    f"serve.models[{m.model}]: version {record['version']} ({ref}) has backend {record['format']!r}, "
+                    f"but backend {m.backend!r} was asked for"
+                )
+            records.append(record)
     return records
 
 
@@ -859,3 +709,76 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
 def shutdown(app_name: str) -> None:
     """Delete the Serve application `app_name` (Serve itself keeps running for other apps)."""
     serve.delete(app_name)
+
+
+def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
+    """What runs now for this config: Serve's application and deployment states, and per model
+    route the version each serves next to what its ref resolves to in the registry, plus the
+    rollout watcher's rollbacks. `{"status": "NOT_RUNNING"}` when the app is not deployed."""
+    import ray
+
+    from actors.registry import get_or_create_registry
+
+    cfg = app_cfg.serve
+    app = serve.status().applications.get(cfg.app_name)
+    if app is None:
+        return {"app": cfg.app_name, "status": "NOT_RUNNING", "url": base_url(cfg)}
+    deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
+                          "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in d.replica_states.items()},
+                          "message": d.message}
+                   for name, d in app.deployments.items()}
+    registry = get_or_create_registry(app_cfg.registry)
+    models = []
+    for m in cfg.models:
+        aliases = ray.get(registry.aliases.remote(m.model))
+        routes = []
+        for (ref, name), weight in zip(route_deployments(m), m.routes().values()):
+            entry = {"route": ref, "weight": weight, "deployment": name,
+                     "registry_version": int(ref) if ref.isdigit() else aliases.get(ref),
+                     **deployments.get(name, {"status": "MISSING"})}
+            if name in deployments:
+                info = serve.get_deployment_handle(name, cfg.app_name).info.remote().result(timeout_s=timeout_s)
+                entry["serving_version"], entry["backend"] = info["version"], info["backend"]
+            routes.append(entry)
+        models.append({"model": m.model, "aliases": aliases, "routes": routes})
+    out = {"app": cfg.app_name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+           "message": app.message, "url": base_url(cfg), "models": models,
+           "other_deployments": {k: v for k, v in deployments.items() if not k.startswith("model-")}}
+    if WATCHER_NAME in deployments:
+        out["rollouts"] = serve.get_deployment_handle(WATCHER_NAME, cfg.app_name).status.remote().result(timeout_s=timeout_s)
+    return out
+
+
+def serve_config_file(app_cfg: ServeApp) -> dict:
+    """A Serve config (`serve deploy FILE`, KubeRay RayService `serveConfigV2`) equivalent to `deploy`.
+
+    The application is built by `serve.app:app_builder` from `args` (our validated config). The
+    `deployments` section repeats each route's live settings so they can be tuned the Ray way:
+    editing a `user_config` (batch size, wait, version ref) or the replica settings there and
+    re-running `serve deploy` is a lightweight update (no restart); Serve lets `deployments`
+    override what the builder set.
+    """
+    from actors.registry import resolve_db_url
+
+    cfg = app_cfg.serve
+    args = app_cfg.model_dump(mode="json")
+    # A relative SQLite path means "next to where I run this": make it absolute, since the
+    # builder runs in the cluster's working directory.
+    args["registry"]["db_url"] = resolve_db_url(app_cfg.registry.db_url)
+    deployments = []
+    for m in cfg.models:
+        for ref, name in route_deployments(m):
+            opts = route_deployment_options(m, ref, name, cfg, ())
+            deployments.append({k: v for k, v in opts.items() if k != "ray_actor_options"}
+                               | {"ray_actor_options": opts["ray_actor_options"]})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": cfg.route_prefix,
+            "import_path": "serve.app:app_builder",
+            "args": args,
+            "deployments": deployments,
+        }],
+    }

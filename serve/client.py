@@ -1,50 +1,103 @@
 """Python clients of a Temper Serve app.
 
 - `TemperClient` / `AsyncTemperClient`: the REST API over HTTP (httpx). Non-2xx answers raise
-  `TemperAPIError` with the fields of the JSON error body.
-- `HandleClient`: in-cluster callers (a Ray task, actor or another deployment) call a model's
-  `BatchedModelServer` directly through a Serve `DeploymentHandle`, skipping HTTP.
+  `TemperAPIError` with the fields of the JSON error body. Overload (503) and connection
+  failures are retried with exponential backoff (honouring Retry-After); 4xx never are, nor
+  timeouts or 500s (the server may have done the work).
+- `HandleClient`: in-cluster callers (a Ray task, actor or another deployment) call a model
+  route's `BatchedModelServer` directly through a Serve `DeploymentHandle`, skipping HTTP.
 
-    client = TemperClient("http://127.0.0.1:8000")
+    client = TemperClient("http://127.0.0.1:8000", route_key="user-42")   # sticky traffic route
     result = client.predict("digits", images)          # images (N, 8, 8), (N, 1, 8, 8) or (N, 64)
-    result.labels, result.version, result.backend
+    result.labels, result.version, result.route
+
+    stream = client.generate_stream("lm-code", "def ", max_new_tokens=32)
+    for chunk in stream:
+        print(chunk.text, end="")
+    stream.result.tokens
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import numpy as np
 
 API_PREFIX = "/api/v1"
+STICKY_HEADER = "x-temper-route-key"
+"""Default of `serve.sticky_header`."""
+ROUTE_HEADER = "x-temper-route"
+"""Names a traffic route explicitly (see serve.app.ROUTE_HEADER)."""
 
 
 class TemperAPIError(RuntimeError):
     """A non-2xx answer of the Temper API."""
 
     def __init__(self, status: int, error_code: str | None, message: str, field: str | None = None,
-                 request_id: str | None = None):
+                 request_id: str | None = None, retry_after_s: float | None = None):
         super().__init__(f"HTTP {status} [{error_code}] {message}" + (f" (field: {field})" if field else ""))
         self.status, self.error_code, self.message, self.field, self.request_id = status, error_code, message, field, request_id
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def from_response(cls, resp: httpx.Response) -> "TemperAPIError":
         """Parse the JSON error body; a body that is not one (a proxy's plain text) still gives status and text."""
         rid = resp.headers.get("x-request-id")
+        retry_after = _retry_after(resp)
         try:
             body = resp.json()
         except ValueError:
             body = None
         if not isinstance(body, dict) or "error_code" not in body:
-            return cls(resp.status_code, None, resp.text[:500] or resp.reason_phrase, None, rid)
+            return cls(resp.status_code, None, resp.text[:500] or resp.reason_phrase, None, rid, retry_after)
         details = body.get("error_details") or {}
         return cls(
             resp.status_code, body.get("error_code"), str(body.get("error_message", "")),
-            details.get("field") if isinstance(details, dict) else None, body.get("request_id") or rid,
+            details.get("field") if isinstance(details, dict) else None, body.get("request_id") or rid, retry_after,
         )
+
+    @classmethod
+    def from_event(cls, body: dict) -> "TemperAPIError":
+        """An `error` event of a stream (the same error body, sent after the 200 status line)."""
+        status = {"500_0003": 504, "500_0002": 503}.get(body.get("error_code", ""), 500)
+        details = body.get("error_details") or {}
+        return cls(status, body.get("error_code"), str(body.get("error_message", "")), details.get("field"), body.get("request_id"))
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: not sent by Serve; fall back to our backoff
+        return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of overloaded (503) answers and connection failures; never of 4xx, 500 or timeouts."""
+
+    retries: int = 3
+    """Extra attempts after the first (0 = none)."""
+    backoff_s: float = 0.1
+    """First wait; doubled after every retry (with +-25% jitter)."""
+    max_backoff_s: float = 5.0
+    """Cap of one wait (also caps a server's Retry-After)."""
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff_s)
+        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * random.uniform(0.75, 1.25)
+
+
+RETRIED_STATUSES = frozenset({503})
+RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+"""Failures before the server could have answered: safe to send again."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +111,8 @@ class PredictResult:
     """Per image, top-k `{"label", "probability"}`, most likely first."""
     latency_ms: float
     """Latency measured by the server (ingress) or, for HandleClient, by the caller."""
+    route: str | None = None
+    """Traffic route (version ref) that answered."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +123,7 @@ class ScoreResult:
     outputs: list[dict]
     """Per text: `{"nll", "perplexity", "next": [{"byte", "text", "probability"}, ...]}`."""
     latency_ms: float
+    route: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +136,17 @@ class GenerateResult:
     tokens: list[int]
     """The generated byte ids, exactly."""
     latency_ms: float
+    route: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One streamed token."""
+
+    index: int
+    token: int
+    text: str
+    """The UTF-8 characters this byte completes ('' inside a multi-byte character)."""
 
 
 def image_inputs(images: Any) -> list:
@@ -91,17 +158,17 @@ def image_inputs(images: Any) -> list:
 
 def _predict_result(model: str, body: dict, latency_ms: float | None = None) -> PredictResult:
     return PredictResult(model, body["version"], body["backend"], list(body["outputs"]), body["probabilities"],
-                         body["latency_ms"] if latency_ms is None else latency_ms)
+                         body["latency_ms"] if latency_ms is None else latency_ms, body.get("route"))
 
 
 def _score_result(model: str, body: dict, latency_ms: float | None = None) -> ScoreResult:
     return ScoreResult(model, body["version"], body["backend"], body["outputs"],
-                       body["latency_ms"] if latency_ms is None else latency_ms)
+                       body["latency_ms"] if latency_ms is None else latency_ms, body.get("route"))
 
 
 def _generate_result(model: str, body: dict, latency_ms: float | None = None) -> GenerateResult:
     return GenerateResult(model, body["version"], body["backend"], body["text"], list(body["tokens"]),
-                          body["latency_ms"] if latency_ms is None else latency_ms)
+                          body["latency_ms"] if latency_ms is None else latency_ms, body.get("route"))
 
 
 def _json(resp: httpx.Response) -> Any:
@@ -110,11 +177,98 @@ def _json(resp: httpx.Response) -> Any:
     return resp.json()
 
 
-class TemperClient:
-    """Synchronous REST client. `transport` is for tests (httpx.MockTransport)."""
+def _headers(route_key: str | None, route: str | None, sticky_header: str) -> dict[str, str]:
+    out = {}
+    if route_key:
+        out[sticky_header] = route_key
+    if route:
+        out[ROUTE_HEADER] = route
+    return out
 
-    def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.BaseTransport | None = None):
+
+def _generate_body(prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int | None, stream: bool) -> dict:
+    body: dict[str, Any] = {"prompt": prompt, "max_new_tokens": max_new_tokens}
+    if temperature:
+        body["temperature"] = float(temperature)
+    if top_k:
+        body["top_k"] = top_k
+    if seed is not None:
+        body["seed"] = seed
+    if stream:
+        body["stream"] = True
+    return body
+
+
+class _SSEParser:
+    """Server-sent events from lines: (event, data dict) per blank-line-terminated block."""
+
+    def __init__(self) -> None:
+        self.event, self.data = "message", []
+
+    def feed(self, line: str) -> tuple[str, dict] | None:
+        if line == "":
+            if not self.data:
+                return None
+            out = (self.event, json.loads("\n".join(self.data)))
+            self.event, self.data = "message", []
+            return out
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].strip())
+        return None
+
+
+class _StreamState:
+    """What a stream has told so far; builds the final GenerateResult."""
+
+    def __init__(self, model: str):
+        self.model, self.start, self.result = model, None, None
+
+    def on_event(self, event: str, data: dict) -> GenerateChunk | None:
+        if event == "start":
+            self.start = data
+        elif event == "token":
+            return GenerateChunk(data["index"], data["token"], data["text"])
+        elif event == "done":
+            s = self.start or {}
+            self.result = GenerateResult(self.model, s.get("version"), s.get("backend"), data["text"], list(data["tokens"]),
+                                         data["latency_ms"], s.get("route"))
+        elif event == "error":
+            raise TemperAPIError.from_event(data)
+        return None
+
+
+class GenerationStream:
+    """Iterate for `GenerateChunk`s as the server makes them; `.result` once exhausted."""
+
+    def __init__(self, chunks: Iterator[GenerateChunk], state: _StreamState):
+        self._chunks, self._state = chunks, state
+
+    def __iter__(self) -> Iterator[GenerateChunk]:
+        return self._chunks
+
+    @property
+    def result(self) -> GenerateResult:
+        if self._state.result is None:
+            raise RuntimeError("the stream has not finished: iterate it to the end first")
+        return self._state.result
+
+
+class TemperClient:
+    """Synchronous REST client.
+
+    `route_key` pins every call to one traffic route (sent as `sticky_header`); `retry` governs
+    retries of 503 and connection errors. `transport` is for tests (httpx.MockTransport).
+    """
+
+    def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
+                 retry: RetryPolicy | None = None, route_key: str | None = None, sticky_header: str = STICKY_HEADER):
         self._http = httpx.Client(base_url=base_url.rstrip("/") + API_PREFIX, timeout=timeout, transport=transport)
+        self.retry = retry or RetryPolicy()
+        self.route_key, self.sticky_header = route_key, sticky_header
+        self.attempts = 0
+        """HTTP attempts made (retries included), for callers that want to see retrying at work."""
 
     def close(self) -> None:
         self._http.close()
@@ -125,29 +279,97 @@ class TemperClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _send(self, method: str, path: str, body: dict | None = None, route: str | None = None,
+              route_key: str | None = None) -> httpx.Response:
+        headers = _headers(route_key or self.route_key, route, self.sticky_header)
+        for attempt in range(self.retry.retries + 1):
+            self.attempts += 1
+            last = attempt == self.retry.retries
+            try:
+                resp = self._http.request(method, path, json=body, headers=headers)
+            except RETRIED_ERRORS:
+                if last:
+                    raise
+                time.sleep(self.retry.delay(attempt, None))
+                continue
+            if resp.status_code in RETRIED_STATUSES and not last:
+                time.sleep(self.retry.delay(attempt, _retry_after(resp)))
+                continue
+            return resp
+        raise AssertionError("unreachable")
+
     def health(self) -> dict:
-        return _json(self._http.get("/health"))
+        return _json(self._send("GET", "/health"))
 
     def models(self) -> list[dict]:
-        return _json(self._http.get("/models"))["models"]
+        return _json(self._send("GET", "/models"))["models"]
 
-    def predict(self, model: str, images: Any, top_k: int = 3) -> PredictResult:
-        body = _json(self._http.post(f"/models/{model}/predict", json={"inputs": image_inputs(images), "top_k": top_k}))
-        return _predict_result(model, body)
+    def predict(self, model: str, images: Any, top_k: int = 3, *, route: str | None = None,
+                route_key: str | None = None) -> PredictResult:
+        body = {"inputs": image_inputs(images), "top_k": top_k}
+        return _predict_result(model, _json(self._send("POST", f"/models/{model}/predict", body, route, route_key)))
 
-    def score(self, model: str, texts: list[str], top_k: int = 5) -> ScoreResult:
-        return _score_result(model, _json(self._http.post(f"/models/{model}/score", json={"texts": texts, "top_k": top_k})))
+    def score(self, model: str, texts: list[str], top_k: int = 5, *, route: str | None = None,
+              route_key: str | None = None) -> ScoreResult:
+        body = {"texts": texts, "top_k": top_k}
+        return _score_result(model, _json(self._send("POST", f"/models/{model}/score", body, route, route_key)))
 
-    def generate(self, model: str, prompt: str, max_new_tokens: int = 16) -> GenerateResult:
-        body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
-        return _generate_result(model, _json(self._http.post(f"/models/{model}/generate", json=body)))
+    def generate(self, model: str, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
+                 seed: int | None = None, route: str | None = None, route_key: str | None = None) -> GenerateResult:
+        body = _generate_body(prompt, max_new_tokens, temperature, top_k, seed, False)
+        return _generate_result(model, _json(self._send("POST", f"/models/{model}/generate", body, route, route_key)))
+
+    def generate_stream(self, model: str, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0,
+                        top_k: int = 0, seed: int | None = None, route: str | None = None,
+                        route_key: str | None = None) -> GenerationStream:
+        """Server-sent events as `GenerateChunk`s. Retries (503, connection) apply until the
+        stream has started; an `error` event mid-stream raises TemperAPIError."""
+        body = _generate_body(prompt, max_new_tokens, temperature, top_k, seed, True)
+        headers = _headers(route_key or self.route_key, route, self.sticky_header)
+        state = _StreamState(model)
+
+        def chunks() -> Iterator[GenerateChunk]:
+            for attempt in range(self.retry.retries + 1):
+                self.attempts += 1
+                last = attempt == self.retry.retries
+                try:
+                    with self._http.stream("POST", f"/models/{model}/generate", json=body, headers=headers) as resp:
+                        if resp.status_code in RETRIED_STATUSES and not last:
+                            resp.read()
+                            wait = self.retry.delay(attempt, _retry_after(resp))
+                        elif resp.status_code >= 300:
+                            resp.read()
+                            raise TemperAPIError.from_response(resp)
+                        else:
+                            parser = _SSEParser()
+                            for line in resp.iter_lines():
+                                parsed = parser.feed(line)
+                                if parsed is not None:
+                                    chunk = state.on_event(*parsed)
+                                    if chunk is not None:
+                                        yield chunk
+                            return
+                except RETRIED_ERRORS:
+                    if last:
+                        raise
+                    wait = self.retry.delay(attempt, None)
+                time.sleep(wait)
+
+        return GenerationStream(chunks(), state)
 
 
 class AsyncTemperClient:
     """The same API for asyncio callers (`async with AsyncTemperClient(url) as c: await c.predict(...)`)."""
 
-    def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None):
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/") + API_PREFIX, timeout=timeout, transport=transport)
+    def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
+                 retry: RetryPolicy | None = None, route_key: str | None = None, sticky_header: str = STICKY_HEADER,
+                 max_connections: int = 100):
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/") + API_PREFIX, timeout=timeout,
+                                       transport=transport, limits=limits)
+        self.retry = retry or RetryPolicy()
+        self.route_key, self.sticky_header = route_key, sticky_header
+        self.attempts = 0
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -158,46 +380,105 @@ class AsyncTemperClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
+    async def _send(self, method: str, path: str, body: dict | None = None, route: str | None = None,
+                    route_key: str | None = None) -> httpx.Response:
+        headers = _headers(route_key or self.route_key, route, self.sticky_header)
+        for attempt in range(self.retry.retries + 1):
+            self.attempts += 1
+            last = attempt == self.retry.retries
+            try:
+                resp = await self._http.request(method, path, json=body, headers=headers)
+            except RETRIED_ERRORS:
+                if last:
+                    raise
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                continue
+            if resp.status_code in RETRIED_STATUSES and not last:
+                await asyncio.sleep(self.retry.delay(attempt, _retry_after(resp)))
+                continue
+            return resp
+        raise AssertionError("unreachable")
+
     async def health(self) -> dict:
-        return _json(await self._http.get("/health"))
+        return _json(await self._send("GET", "/health"))
 
     async def models(self) -> list[dict]:
-        return _json(await self._http.get("/models"))["models"]
+        return _json(await self._send("GET", "/models"))["models"]
 
-    async def predict(self, model: str, images: Any, top_k: int = 3) -> PredictResult:
+    async def predict(self, model: str, images: Any, top_k: int = 3, *, route: str | None = None,
+                      route_key: str | None = None) -> PredictResult:
         body = {"inputs": image_inputs(images), "top_k": top_k}
-        return _predict_result(model, _json(await self._http.post(f"/models/{model}/predict", json=body)))
+        return _predict_result(model, _json(await self._send("POST", f"/models/{model}/predict", body, route, route_key)))
 
-    async def score(self, model: str, texts: list[str], top_k: int = 5) -> ScoreResult:
+    async def score(self, model: str, texts: list[str], top_k: int = 5, *, route: str | None = None,
+                    route_key: str | None = None) -> ScoreResult:
         body = {"texts": texts, "top_k": top_k}
-        return _score_result(model, _json(await self._http.post(f"/models/{model}/score", json=body)))
+        return _score_result(model, _json(await self._send("POST", f"/models/{model}/score", body, route, route_key)))
 
-    async def generate(self, model: str, prompt: str, max_new_tokens: int = 16) -> GenerateResult:
-        body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
-        return _generate_result(model, _json(await self._http.post(f"/models/{model}/generate", json=body)))
+    async def generate(self, model: str, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0,
+                       top_k: int = 0, seed: int | None = None, route: str | None = None,
+                       route_key: str | None = None) -> GenerateResult:
+        body = _generate_body(prompt, max_new_tokens, temperature, top_k, seed, False)
+        return _generate_result(model, _json(await self._send("POST", f"/models/{model}/generate", body, route, route_key)))
+
+    async def generate_stream(self, model: str, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0,
+                              top_k: int = 0, seed: int | None = None, route: str | None = None,
+                              route_key: str | None = None) -> AsyncIterator[GenerateChunk | GenerateResult]:
+        """Yields `GenerateChunk`s, then the final `GenerateResult` (no retries: use `generate`
+        for retried calls)."""
+        body = _generate_body(prompt, max_new_tokens, temperature, top_k, seed, True)
+        headers = _headers(route_key or self.route_key, route, self.sticky_header)
+        state = _StreamState(model)
+        self.attempts += 1
+        async with self._http.stream("POST", f"/models/{model}/generate", json=body, headers=headers) as resp:
+            if resp.status_code >= 300:
+                await resp.aread()
+                raise TemperAPIError.from_response(resp)
+            parser = _SSEParser()
+            async for line in resp.aiter_lines():
+                parsed = parser.feed(line)
+                if parsed is not None:
+                    chunk = state.on_event(*parsed)
+                    if chunk is not None:
+                        yield chunk
+        if state.result is not None:
+            yield state.result
 
 
 class HandleClient:
-    """Calls one served model through its Serve DeploymentHandle (no HTTP; needs Ray connected).
+    """Calls one served model route through its Serve DeploymentHandle (no HTTP; needs Ray connected).
 
-    Model-side refusals raise `serve.app.ModelRequestError` (status, field, message); a call
-    that takes longer than `timeout_s` raises `TimeoutError`.
+    `route=None` is the model's primary route (`model-<name>`); another route ref picks its own
+    deployment. Model-side refusals raise `serve.protocol.ModelRequestError` (status, field,
+    message) and failures `ModelServerError`; a call longer than `timeout_s` raises
+    `TimeoutError`; an overloaded route (BackPressureError) is retried like the HTTP clients do.
     """
 
-    def __init__(self, app_name: str, model: str, timeout_s: float = 30.0):
+    def __init__(self, app_name: str, model: str, timeout_s: float = 30.0, route: str | None = None,
+                 retry: RetryPolicy | None = None):
         from ray import serve
 
         from serve.app import model_deployment_name
 
-        self.model, self.timeout_s = model, timeout_s
-        self._handle = serve.get_deployment_handle(model_deployment_name(model), app_name)
+        self.model, self.timeout_s, self.route = model, timeout_s, route
+        self.retry = retry or RetryPolicy()
+        self._handle = serve.get_deployment_handle(model_deployment_name(model, route), app_name)
 
     def _call(self, method: str, *args: Any) -> tuple[dict, float]:
-        from serve.app import raise_if_refused
+        from ray.serve.exceptions import BackPressureError
+
+        from serve.protocol import raise_if_refused
 
         t0 = time.perf_counter()
-        out = raise_if_refused(getattr(self._handle, method).remote(*args).result(timeout_s=self.timeout_s))
-        return out, (time.perf_counter() - t0) * 1000
+        for attempt in range(self.retry.retries + 1):
+            try:
+                out = getattr(self._handle, method).remote(*args).result(timeout_s=self.timeout_s)
+                break
+            except BackPressureError:
+                if attempt == self.retry.retries:
+                    raise
+                time.sleep(self.retry.delay(attempt, None))
+        return raise_if_refused(out), (time.perf_counter() - t0) * 1000
 
     def predict(self, images: Any, top_k: int = 3) -> PredictResult:
         out, ms = self._call("classify", image_inputs(images), top_k)
@@ -207,9 +488,22 @@ class HandleClient:
         out, ms = self._call("score", list(texts), top_k)
         return _score_result(self.model, out, ms)
 
-    def generate(self, prompt: str, max_new_tokens: int = 16) -> GenerateResult:
-        out, ms = self._call("generate", prompt, max_new_tokens)
+    def generate(self, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
+                 seed: int | None = None) -> GenerateResult:
+        out, ms = self._call("generate", prompt, max_new_tokens, temperature, top_k, seed)
         return _generate_result(self.model, out, ms)
+
+    def generate_stream(self, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
+                        seed: int | None = None) -> Iterator[int]:
+        """New byte ids as the replica makes them (a streaming DeploymentHandle call)."""
+        from serve.protocol import raise_if_refused
+
+        gen = self._handle.options(stream=True).generate_stream.remote(prompt, max_new_tokens, temperature, top_k, seed)
+        for item in gen:
+            if isinstance(item, dict):
+                raise_if_refused(item)  # the header ({version, ...}) passes, a refusal/failure raises
+                continue
+            yield item
 
     def stats(self) -> dict:
         """Batch statistics of the replica that answers (one of them when there are several)."""

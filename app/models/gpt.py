@@ -38,6 +38,31 @@ class GPT(nn.Module):
             x = block(x, rope)
         return self.lm_head(self.norm(x))
 
+    def forward_kv(
+        self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None, last_only: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Incremental decoding with a KV cache (serving); `forward` stays the training/export path.
+
+        idx (B, T) new byte ids; positions (B, T) each token's RoPE position (per row, so
+        left-padded prompts of different lengths keep the positions they would have alone);
+        mask (B, 1, T, S) bool, True where a query may attend a key, S = cached + T (see
+        `decode_mask`); cache: per block the (k, v) of earlier positions, or None. Returns
+        logits (B, T, vocab) (or (B, 1, vocab) with `last_only`) and the extended cache.
+        """
+        if int(positions.max()) >= self.cfg.block_size:
+            raise ValueError(f"position {int(positions.max())} is outside model.block_size {self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hd/2)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.forward_kv(x, cos, sin, mask, None if cache is None else cache[i])
+            new_cache.append(kv)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)), new_cache
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation of idx (B, T); returns (B, T + new)."""
@@ -58,3 +83,19 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
+
+
+def decode_mask(key_valid: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Attention mask (B, 1, T, S) for `GPT.forward_kv`: the last `n_new` of S keys are the queries.
+
+    key_valid (B, S) bool marks real tokens (False = left padding). A query attends the real
+    keys at or before its own position, and always itself: a padding query would otherwise
+    have no key at all and SDPA would return NaN there, which then reaches real rows through
+    the padding's keys and values.
+    """
+    B, S = key_valid.shape
+    q_pos = torch.arange(S - n_new, S, device=key_valid.device)  # (T,)
+    k_pos = torch.arange(S, device=key_valid.device)  # (S,)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    itself = k_pos[None, :] == q_pos[:, None]
+    return ((causal[None] & key_valid[:, None, :]) | itself[None])[:, None]  # (B, 1, T, S)

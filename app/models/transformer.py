@@ -94,6 +94,29 @@ class SelfAttention(nn.Module):
             y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return F.dropout(self.proj(y), drop, self.training)
 
+    def forward_kv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Incremental attention for decoding with a KV cache (inference only; `forward` is untouched).
+
+        x (B, T, C): the new positions; cos/sin (B, 1, T, hd/2): RoPE tables gathered at each
+        row's own positions; mask (B, 1, T, S) bool, True where a query may attend a key, with
+        S = cached + T keys; past: the cached (k, v), each (B, nh, S - T, hd). Returns the
+        output (B, T, C) and the extended (k, v).
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hd)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
     def _flash_ok(self, q: torch.Tensor) -> bool:
         if not self.use_flash_attn:
             return False
@@ -134,3 +157,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
+
+    def forward_kv(self, x, cos, sin, mask, past=None):
+        """`forward` with a KV cache (see `SelfAttention.forward_kv`); returns (x, (k, v))."""
+        h, kv = self.attn.forward_kv(self.norm1(x), cos, sin, mask, past)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv

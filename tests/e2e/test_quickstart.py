@@ -63,6 +63,14 @@ def test_quickstart_run_trains_registers_quantizes_serves_and_reruns_idempotentl
     assert answer["version"] == summary["served_version"] and answer["backend"] == served["format"]
     assert 0 <= answer["predicted"] <= 9 and summary["url"].rstrip("/") == f"http://127.0.0.1:{port}"
 
+    # The compression report: a Markdown table with every variant and its Pareto plot.
+    report = tmp_path / "runs" / "quickstart-digits" / "reports" / "compress-v1.md"
+    text = report.read_text()
+    for fmt in ("torch_int8", "onnx_fp32", "onnx_int8"):
+        assert f"| {fmt} |" in text
+    png = report.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
     # The registry's state is in the SQLite file, not in the (now gone) actor.
     with sqlite3.connect(tmp_path / "registry.db") as db:
         rows = db.execute("SELECT version, format, parent_version_id FROM versions ORDER BY version").fetchall()

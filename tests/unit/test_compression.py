@@ -60,9 +60,34 @@ def test_int8_variants_within_tolerance_of_fp32(digits_artifacts):
     root, job = digits_artifacts
     fp32 = _accuracy(load_predictor(str(root / "fp32")), job)
     assert fp32 > 0.9, f"the trained model should be good before quantizing (got {fp32:.3f})"
-    for method in ("torch_int8", "onnx_int8"):
+    for method in ("torch_int8", "onnx_int8", "onnx_int8_static", "torch_bf16", "torch_fp16"):
         acc = _accuracy(load_predictor(str(root / method)), job)
         assert acc >= fp32 - 0.02, f"{method}: accuracy {acc:.3f} vs fp32 {fp32:.3f}"
+
+
+def test_half_precision_variants_halve_the_weights(digits_artifacts):
+    root, _ = digits_artifacts
+    for method in ("torch_bf16", "torch_fp16"):
+        ratio = artifact_size_bytes(root / method) / artifact_size_bytes(root / "fp32")
+        assert 0.45 < ratio < 0.55, (method, ratio)
+
+
+def test_distillation_loss_blends_labels_and_teacher():
+    import torch.nn.functional as F
+
+    from app.compression.distillation import distillation_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert distillation_loss(s, t, y, alpha=1.0, temperature=2.0) == pytest.approx(F.cross_entropy(s, y).item())
+    assert distillation_loss(t, t, y, alpha=0.0, temperature=3.0).item() == pytest.approx(0.0, abs=1e-6)
+    # the soft term pulls the student toward the teacher's distribution
+    s.requires_grad_(True)
+    distillation_loss(s, t, y, alpha=0.0, temperature=1.0).backward()
+    moved = s - 0.5 * s.grad
+    before = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    after = F.kl_div(F.log_softmax(moved, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    assert after < before
 
 
 def test_onnx_fp32_matches_torch_and_int8_files_are_smaller(digits_artifacts):

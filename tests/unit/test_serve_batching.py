@@ -121,9 +121,10 @@ def test_images_from_inputs_shapes_and_errors():
 
 def test_batch_stats_counts_sizes():
     stats = BatchStats()
-    for size in (1, 4, 4, 2):
-        stats.record(size)
-    assert stats.snapshot() == {"batches": 4, "max_batch_size_seen": 4, "batch_size_counts": {1: 1, 2: 1, 4: 2}}
+    for size, method in ((1, "predict"), (4, "predict"), (4, "generate"), (2, "predict")):
+        stats.record(size, method)
+    assert stats.snapshot() == {"batches": 4, "max_batch_size_seen": 4, "batch_size_counts": {1: 1, 2: 1, 4: 2},
+                                "by_method": {"generate": {4: 1}, "predict": {1: 1, 2: 1, 4: 1}}}
 
 
 def test_refusal_round_trip():
@@ -179,7 +180,7 @@ class FakeServer:
         return {"version": 3, "backend": "torch_int8", "outputs": [7] * len(inputs),
                 "probabilities": [[{"label": 7, "probability": 1.0}]] * len(inputs)}
 
-    async def _generate(self, prompt, max_new_tokens):
+    async def _generate(self, prompt, max_new_tokens, temperature=0.0, top_k=0, seed=None):
         return {"version": 1, "backend": "torch_fp32", "tokens": [65] * max_new_tokens, "text": "A" * max_new_tokens}
 
     async def _score(self, texts, top_k):
@@ -195,6 +196,9 @@ class FakeMetrics:
 
     def observe(self, model, endpoint, status, latency_ms):
         self.seen.append((model, endpoint, status))
+
+    def route(self, model, route, version, outcome):
+        pass
 
 
 @pytest.fixture

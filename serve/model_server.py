@@ -1,0 +1,576 @@
+"""Batched model replicas: `BatchedModelServer`, one deployment per (model, traffic route).
+
+Read top to bottom:
+1. plain batch functions (`run_classify_batch`, `run_lm_batch`, `generation_events`), testable
+   without Serve;
+2. `BatchedModelServer`: resolves a registry version ref, loads it, runs batches. Batch size,
+   batch wait and the version ref live in `user_config`, so `reconfigure` changes them live;
+   an alias ref is also re-resolved every `alias_poll_interval_s` (poll, not push: the registry
+   does not know who serves its versions), and a moved alias is hot-swapped: load new ->
+   switch -> drop old, while the old version keeps answering. A batch takes one snapshot of the
+   loaded version, so a swap never mixes versions within a batch.
+
+Batching: four `@serve.batch` queues: `predict` (classifiers), `lm` (scoring), `generate_full`
+(generation answered in one piece: the whole decode loop in one thread hop) and
+`generate_batch` (streamed generation: an async generator yielding one decode step for every
+sequence of the batch, so tokens stream out as they are made). A request that finds its
+replica idle (nothing else in flight) skips the queue and runs at once: waiting
+`batch_wait_timeout_s` for company that is not coming would only add latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter as CountMap
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from app import telemetry
+from app.config import RegistryConfig
+from app.inference import (
+    NonFiniteOutputError,
+    Predictor,
+    SamplingParams,
+    classify,
+    generate_steps,
+    generate_text,
+    generate_tokens,
+    load_predictor,
+    score_text,
+)
+from serve.protocol import ModelRequestError, ModelServerError
+
+log = logging.getLogger(__name__)
+
+# ============================================================================ batch functions (no Serve)
+
+
+@dataclass
+class ClassifyRequest:
+    """One predict request inside a batch: its images (N, C, H, W) float32 and top_k."""
+
+    images: np.ndarray
+    top_k: int
+    enqueued: float = 0.0
+    """time.perf_counter() when it entered the replica (queue-wait metric)."""
+
+
+@dataclass
+class LMRequest:
+    """One lm request inside a batch: `score` (rows = texts) or `generate` (one row = prompt)."""
+
+    op: Literal["score", "generate"]
+    rows: list[np.ndarray]  # each (T,) int64 byte ids
+    top_k: int = 5
+    max_new_tokens: int = 0
+    enqueued: float = 0.0
+
+
+@dataclass
+class GenerateItem:
+    """One generation request inside a batch."""
+
+    row: np.ndarray  # (T,) int64 prompt byte ids
+    params: SamplingParams
+    enqueued: float = 0.0
+
+
+def images_from_inputs(inputs: list, input_shape: tuple[int, ...]) -> np.ndarray:
+    """JSON images -> (N, C, H, W) float32; raises ModelRequestError naming `inputs.<i>`."""
+    c, h, w = input_shape
+    out = np.empty((len(inputs), c, h, w), dtype=np.float32)
+    for i, item in enumerate(inputs):
+        arr = np.asarray(item, dtype=np.float32)
+        if arr.ndim == 1 and arr.size == c * h * w:
+            arr = arr.reshape(c, h, w)
+        elif arr.shape == (h, w) and c == 1:
+            arr = arr[None]
+        elif arr.shape != (c, h, w):
+            raise ModelRequestError(
+                422, f"inputs.{i}",
+                f"image has shape {list(arr.shape)}; expected {c * h * w} values or {h}x{w} rows"
+                + ("" if c == 1 else f" per channel ({c}x{h}x{w})"),
+            )
+        if not np.isfinite(arr).all():
+            raise ModelRequestError(422, f"inputs.{i}", "image holds NaN or infinite values")
+        out[i] = arr
+    return out
+
+
+def tokens_from_text(text: str) -> np.ndarray:
+    """UTF-8 bytes of a text as (T,) int64 byte ids."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+
+NON_FINITE = "the model produced non-finite outputs (NaN/inf): this version is broken"
+
+
+def run_classify_batch(pred: Predictor, requests: list[ClassifyRequest]) -> list[dict]:
+    """All images of all requests in one forward pass; per request {outputs, probabilities},
+    or {"error": message} for a request whose outputs are not finite."""
+    images = np.concatenate([r.images for r in requests], axis=0)  # (sum N, C, H, W)
+    results = classify(pred, images, max(r.top_k for r in requests))
+    out, start = [], 0
+    for r in requests:
+        mine = results[start:start + len(r.images)]
+        start += len(r.images)
+        if not all(math.isfinite(p["probability"]) for x in mine for p in x["top_k"]):
+            out.append({"error": NON_FINITE})
+            continue
+        out.append({
+            "outputs": [x["label"] for x in mine],
+            "probabilities": [x["top_k"][:r.top_k] for x in mine],
+        })
+    return out
+
+
+LMGroupKey = tuple[str, int, int]  # (op, prompt length, max_new_tokens)
+
+
+def group_lm_rows(requests: list[LMRequest]) -> dict[LMGroupKey, list[tuple[int, int]]]:
+    """(request index, row index) of every row, grouped by (op, length, max_new_tokens).
+
+    Rows of one group stack into one (G, T) array without padding. Groups keep first-seen
+    order and rows keep request order, so results can be scattered back exactly.
+    """
+    groups: dict[LMGroupKey, list[tuple[int, int]]] = {}
+    for i, req in enumerate(requests):
+        for j, row in enumerate(req.rows):
+            key = (req.op, int(row.shape[0]), req.max_new_tokens if req.op == "generate" else 0)
+            groups.setdefault(key, []).append((i, j))
+    return groups
+
+
+def run_lm_batch(pred: Predictor, requests: list[LMRequest]) -> list[list]:
+    """Per request, per row: a score dict (`score`) or the list of generated byte ids (`generate`).
+
+    Each (op, length, max_new_tokens) group runs as one numpy batch, without padding. The
+    server scores through here; it generates through `generation_events` (KV cache, padding,
+    streaming). A score whose NLL is not finite comes back as {"error": ...}.
+    """
+    out: list[list] = [[None] * len(r.rows) for r in requests]
+    for (op, _length, max_new), members in group_lm_rows(requests).items():
+        x = np.stack([requests[i].rows[j] for i, j in members])  # (G, T)
+        if op == "score":
+            results = score_text(pred, x, max(requests[i].top_k for i, _ in members))
+            for (i, j), res in zip(members, results):
+                finite = res["nll"] is None or math.isfinite(res["nll"])
+                finite = finite and all(math.isfinite(n["probability"]) for n in res["next"])
+                res["next"] = res["next"][:requests[i].top_k]
+                out[i][j] = res if finite else {"error": NON_FINITE}
+        else:
+            new = generate_text(pred, x, max_new)  # (G, max_new)
+            for (i, j), row in zip(members, new):
+                out[i][j] = [int(t) for t in row]
+    return out
+
+
+class BatchStats:
+    """Counts of batch sizes seen by one replica (what tests assert real batching on)."""
+
+    def __init__(self) -> None:
+        self.sizes: CountMap[int] = CountMap()
+        self.by_method: dict[str, CountMap[int]] = {}
+
+    def record(self, size: int, method: str = "-") -> None:
+        self.sizes[size] += 1
+        self.by_method.setdefault(method, CountMap())[size] += 1
+
+    def snapshot(self) -> dict:
+        return {
+            "batches": sum(self.sizes.values()),
+            "max_batch_size_seen": max(self.sizes, default=0),
+            "batch_size_counts": dict(sorted(self.sizes.items())),
+            "by_method": {m: dict(sorted(c.items())) for m, c in sorted(self.by_method.items())},
+        }
+
+
+# ============================================================================ model server
+
+
+class BatchGate:
+    """Keeps requests out of a `@serve.batch` queue while one of its batches computes.
+
+    Since Ray made `@serve.batch` concurrent (ray-project/ray#53096, `max_concurrent_batches`),
+    its loop forms the next batch as soon as requests arrive, even while the running batch still
+    holds the only slot: requests arriving during a long batch (a 64-token generation) became
+    many batches of 1 or 2 queued behind it (measured: mean batch 1.5 with 32 requests in the
+    replica). Held here until the running batch is done, they enter the queue together and
+    Serve forms one batch of them, up to `max_batch_size`.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def admit(self) -> None:
+        await self._idle.wait()
+
+    @contextlib.contextmanager
+    def running(self):
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+
+class BatchSettings(BaseModel):
+    """The live part of a served route: Serve passes it to `reconfigure` as `user_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(ge=1, le=1024)
+    """Largest dynamic batch (requests)."""
+    batch_wait_timeout_s: float = Field(ge=0, le=10)
+    """Wait for more requests after the first of a batch."""
+    version: str
+    """Registry version number or alias to serve (the route)."""
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A loaded registry version; a batch takes one snapshot so a hot swap never mixes versions."""
+
+    version: int
+    backend: str
+    artifact_uri: str
+    predictor: Predictor = field(repr=False)
+
+
+@serve.deployment
+class BatchedModelServer:
+    """One registry model version behind `@serve.batch` (`predict`: classifier, `lm`/`generate`: language model).
+
+    Callers use the validating entry points `classify`, `score`, `generate` and
+    `generate_stream` (an async generator: call it with `handle.options(stream=True)`); they
+    enqueue into the batched methods, so one forward pass serves many concurrent requests.
+    """
+
+    def __init__(self, model: str, backend: str | None, max_new_tokens: int, registry: dict,
+                 alias_poll_interval_s: float = 5.0):
+        import ray
+
+        self.model = model
+        self.backend = backend
+        self.max_new_tokens = max_new_tokens
+        self.alias_poll_interval_s = alias_poll_interval_s
+        reg = RegistryConfig.model_validate(registry)
+        try:
+            self._registry = ray.get_actor(reg.actor_name, namespace=reg.namespace)
+        except ValueError:
+            raise RuntimeError(
+                f"registry actor {reg.actor_name!r} (namespace {reg.namespace!r}) is not running; "
+                "register a model first (it is started by `get_or_create_registry`)"
+            ) from None
+        self._loaded: LoadedVersion | None = None
+        self._settings: BatchSettings | None = None
+        self._swap = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+        self._poll_error: str | None = None
+        self._swaps = 0
+        self._inflight = 0
+        self._gates = {name: BatchGate() for name in ("predict", "lm", "generate", "generate_stream")}
+        self._stats = BatchStats()
+        self._batch_hist = telemetry.histogram(
+            telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "method")
+        )
+        self._wait_hist = telemetry.histogram(
+            telemetry.SERVE_QUEUE_WAIT_MS, tuple(telemetry.LATENCY_BOUNDARIES_MS), ("model", "route", "method")
+        )
+        self._tokens = telemetry.counter(telemetry.SERVE_GENERATED_TOKENS, ("model", "route"))
+        self._version_gauge = telemetry.gauge(telemetry.SERVE_SERVED_VERSION, ("model", "route"))
+
+    # ---- version and settings
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Apply batch settings and (re)load the version when its ref resolves to another one.
+
+        A ref that does not resolve or load raises and leaves the replica as it was.
+        """
+        settings = BatchSettings.model_validate(user_config)
+        await self._load(settings.version)
+        for method in (self.predict, self.lm, self.generate_full, self.generate_batch):
+            method.set_max_batch_size(settings.max_batch_size)
+            method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._settings = settings
+        self._version_gauge.set(self._loaded.version, tags={"model": self.model, "route": settings.version})
+        if self._poller is None:  # started here: reconfigure runs on the replica's event loop
+            self._poller = asyncio.create_task(self._poll_alias())
+
+    async def _load(self, ref: str) -> bool:
+        """Serve what `ref` resolves to now; True when a new version was swapped in."""
+        async with self._swap:
+            record = await self._registry.get_version.remote(self.model, ref)
+            if self._loaded is not None and record["version"] == self._loaded.version:
+                return False
+            pred = await asyncio.to_thread(load_predictor, record["artifact_uri"], self.backend)
+            old = self._loaded
+            self._loaded = LoadedVersion(record["version"], pred.backend, record["artifact_uri"], pred)
+            self._swaps += old is not None
+            log.info(
+                "model %s (%s): serving version %s (%s, %s)%s", self.model, ref, record["version"], pred.backend,
+                record["artifact_uri"], f", replacing version {old.version}" if old else "",
+            )
+            return True
+
+    async def _poll_alias(self) -> None:
+        """Re-resolve an alias ref every `alias_poll_interval_s`; a moved alias is hot-swapped."""
+        while True:
+            await asyncio.sleep(self.alias_poll_interval_s)
+            ref = self._settings.version
+            if ref.isdigit():  # a version number never moves
+                continue
+            try:
+                if await self._load(ref):
+                    self._version_gauge.set(self._loaded.version, tags={"model": self.model, "route": ref})
+                self._poll_error = None
+            except Exception as err:  # registry away, alias removed, version unloadable: keep serving
+                message = str(getattr(err, "cause", None) or err)
+                if message != self._poll_error:
+                    log.warning("model %s: alias %r not re-resolved, still serving version %s: %s",
+                                self.model, ref, self._loaded.version, message)
+                self._poll_error = message
+
+    def check_health(self) -> None:
+        if self._loaded is None:
+            raise RuntimeError(f"model {self.model!r}: no version loaded")
+
+    def _current(self) -> LoadedVersion:
+        if self._loaded is None:
+            raise RuntimeError(f"model {self.model!r}: no version loaded (reconfigure was not called)")
+        return self._loaded
+
+    @property
+    def _route(self) -> str:
+        return self._settings.version if self._settings else "-"
+
+    def _record_batch(self, method: str, enqueued: list[float]) -> None:
+        now = time.perf_counter()
+        self._stats.record(len(enqueued), method)
+        self._batch_hist.observe(len(enqueued), tags={"model": self.model, "method": method})
+        for t in enqueued:
+            self._wait_hist.observe((now - t) * 1000, tags={"model": self.model, "route": self._route, "method": method})
+
+    # ---- batched methods: a list of requests in, a list of results out (same order)
+
+    async def _predict_batch(self, requests: list[ClassifyRequest], gated: bool = True) -> list[dict]:
+        loaded = self._current()
+        self._record_batch("predict", [r.enqueued for r in requests])
+        # Off the event loop: the replica keeps taking requests (and answering health checks)
+        # while a batch computes.
+        with self._gate("predict", gated):
+            results = await asyncio.to_thread(run_classify_batch, loaded.predictor, requests)
+        return [self._tag(loaded, r) for r in results]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, requests: list[ClassifyRequest]) -> list[dict]:
+        return await self._predict_batch(requests)
+
+    async def _lm_batch(self, requests: list[LMRequest], gated: bool = True) -> list[dict]:
+        loaded = self._current()
+        self._record_batch("lm", [r.enqueued for r in requests])
+        with self._gate("lm", gated):
+            results = await asyncio.to_thread(run_lm_batch, loaded.predictor, requests)
+        out = []
+        for r in results:
+            bad = next((x["error"] for x in r if isinstance(x, dict) and "error" in x), None)
+            out.append(self._tag(loaded, {"error": bad} if bad else {"results": r}))
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def lm(self, requests: list[LMRequest]) -> list[dict]:
+        return await self._lm_batch(requests)
+
+    async def _generate_batch(self, items: list[GenerateItem], gated: bool = True) -> AsyncIterator[list]:
+        """First a header per item ({version, backend}), then one list per decode step: each
+        item's new byte id, or StopIteration once it is done (Serve's end-of-stream sentinel)."""
+        loaded = self._current()
+        self._record_batch("generate_stream", [i.enqueued for i in items])
+        yield [{"version": loaded.version, "backend": loaded.backend, "route": self._route}] * len(items)
+        steps = generate_steps(loaded.predictor, [i.row for i in items], [i.params for i in items])
+        with self._gate("generate_stream", gated):
+            while True:
+                step = await asyncio.to_thread(next, steps, None)  # one decode step for every active row
+                if step is None:
+                    return
+                self._tokens.inc(sum(t is not None for t in step), tags={"model": self.model, "route": self._route})
+                yield [StopIteration if t is None else t for t in step]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, items: list[GenerateItem]) -> AsyncIterator[list]:
+        """Streaming generation: tokens are handed out step by step."""
+        async for out in self._generate_batch(items):
+            yield out
+
+    async def _generate_full_batch(self, items: list[GenerateItem], gated: bool = True) -> list[dict]:
+        """Non-streaming generation: the same decode loop, run to the end in one thread hop (nobody
+        sees a token before the last one, and per-token hand-offs cost CPU the batch needs)."""
+        loaded = self._current()
+        self._record_batch("generate", [i.enqueued for i in items])
+        try:
+            with self._gate("generate", gated):
+                tokens = await asyncio.to_thread(
+                    generate_tokens, loaded.predictor, [i.row for i in items], [i.params for i in items])
+        except NonFiniteOutputError:
+            return [ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()] * len(items)
+        self._tokens.inc(sum(map(len, tokens)), tags={"model": self.model, "route": self._route})
+        return [{"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": t,
+                 "text": bytes(t).decode("utf-8", errors="replace")} for t in tokens]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def generate_full(self, items: list[GenerateItem]) -> list[dict]:
+        return await self._generate_full_batch(items)
+
+    def _tag(self, loaded: LoadedVersion, result: dict) -> dict:
+        if "error" in result:
+            return ModelServerError(500, result["error"], loaded.version, loaded.backend).as_failure()
+        return {"version": loaded.version, "backend": loaded.backend, "route": self._route, **result}
+
+    # ---- admission: alone in the replica -> run at once (no batch wait, and without closing the
+    # gate: a burst right behind it forms its own batch instead of waiting for it); otherwise wait
+    # at the queue's gate while one of its batches computes, then join the next batch
+
+    def _gate(self, name: str, gated: bool):
+        return self._gates[name].running() if gated else contextlib.nullcontext()
+
+    async def _run(self, direct, batched, gate: str, request):
+        self._inflight += 1
+        try:
+            if self._inflight == 1:
+                return (await direct([request], gated=False))[0]
+            await self._gates[gate].admit()
+            return await batched(request)
+        finally:
+            self._inflight -= 1
+
+    async def _token_events(self, item: GenerateItem) -> AsyncIterator:
+        self._inflight += 1
+        try:
+            if self._inflight == 1:
+                async for out in self._generate_batch([item], gated=False):
+                    if out[0] is StopIteration:
+                        return
+                    yield out[0]
+            else:
+                await self._gates["generate_stream"].admit()
+                async for event in self.generate_batch(item):
+                    yield event
+        finally:
+            self._inflight -= 1
+
+    # ---- validating entry points (what the ingress and HandleClient call). A refused request
+    # comes back as {"refused": {status, field, message}} and a failed one as {"failed": {...}}
+    # rather than as an exception (see serve.protocol).
+
+    def _need_task(self, task: str, endpoint: str) -> Predictor:
+        pred = self._current().predictor
+        if pred.task != task:
+            other = "predict" if pred.task == "classifier" else "score or generate"
+            raise ModelRequestError(
+                400, "model", f"model {self.model!r} is a {pred.task!r} model, {endpoint} needs a {task!r} model (use {other})"
+            )
+        return pred
+
+    async def classify(self, inputs: list, top_k: int = 3) -> dict:
+        """inputs: images as nested lists / arrays -> {version, backend, route, outputs, probabilities}."""
+        try:
+            pred = self._need_task("classifier", "predict")
+            images = images_from_inputs(list(inputs), pred.input_shape())
+        except ModelRequestError as err:
+            return err.as_refusal()
+        request = ClassifyRequest(images, int(top_k), time.perf_counter())
+        return await self._run(self._predict_batch, self.predict, "predict", request)
+
+    async def score(self, texts: list[str], top_k: int = 5) -> dict:
+        """texts -> {version, backend, route, outputs: [{nll, perplexity, next: [...]}, ...]}."""
+        try:
+            pred = self._need_task("lm", "score")
+            rows = []
+            for i, text in enumerate(texts):
+                row = tokens_from_text(text)
+                if not 1 <= len(row) <= pred.block_size:
+                    raise ModelRequestError(422, f"texts.{i}", f"text is {len(row)} bytes; 1 to {pred.block_size} (block_size) are accepted")
+                rows.append(row)
+        except ModelRequestError as err:
+            return err.as_refusal()
+        out = await self._run(self._lm_batch, self.lm, "lm", LMRequest("score", rows, top_k=int(top_k), enqueued=time.perf_counter()))
+        if "failed" in out:
+            return out
+        return {"version": out["version"], "backend": out["backend"], "route": out["route"], "outputs": out["results"]}
+
+    def _generation_item(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+                         seed: int | None) -> GenerateItem:
+        self._need_task("lm", "generate")
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise ModelRequestError(422, "max_new_tokens", f"must be between 1 and {self.max_new_tokens} for model {self.model!r}")
+        if not 0 <= float(temperature) <= 10:
+            raise ModelRequestError(422, "temperature", "must be between 0 and 10")
+        if not isinstance(top_k, int) or not 0 <= top_k <= 256:
+            raise ModelRequestError(422, "top_k", "must be between 0 and 256")
+        row = tokens_from_text(prompt)
+        if not len(row):
+            raise ModelRequestError(422, "prompt", "prompt is empty")
+        params = SamplingParams(int(max_new_tokens), float(temperature), int(top_k), seed)
+        return GenerateItem(row, params, time.perf_counter())
+
+    async def generate(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
+                       seed: int | None = None) -> dict:
+        """prompt -> {version, backend, route, tokens: [new byte ids], text}."""
+        try:
+            item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed)
+        except ModelRequestError as err:
+            return err.as_refusal()
+        return await self._run(self._generate_full_batch, self.generate_full, "generate", item)
+
+    async def generate_stream(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
+                              seed: int | None = None) -> AsyncIterator:
+        """Streaming generation: yields {version, backend, route} first, then each new byte id
+        as an int, as soon as its decode step is done; a refusal or failure is yielded as its
+        dict ({"refused": ...} / {"failed": ...}) and ends the stream."""
+        try:
+            item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed)
+        except ModelRequestError as err:
+            yield err.as_refusal()
+            return
+        head: dict = {}
+        try:
+            async for event in self._token_events(item):
+                if isinstance(event, dict):
+                    head = event
+                yield event
+        except NonFiniteOutputError:
+            yield ModelServerError(500, NON_FINITE, head.get("version"), head.get("backend")).as_failure()
+
+    async def info(self) -> dict:
+        """What /api/v1/models lists for this route."""
+        loaded, settings = self._current(), self._settings
+        pred = loaded.predictor
+        return {
+            "model": self.model, "version": loaded.version, "backend": loaded.backend, "task": pred.task,
+            "artifact_uri": loaded.artifact_uri, "input_shape": list(pred.input_shape()),
+            "block_size": pred.block_size, "max_new_tokens": self.max_new_tokens,
+            "kv_cache": pred.supports_kv_cache, "ref": settings.version, "max_batch_size": settings.max_batch_size,
+            "batch_wait_timeout_s": settings.batch_wait_timeout_s, "alias_poll_interval_s": self.alias_poll_interval_s,
+        }
+
+    async def stats(self) -> dict:
+        """Batch sizes this replica ran, plus the version and backend answering."""
+        loaded = self._current()
+        return {
+            **self._stats.snapshot(), "version": loaded.version, "backend": loaded.backend, "route": self._route,
+            "swaps": self._swaps, "alias_poll_error": self._poll_error, "inflight": self._inflight,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+        }

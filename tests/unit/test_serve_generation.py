@@ -1,0 +1,140 @@
+"""Batched generation without Ray: the KV-cache decode path against the recompute path, padding of
+prompts of different lengths, the sliding window past block_size, sampling, broken versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.artifacts import save_fp32
+from app.compression import METHODS
+from app.config import DataConfig, GPTConfig, TrainJob
+from app.inference import (
+    KVCacheDecoder,
+    NonFiniteOutputError,
+    SamplingParams,
+    generate_steps,
+    generate_text,
+    generate_tokens,
+    load_predictor,
+)
+from app.models import build_model
+from app.models.gpt import decode_mask
+
+BLOCK = 32
+PROMPTS = ["def add(a, b):", "x", "import numpy as np; import os, sys  # longer than the block", "for i in range("]
+
+
+def _rows(*texts: str) -> list[np.ndarray]:
+    return [np.frombuffer(t.encode(), dtype=np.uint8).astype(np.int64) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def gpt_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    job = TrainJob(name="code", model=GPTConfig(n_layer=2, d_model=32, n_head=2, block_size=BLOCK), data=DataConfig(name="lm-code"))
+    torch.manual_seed(0)
+    model = build_model(job.model)
+    fp32 = str(save_fp32(root / "fp32", model, job))
+    broken = build_model(job.model)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    return {
+        "fp32": fp32,
+        "int8": str(METHODS["torch_int8"](fp32, root / "int8")),
+        "onnx": str(METHODS["onnx_fp32"](fp32, root / "onnx")),
+        "broken": str(save_fp32(root / "broken", broken, job)),
+    }
+
+
+def test_decode_mask_attends_real_past_keys_and_itself():
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    m = decode_mask(valid, 4)[:, 0]  # (B, T, S)
+    assert m.shape == (2, 4, 4)
+    # row 0: padding queries see only themselves; real queries see real keys up to their position
+    assert m[0].tolist() == [[True, False, False, False], [False, True, False, False],
+                             [False, False, True, False], [False, False, True, True]]
+    assert m[1].tolist() == torch.tril(torch.ones(4, 4, dtype=torch.bool)).tolist()
+    step = decode_mask(torch.tensor([[False, True, True]]), 1)[0, 0]  # one new query at the end
+    assert step.tolist() == [[False, True, True]]
+
+
+def test_kv_cache_greedy_equals_recompute_for_mixed_lengths_and_past_block_size(gpt_paths):
+    pred = load_predictor(gpt_paths["fp32"])
+    assert pred.supports_kv_cache
+    rows = _rows(*PROMPTS)
+    params = [SamplingParams(n) for n in (24, 40, 5, 12)]  # "x" + 40 > block_size: the window slides
+    cached = generate_tokens(pred, rows, params)  # one batch, left-padded, KV cache
+    plain = generate_tokens(pred, rows, params, use_kv_cache=False)
+    for row, p, got, again in zip(rows, params, cached, plain):
+        want = generate_text(pred, row[None], p.max_new_tokens)[0].tolist()  # alone, no cache
+        assert got == want and again == want and len(got) == p.max_new_tokens
+
+
+def test_steps_stream_rows_until_each_is_done(gpt_paths):
+    pred = load_predictor(gpt_paths["fp32"])
+    steps = list(generate_steps(pred, _rows("ab", "abcdef", "q"), [SamplingParams(3), SamplingParams(1), SamplingParams(2)]))
+    assert len(steps) == 3
+    assert [[t is not None for t in s] for s in steps] == [[True, True, True], [True, False, True], [True, False, False]]
+
+
+def test_onnx_backend_generates_with_the_recompute_path(gpt_paths):
+    pred = load_predictor(gpt_paths["onnx"])
+    assert not pred.supports_kv_cache
+    rows = _rows(*PROMPTS)
+    params = [SamplingParams(8)] * len(rows)
+    got = generate_tokens(pred, rows, params)
+    want = generate_tokens(load_predictor(gpt_paths["fp32"]), rows, params)
+    assert got == want  # ORT fp32 matches torch fp32 here
+    with pytest.raises(ValueError, match="no KV-cache"):
+        generate_tokens(pred, rows, params, use_kv_cache=True)
+
+
+def test_int8_uses_the_cache_and_starts_like_recompute(gpt_paths):
+    # Dynamic int8 quantizes activations with one scale per tensor, so an int8 row depends on
+    # what it is computed with (the batch, or the cached vs full context): only the first token
+    # (the same prefill tensor for a row alone) must match exactly.
+    pred = load_predictor(gpt_paths["int8"])
+    assert pred.supports_kv_cache
+    rows = _rows("def f(x):", "import os")
+    cached = generate_tokens(pred, [rows[0]], [SamplingParams(6)])[0]
+    want = generate_text(pred, rows[0][None], 6)[0].tolist()
+    assert cached[0] == want[0] and len(cached) == 6
+    assert all(0 <= t < 256 for out in generate_tokens(pred, rows, [SamplingParams(6)] * 2) for t in out)
+
+
+def test_sampling_is_seeded_per_row_and_respects_top_k(gpt_paths):
+    pred = load_predictor(gpt_paths["fp32"])
+    p = SamplingParams(12, temperature=1.5, top_k=5, seed=7)
+    alone = generate_tokens(pred, _rows("def f(x):"), [p])[0]
+    batched = generate_tokens(pred, _rows("import os", "def f(x):", "q"), [SamplingParams(4, 1.0, 0, 1), p, SamplingParams(9)])[1]
+    assert alone == batched  # the row's own sampler: batch company does not change its text
+    assert generate_tokens(pred, _rows("def f(x):"), [SamplingParams(12, 1.5, 5, 8)])[0] != alone  # another seed
+    greedy = generate_tokens(pred, _rows("def f(x):"), [SamplingParams(12)])[0]
+    assert generate_tokens(pred, _rows("def f(x):"), [SamplingParams(12, 2.0, 1, 3)])[0] == greedy  # top_k=1 is greedy
+    # every sampled byte is among the 5 most likely at its step
+    decoder = KVCacheDecoder(pred._torch_model, BLOCK)
+    logits = decoder.start(_rows("def f(x):"))
+    for t in alone:
+        assert t in np.argsort(-logits[0])[:5]
+        logits = decoder.step(np.asarray([t]))
+
+
+def test_broken_version_raises_instead_of_inventing_tokens(gpt_paths):
+    pred = load_predictor(gpt_paths["broken"])
+    with pytest.raises(NonFiniteOutputError):
+        generate_tokens(pred, _rows("abc"), [SamplingParams(3)])
+
+
+def test_forward_is_unchanged_by_the_cache_path(gpt_paths):
+    """`GPT.forward(idx)` (training, ONNX export) and a full-length `forward_kv` prefill agree."""
+    pred = load_predictor(gpt_paths["fp32"])
+    model = pred._torch_model
+    idx = torch.tensor(_rows("def add(a, b): return a + b")[0])[None]
+    T = idx.shape[1]
+    with torch.inference_mode():
+        full = model(idx)
+        kv, cache = model.forward_kv(idx, torch.arange(T)[None], decode_mask(torch.ones(1, T, dtype=torch.bool), T))
+    torch.testing.assert_close(kv, full, rtol=1e-5, atol=1e-5)
+    assert len(cache) == 2 and cache[0][0].shape == (1, 2, T, 16)
