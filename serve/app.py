@@ -573,7 +573,7 @@ def _fixed_ingress_config(cfg: ServeConfig) -> dict:
     return fixed
 
 
-def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig, args: tuple) -> dict:
+def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
     """Serve options of one route deployment (what `serve config` writes as well)."""
     opts: dict[str, Any] = dict(
         name=name,
@@ -601,7 +601,7 @@ def build_app(app_cfg: ServeApp) -> serve.Application:
         servers[m.model] = []
         for ref, name in route_deployments(m):
             args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s)
-            opts = route_deployment_options(m, ref, name, cfg, args)
+            opts = route_deployment_options(m, ref, name, cfg)
             # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
             deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica), _internal=True)
             servers[m.model].append(deployment.bind(*args))
@@ -768,7 +768,7 @@ def serve_config_file(app_cfg: ServeApp) -> dict:
     deployments = []
     for m in cfg.models:
         for ref, name in route_deployments(m):
-            opts = route_deployment_options(m, ref, name, cfg, ())
+            opts = route_deployment_options(m, ref, name, cfg)
             deployments.append({k: v for k, v in opts.items() if k != "ray_actor_options"}
                                | {"ray_actor_options": opts["ray_actor_options"]})
     return {

@@ -128,16 +128,24 @@ def _staging_key() -> str:
 
 
 def _wait_for(condition, what: str, poke=None):
-    """Poll `condition` until it holds (or fail after DEADLINE_S); `poke` runs between polls."""
-    deadline = time.monotonic() + DEADLINE_S
+    """Poll `condition` until it holds (or fail after DEADLINE_S); `poke` runs between polls. A
+    poll that errs (connection reset, a body that is not JSON) counts as "not yet"; the last
+    such error is reported if the deadline passes."""
+    deadline, last_error = time.monotonic() + DEADLINE_S, None
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (httpx.HTTPError, ValueError, KeyError) as err:
+            value, last_error = None, err
         if value:
             return value
         if poke is not None:
-            poke()
+            try:
+                poke()
+            except httpx.HTTPError as err:
+                last_error = err
         time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
 def _predict(url: str, headers: dict | None = None) -> httpx.Response:
