@@ -4,6 +4,8 @@ Verbs:
   run CONFIG        train -> register -> compress -> serve -> one client call (OptimizeJob)
   train CONFIG      train with Ray Train and register the result (TrainJob)
   compress CONFIG   compress a registered version into new versions (CompressJob)
+  tune CONFIG       Ray Tune sweep over training; the best trial is registered (TuneJob)
+  tune --resume NAME   continue an interrupted sweep by its name
   serve ACTION CONFIG   Ray Serve (ServeApp): deploy | status | shutdown | advise | config (`serve CONFIG` deploys)
   registry ACTION   the model registry: list | show | compare | alias | rollback | history | delete
   validate KIND CONFIG   check a config without running it
@@ -87,6 +89,43 @@ def cmd_compress(args) -> int:
     if args.json:
         print(json.dumps({"source": source, "variants": [r.__dict__ for r in reports]}, indent=2, default=str))
     return 0
+
+
+def cmd_tune(args) -> int:
+    from actors.registry import get_or_create_registry
+    from app.config import CompressJob
+    from app.runtime import connect
+    from tune.sweep import load_saved_job, run_sweep
+
+    if args.config is None and args.resume is None:
+        print("config error: give a CONFIG file, or --resume NAME to continue a sweep", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        job = load_config("tune", args.config, args.overrides)
+        if args.resume is not None and args.resume != job.name:
+            raise ConfigError(f"--resume {args.resume!r} does not match the config's name {job.name!r}")
+    else:
+        if args.overrides:
+            raise ConfigError("overrides need a CONFIG file; `--resume NAME` continues the sweep as it was started")
+        try:
+            job = load_saved_job(args.resume, args.storage)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    connect()
+    registry = get_or_create_registry(job.registry)
+    result = run_sweep(job, registry, resume=args.resume is not None,
+                       resume_errored=args.resume_errored, restart_errored=args.restart_errored)
+    print(f"[tune] results: {result.report_path} (+ .csv, .json, .png)", flush=True)
+    if result.version is not None and job.tune.compress_best:
+        from pipelines.compress import compress
+
+        compress(CompressJob(name=job.name, storage_path=job.storage_path, registry=job.registry,
+                             source=str(result.version["version"]), compress=job.compress), registry)
+    if args.json:
+        print(json.dumps({"best": result.best.__dict__ if result.best else None, "version": result.version,
+                          "total_steps": result.total_steps, "report": str(result.report_path)}, default=str))
+    return 0 if result.best is not None else 1
 
 
 SERVE_ACTIONS = ("deploy", "status", "shutdown", "advise", "config")
@@ -455,6 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)
 
+    p = sub.add_parser("tune", help="Ray Tune sweep over training (`tune:` section); best trial registered as `tuned`")
+    p.add_argument("config", nargs="?", help="YAML config file with a `tune:` section (omit with --resume NAME)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config keys (values parsed as YAML)")
+    p.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME (finished trials are not re-run)")
+    p.add_argument("--storage", default="temper_runs", help="storage_path the sweep was started with (with --resume NAME; default temper_runs)")
+    errored = p.add_mutually_exclusive_group()
+    errored.add_argument("--resume-errored", action="store_true", help="continue errored trials from their last checkpoint")
+    errored.add_argument("--restart-errored", action="store_true", help="run errored trials again from scratch")
+    p.add_argument("--json", action="store_true", help="also print the best trial and version as JSON")
+    p.set_defaults(fn=cmd_tune)
+
     p = sub.add_parser("serve", help="host registered versions on Ray Serve: deploy | status | shutdown | advise | config")
     serve_actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = serve_actions.add_parser("deploy", help="deploy (or update in place) the application; `serve CONFIG` does the same")
@@ -549,6 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_config_option(argv: list[str]) -> list[str]:
+    """`serve [ACTION] --config FILE ...` -> `serve ACTION FILE ...` (ACTION defaults to deploy)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+            break
+        if arg.startswith("--config="):
+            path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+            break
+    else:
+        return argv
+    has_action = len(rest) >= 2 and rest[1] in SERVE_ACTIONS
+    return rest[:2] + [path] + rest[2:] if has_action else ["serve", "deploy", path] + rest[1:]
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -560,6 +625,8 @@ def _float_list(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = _serve_config_option(argv)
     if len(argv) >= 2 and argv[0] == "serve" and argv[1] not in SERVE_ACTIONS and argv[1] not in ("-h", "--help"):
         argv.insert(1, "deploy")  # `serve CONFIG` (the original form) deploys
     args, extra = parser.parse_known_args(argv)

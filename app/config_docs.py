@@ -12,18 +12,23 @@ from app.config import (
     CompressConfig, CompressJob, DataConfig, GPTConfig, MlflowMirrorConfig, OptimizeJob, RegistryConfig,
     ServeApp, ServeConfig, ServedModel, TrainConfig, TrainJob, ViTConfig,
 )
-from app.config import AutoRollbackConfig, AutoscalingSettings
+from app.config import AutoRollbackConfig, AutoscalingSettings, SearchDimension, TuneConfig, TuneJob, TuneScheduler, TuneSearcher
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("OptimizeJob (`python -m app run`)", OptimizeJob),
     ("TrainJob (`python -m app train`)", TrainJob),
     ("CompressJob (`python -m app compress`)", CompressJob),
+    ("TuneJob (`python -m app tune`)", TuneJob),
     ("ServeApp (`python -m app serve deploy|status|shutdown|advise|config`)", ServeApp),
     ("`model` (kind: gpt)", GPTConfig),
     ("`model` (kind: vit)", ViTConfig),
     ("`data`", DataConfig),
     ("`train`", TrainConfig),
     ("`compress`", CompressConfig),
+    ("`tune`", TuneConfig),
+    ("`tune.search_space.<key path>`", SearchDimension),
+    ("`tune.scheduler`", TuneScheduler),
+    ("`tune.searcher`", TuneSearcher),
     ("`serve`", ServeConfig),
     ("`serve.models[]`", ServedModel),
     ("`serve.models[].autoscaling`", AutoscalingSettings),

@@ -2,13 +2,13 @@
 
 - dense:    train N steps (2 DDP workers on Ray Train).
 - gradual:  the same N steps with a magnitude_pruning callback (global unstructured, cubic
-            schedule from 10% to 70% of N, masks re-applied after every step) reaching 50%.
+            schedule from 10% to 50% of N by default, masks re-applied after every step) reaching 50%.
 - one-shot: the dense model's weights, 50% pruned at once (same global magnitude rule), no
             retraining.
 Quality = validation loss on the same fixed batches; prints each with its relative change vs
 dense and writes benchmarks/results/pruning.json. Goal: gradual <= 2% relative loss vs dense.
 
-    .venv/bin/python benchmarks/pruning.py [--steps 600]
+    .venv/bin/python benchmarks/pruning.py [--steps 600] [--start-frac 0.1] [--end-frac 0.5]
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-batches", type=int, default=32)
+    ap.add_argument("--start-frac", type=float, default=0.1, help="schedule start, as a fraction of --steps")
+    ap.add_argument("--end-frac", type=float, default=0.5, help="schedule end, as a fraction of --steps")
     args = ap.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     steps = args.steps
     prune = {"name": "magnitude_pruning", "kind": "unstructured", "scope": "global", "final_sparsity": 0.5,
-             "start_step": steps // 10, "end_step": int(steps * 0.7), "update_every": max(1, steps // 60)}
+             "start_step": int(steps * args.start_frac), "end_step": int(steps * args.end_frac), "update_every": max(1, steps // 60)}
     with tempfile.TemporaryDirectory() as tmp:
         def job(name, callbacks):
             return TrainJob.model_validate({
@@ -83,7 +85,7 @@ def main() -> None:
         print(f"  {name:<9} {r['sparsity']:>8.3f} {r['val_loss']:>9.4f} {r['relative_loss_change']:>+9.2%}")
     out = Path(__file__).parent / "results" / "pruning.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"steps": steps, "results": rows}, indent=2))
+    out.write_text(json.dumps({"steps": steps, "schedule": prune, "results": rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -1,4 +1,4 @@
-"""The end-to-end recipe behind `python -m app run`: train -> register -> compress -> serve -> call.
+"""The end-to-end recipe behind `python -m app run`: [tune ->] train -> register -> compress -> serve -> call.
 
 One readable function per stage; each prints one progress line when it starts and its
 result when it ends. Re-running the same config is safe: training resumes from its last
@@ -69,6 +69,17 @@ def stage_train(job: TrainJob, registry) -> dict:
     ))
 
 
+def stage_tune(job: OptimizeJob, registry) -> dict:
+    """A Ray Tune sweep instead of one training run; the best trial's `tuned` version goes on."""
+    from tune.sweep import run_sweep
+
+    result = run_sweep(job.tune_job(), registry)
+    if result.version is None:
+        raise RuntimeError(f"sweep {job.name!r}: no trial finished without error; see {result.report_path}")
+    print(f"[tune] results table and curves: {result.report_path} (+ .csv, .json, .png)", flush=True)
+    return result.version
+
+
 def stage_compress(job: OptimizeJob, registry, trained: dict) -> list[dict]:
     from pipelines.compress import compress
 
@@ -122,11 +133,16 @@ def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
     registry = get_or_create_registry(job.registry)
 
     t0 = time.perf_counter()
-    print(f"[1/4 train] {job.name}: {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
-    trained = stage_train(job.train_job(), registry)
-    summary.seconds["train"] = time.perf_counter() - t0
     metric, _ = primary_metric(job.model.kind)
-    print(f"[2/4 register] v{trained['version']} trained: {metric} {trained['metrics'][metric]:.4f}", flush=True)
+    if job.tune is not None:
+        print(f"[1/4 tune] {job.name}: {job.tune.num_samples} trials of {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
+        trained = stage_tune(job, registry)
+        summary.seconds["tune"] = time.perf_counter() - t0
+    else:
+        print(f"[1/4 train] {job.name}: {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
+        trained = stage_train(job.train_job(), registry)
+        summary.seconds["train"] = time.perf_counter() - t0
+    print(f"[2/4 register] v{trained['version']} {trained['transformation']}: {metric} {trained['metrics'][metric]:.4f}", flush=True)
 
     t0 = time.perf_counter()
     print(f"[3/4 compress] {', '.join(job.compress.methods)}", flush=True)

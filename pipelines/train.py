@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from ray.train import UserCallback
 
 from app.artifacts import save_fp32
 from app.config import TrainJob, config_hash
@@ -116,6 +117,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             start_step = _load_checkpoint(Path(ckpt_dir), job, strategy, scheduler, callbacks)
         if rank == 0:
             _say(f"[train] resumed from checkpoint at step {start_step}")
+    elif loop_config.get("initial_checkpoint"):  # this run has none yet: seed it from another run's (PBT)
+        start_step = _load_checkpoint(Path(loop_config["initial_checkpoint"]), job, strategy, scheduler, callbacks)
+        if rank == 0:
+            _say(f"[train] started from {loop_config['initial_checkpoint']} at step {start_step}")
     state.step = state.resumed_from = start_step
     for cb in callbacks:
         cb.on_setup(state)
@@ -296,6 +301,15 @@ def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks
     strategy.load(folder)
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
+    # The saved scheduler carries the old peak lr (and the optimizer its weight decay). This job's
+    # values win: the same on a plain resume, the mutated ones after a PBT exploit.
+    tc = job.train
+    scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]
+    factor = lr_factor(scheduler.last_epoch, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    for group in strategy.optimizer.param_groups:
+        group["lr"] = tc.lr * factor  # what LambdaLR computes at this step
+        if group.get("weight_decay", 0.0) > 0.0:
+            group["weight_decay"] = tc.weight_decay
     strategy.load_extra_state(state)
     saved_callbacks = state.get("callbacks", [])
     if len(saved_callbacks) != len(callbacks):
@@ -321,11 +335,27 @@ class TrainResult:
     config_hash: str
 
 
-def fit(job: TrainJob, teacher_artifact: str | None = None) -> TrainResult:
+class ForwardReports(UserCallback):
+    """A Ray Train run callback that hands every report (rank 0's metrics + the persisted
+    checkpoint's path) to a `ray.util.queue.Queue`: how a Tune trial sees its inner run's
+    evaluations as they happen. `put` blocks, so training waits until the trial took the report."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+
+
+def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, resume_from: str | None = None) -> TrainResult:
     """Run the job on the connected Ray cluster; returns metrics and a durable fp32 artifact.
 
     `teacher_artifact`: the fp32 artifact folder of the distillation teacher (resolved from the
-    registry by the caller when `train.distill` is set)."""
+    registry by the caller when `train.distill` is set). `report_to`: a `ray.util.queue.Queue`
+    that receives every report as it happens (Tune trials). `resume_from`: a checkpoint folder
+    (readable by every worker) to start from when this run has none of its own yet: a PBT exploit
+    continues another trial's checkpoint. Ray Train V2 dropped `resume_from_checkpoint`, so the
+    loop loads it itself."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -333,7 +363,8 @@ def fit(job: TrainJob, teacher_artifact: str | None = None) -> TrainResult:
     tc = job.train
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact},
+        train_loop_config={"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact,
+                           "initial_checkpoint": resume_from},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
@@ -342,6 +373,7 @@ def fit(job: TrainJob, teacher_artifact: str | None = None) -> TrainResult:
             storage_path=str(storage / "train"),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_last),
             failure_config=FailureConfig(max_failures=tc.max_failures),
+            callbacks=[ForwardReports(report_to)] if report_to is not None else None,
         ),
     )
     result = trainer.fit()

@@ -1,0 +1,176 @@
+"""Ray Tune sweeps over the real training pipeline (tiny ViT on digits, 1 worker per trial).
+
+- ASHA stops weak trials at a rung (asserted on steps per trial), the best full-length trial is
+  registered as `tuned` with the trial table attached, results files are written, and the
+  trials' training workers are gone afterwards (CPUs free again).
+- Optuna: the given starting point is tried first and TPE's later suggestions differ from it
+  and from each other.
+- Resume: the CLI driver is killed by pid after two trials finished; `tune --resume NAME`
+  finishes the sweep without training the finished trials again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from actors.registry import get_or_create_registry
+from app.config import parse_config
+from tune.sweep import SweepPaths, run_sweep
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tree(root: Path, name: str, tune: dict, steps: int = 40) -> dict:
+    return {
+        "name": name, "storage_path": str(root),
+        "registry": {"actor_name": f"tune-{uuid.uuid4().hex[:6]}", "db_url": f"sqlite:///{root}/registry.db"},
+        "model": {"kind": "vit", "d_model": 16, "n_layer": 1, "n_head": 2},
+        "data": {"name": "digits"},
+        "train": {"num_workers": 1, "cpus_per_worker": 0.5, "steps": steps, "batch_size": 32, "warmup_steps": 2,
+                  "eval_every": 10, "checkpoint_every": 10, "log_every": steps, "eval_batches": 2},
+        "tune": tune,
+    }
+
+
+def _attempts(paths: SweepPaths) -> dict[str, list[dict]]:
+    out = {}
+    for f in sorted(paths.trials.glob("trial-*/attempts.jsonl")):
+        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def test_asha_stops_weak_trials_and_registers_the_best(ray_cluster, tmp_path):
+    tree = _tree(tmp_path, "asha", {
+        "search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2}},
+        "num_samples": 6, "max_concurrent_trials": 3,
+        "scheduler": {"name": "asha", "grace_period": 10, "reduction_factor": 3},
+        "searcher": {"name": "random", "seed": 3},
+    }, steps=40)
+    job = parse_config("tune", tree)
+    registry = get_or_create_registry(job.registry)
+    cpus_before = ray.available_resources().get("CPU", 0)
+    try:
+        result = run_sweep(job, registry)
+        versions = ray.get(registry.list_versions.remote("asha"))
+        curve = ray.get(registry.metric_history.remote("asha", 1, "val_accuracy"))
+    finally:
+        ray.kill(registry)
+
+    steps = sorted(r.steps for r in result.trials)
+    assert len(result.trials) == 6 and all(r.error is None for r in result.trials)
+    assert steps[0] < 40 and steps[-1] == 40, steps           # some stopped at a rung, some ran to the end
+    early = [r for r in result.trials if r.stopped_early]
+    assert early and all(r.steps in (10, 20, 30) for r in early)
+    assert result.total_steps == sum(steps) < 6 * 40
+
+    full = [r for r in result.trials if not r.stopped_early]
+    best = max(full, key=lambda r: r.metric_last)
+    assert result.best.trial_id == best.trial_id
+    [v] = versions
+    assert v["transformation"] == "tuned" and v["metrics"]["val_accuracy"] == pytest.approx(best.metric_last)
+    assert v["config"]["train"]["lr"] == pytest.approx(best.values["train.lr"])
+    assert v["tags"]["trials"] == "6" and v["tags"]["trial"] == best.trial_id
+    assert [p["step"] for p in curve if p["step"] is not None] == [s for s, _ in best.curve]  # its curve, per eval
+
+    artifact = Path(v["artifact_uri"])
+    assert (artifact / "model.safetensors").is_file()
+    with open(artifact / "sweep" / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and sum(row["best"] == "True" for row in table) == 1
+    assert sorted(int(row["steps"]) for row in table) == steps
+    for ext in (".md", ".csv", ".json", ".png"):
+        assert result.report_path.with_suffix(ext).stat().st_size > 100
+    assert "stopped early" in result.report_path.read_text()
+
+    # Stopped trials took their training workers with them: every CPU is free again.
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < cpus_before - 1e-6 and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) >= cpus_before - 1e-6
+
+
+def test_optuna_suggestions_move_away_from_the_starting_points(ray_cluster, tmp_path):
+    start = {"train.lr": 0.003, "train.weight_decay": 0.05}
+    tree = _tree(tmp_path, "optuna", {
+        "search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2},
+                         "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.2}},
+        "num_samples": 5, "max_concurrent_trials": 2,
+        "searcher": {"name": "optuna", "seed": 7, "n_startup_trials": 2, "points_to_evaluate": [start]},
+    }, steps=20)
+    job = parse_config("tune", tree)
+    result = run_sweep(job)          # no registry: results only
+    assert result.version is None and result.best is not None
+    configs = [r.values for r in result.trials]  # in the order the searcher proposed them
+    assert len(configs) == 5
+    assert configs[0] == pytest.approx(start)                         # the given point first
+    later = configs[1:]
+    for c in later:
+        assert c != pytest.approx(start)
+        assert 1e-4 <= c["train.lr"] <= 3e-2 and 0.0 <= c["train.weight_decay"] <= 0.2
+    assert len({round(c["train.lr"], 12) for c in later}) == len(later)  # no suggestion repeated
+    assert all(r.steps == 20 for r in result.trials)                  # fifo: all trials to the end
+
+
+def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, tmp_path):
+    tree = _tree(tmp_path, "resumable", {
+        "search_space": {"train.lr": {"type": "grid", "values": [0.001, 0.003, 0.01, 0.03]}},
+        "num_samples": 1, "max_concurrent_trials": 1, "searcher": {"name": "grid"},
+    }, steps=30)
+    parse_config("tune", tree)
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    paths = SweepPaths.of("resumable", str(tmp_path))
+    log1 = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "app", "tune", str(cfg)], cwd=ROOT, env=env,
+                              stdout=log1, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 420
+        while len(list(paths.trials.glob("trial-*/done.json"))) < 2:
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "two trials did not finish in time"
+            time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGKILL)   # the driver dies mid-sweep, by pid
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log1.close()
+    finished_first = {p.parent.name for p in paths.trials.glob("trial-*/done.json")}
+    assert len(finished_first) in (2, 3)
+
+    second = subprocess.run(
+        [sys.executable, "-m", "app", "tune", "--resume", "resumable", "--storage", str(tmp_path), "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+
+    attempts = _attempts(paths)
+    assert len(attempts) == 4 and all((paths.trials / t / "done.json").is_file() for t in attempts)
+    for trial in finished_first:  # trained once; at most handed back to Tune from done.json
+        assert [a["event"] for a in attempts[trial]].count("start") == 1, attempts[trial]
+    for trial in set(attempts) - finished_first:
+        assert [a["event"] for a in attempts[trial]][-1] == "finished"
+    table = json.loads(paths.reports.joinpath("tune-resumable.json").read_text())
+    assert len(table["trials"]) == 4 and all(t["status"] == "TERMINATED" and t["steps"] == 30 for t in table["trials"])
+    assert sorted(t["values"]["train.lr"] for t in table["trials"]) == [0.001, 0.003, 0.01, 0.03]
+    assert summary["version"]["transformation"] == "tuned"
+    registry = ray.get_actor(tree["registry"]["actor_name"], namespace="temper")  # detached: started by the CLI
+    try:
+        assert [v["transformation"] for v in ray.get(registry.list_versions.remote("resumable"))] == ["tuned"]
+    finally:
+        ray.kill(registry)

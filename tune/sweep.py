@@ -1,0 +1,493 @@
+"""Hyperparameter sweeps: Ray Tune over Temper's Ray Train pipeline.
+
+Reads top to bottom: the search space, scheduler and searcher built from `tune:` -> the trial
+(a function trainable that fits one TorchTrainer and forwards each evaluation to Tune as it
+happens) -> the sweep driver (new or restored by name) -> results (table, curves, the best
+trial registered as a `tuned` version).
+
+Ray 2.60 refuses `Tuner(TorchTrainer)`; a function trainable that fits a TorchTrainer per trial
+is the supported pattern (PLATFORM-NOTES). The trial itself reserves almost nothing
+(`{"cpu": 0.01}`); its training workers reserve `train.num_workers x train.cpus_per_worker`.
+
+Where things live (`<storage>` = the job's storage_path):
+    <storage>/tune/<name>/                   Tune's experiment (stable name -> `--resume NAME`)
+    <storage>/<name>/trials/trial-<id>/      one trial's training run: artifacts, done.json, attempts.jsonl
+    <storage>/<name>/reports/tune-<name>.*   results table (md, csv, json) and curves (png)
+    <storage>/<name>/artifacts/tuned-...     the best trial's weights, registered as `tuned`
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from app.config import TrainJob, TuneConfig, TuneJob, config_hash, trial_tree
+from app.evaluation import primary_metric
+
+JOB_FILE = "temper_tune_job.json"
+"""The resolved TuneJob, saved in the experiment folder so `--resume NAME` needs no config."""
+
+TIME_ATTR = "step"
+"""Schedulers measure trial progress in optimizer steps (every evaluation reports `step`)."""
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    experiment: Path
+    trials: Path
+    reports: Path
+
+    @classmethod
+    def of(cls, name: str, storage_path: str) -> "SweepPaths":
+        root = Path(storage_path).resolve()
+        return cls(experiment=root / "tune" / name, trials=root / name / "trials", reports=root / name / "reports")
+
+
+def objective(job: TuneJob) -> tuple[str, str]:
+    """(metric, mode) the sweep optimises."""
+    metric, mode = primary_metric(job.model.kind)
+    return job.tune.metric or metric, job.tune.mode or mode
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def search_space(tc: TuneConfig) -> dict[str, Any]:
+    """Ray Tune domains keyed by dotted path (flat: Tune and Optuna keep dotted names as they are)."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, dim in tc.search_space.items():
+        if dim.type == "uniform":
+            space[key] = tune.uniform(dim.low, dim.high)
+        elif dim.type == "loguniform":
+            space[key] = tune.loguniform(dim.low, dim.high)
+        elif dim.type == "int":
+            space[key] = tune.randint(int(dim.low), int(dim.high) + 1)  # randint's upper bound is exclusive
+        elif dim.type == "choice" and tc.searcher.name != "grid":
+            space[key] = tune.choice(dim.values)
+        else:  # grid, or a choice under the grid searcher
+            space[key] = tune.grid_search(dim.values)
+    return space
+
+
+def build_scheduler(job: TuneJob):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
+
+    s = job.tune.scheduler
+    max_t = s.max_t or job.train.steps
+    if s.name == "asha":
+        return ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor, brackets=s.brackets)
+    if s.name == "hyperband":
+        return HyperBandScheduler(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        mutations = {k: v for k, v in search_space(job.tune).items()}
+        return PopulationBasedTraining(
+            time_attr=TIME_ATTR, perturbation_interval=s.perturbation_interval, hyperparam_mutations=mutations,
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+        )
+    return FIFOScheduler()
+
+
+def build_searcher(job: TuneJob):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    sc = job.tune.searcher
+    points = [dict(p) for p in sc.points_to_evaluate]
+    if sc.name == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        metric, mode = objective(job)
+        sampler = optuna.samplers.TPESampler(seed=sc.seed, n_startup_trials=sc.n_startup_trials)
+        return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=sc.seed)
+
+
+def default_concurrency(job: TuneJob) -> int:
+    """Trials at once: as many as the free CPUs fit (each trial's workers x cpus_per_worker)."""
+    per_trial = job.train.num_workers * job.train.cpus_per_worker
+    free = ray.available_resources().get("CPU", 0.0)
+    return max(1, int(free // per_trial))
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+def _trial_job(job: TuneJob, values: dict, run_name: str, trials_dir: Path) -> TrainJob:
+    tree = trial_tree(job, values)
+    tree.update(name=run_name, storage_path=str(trials_dir))
+    # Tune copies a checkpoint after Train persisted it; keep enough that rotation cannot delete
+    # one a report still points at.
+    tree["train"]["keep_last"] = max(3, tree["train"].get("keep_last", 2))
+    return TrainJob.model_validate(tree)
+
+
+def _log_attempt(folder: Path, event: str, **extra) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **extra}) + "\n")
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_trial(values: dict, job_json: dict) -> None:
+    """The Tune function trainable: one trial = one Ray Train run of the job with `values` set.
+
+    - Its training run is named after the trial id, so a restored sweep resumes the run from
+      its latest checkpoint (Ray Train restores by name).
+    - A PBT exploit hands this trial another trial's checkpoint: it starts a new run seeded
+      from that checkpoint with this trial's (mutated) hyperparameters.
+    - A run that finished before (the driver died before Tune recorded it) is not trained
+      again: its saved final report is handed to Tune.
+    """
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from pipelines.train import fit
+
+    job = TuneJob.model_validate(job_json)
+    paths = SweepPaths.of(job.name, job.storage_path)
+    trial_id = tune.get_context().get_trial_id()
+    own = f"trial-{trial_id}"
+    run_name, resume_from = own, None
+    given = tune.get_checkpoint()
+    if given is not None:
+        saved = json.loads((Path(given.path) / "config.json").read_text())["job"]["name"]
+        if saved.startswith(own):
+            run_name = saved  # our own run (a restore): Ray Train resumes it by name
+        else:  # PBT: continue from the donor's weights under a new run name
+            run_name = f"{own}-x{hashlib.sha256(given.path.encode()).hexdigest()[:6]}"
+            resume_from = given.path
+    trial_job = _trial_job(job, values, run_name, paths.trials)
+    folder = paths.trials / run_name
+    done = folder / "done.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        _log_attempt(folder, "reused", step=record["metrics"].get("step"))
+        ckpt = Path(record["checkpoint"])
+        tune.report(record["metrics"], checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt.is_dir() else None)
+        return
+    _log_attempt(folder, "start", values=values, given_checkpoint=given.path if given else None, resume_from=resume_from)
+
+    reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = fit(trial_job, report_to=reports, resume_from=resume_from)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the trial's thread below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=train, name=f"fit-{run_name}", daemon=True)
+    worker.start()
+    last: dict | None = None
+    while True:
+        try:
+            item = reports.get(timeout=0.5)
+        except Empty:
+            if worker.is_alive() or not reports.empty():
+                continue
+            break
+        metrics = _scalars(item["metrics"])
+        ckpt = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
+        tune.report(metrics, checkpoint=ckpt)
+        last = {"metrics": metrics, "checkpoint": item["checkpoint"]}
+    worker.join()
+    ray.kill(reports.actor)
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    record = {"metrics": (last or {}).get("metrics") or result.metrics, "checkpoint": result.checkpoint_path,
+              "artifact": result.artifact_path, "values": values}
+    tmp = done.with_suffix(".partial")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, done)
+    _log_attempt(folder, "finished", step=record["metrics"].get("step"))
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class TrialRow:
+    """One trial in the results table."""
+
+    trial_id: str
+    status: str
+    values: dict[str, Any]
+    steps: int
+    reports: int
+    metric_last: float | None
+    metric_best: float | None
+    stopped_early: bool
+    error: str | None = None
+    final: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SweepResult:
+    name: str
+    metric: str
+    mode: str
+    trials: list[TrialRow]
+    best: TrialRow | None
+    version: dict | None
+    report_path: Path | None
+    total_steps: int
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def save_job(job: TuneJob) -> Path:
+    paths = SweepPaths.of(job.name, job.storage_path)
+    paths.experiment.mkdir(parents=True, exist_ok=True)
+    out = paths.experiment / JOB_FILE
+    out.write_text(json.dumps(job.model_dump(mode="json"), indent=2, sort_keys=True))
+    return out
+
+
+def load_saved_job(name: str, storage_path: str) -> TuneJob:
+    """The TuneJob an experiment was started with (for `tune --resume NAME`)."""
+    path = SweepPaths.of(name, storage_path).experiment / JOB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no sweep named {name!r} under {Path(storage_path).resolve() / 'tune'} "
+            f"({path.name} is missing); start it with `python -m app tune CONFIG`"
+        )
+    return TuneJob.model_validate(json.loads(path.read_text()))
+
+
+def run_sweep(job: TuneJob, registry=None, *, resume: bool = False, resume_errored: bool = False,
+              restart_errored: bool = False) -> SweepResult:
+    """Run the sweep (restoring it when its experiment exists), write the results, register the best trial.
+
+    Like training, re-running the same config continues the experiment: finished trials are
+    never re-run, unfinished ones resume from their latest checkpoint. A *different* config under
+    an existing name is refused (give it a new `name`). `resume=True` insists on an existing
+    experiment. Errored trials stay errored unless `resume_errored` (continue from their last
+    checkpoint) or `restart_errored` (from scratch)."""
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig as RayTuneConfig, Tuner
+
+    paths = SweepPaths.of(job.name, job.storage_path)
+    metric, mode = objective(job)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job_json=job.model_dump(mode="json")), {"cpu": 0.01})
+    exists = Tuner.can_restore(str(paths.experiment))
+    if resume and not exists:
+        raise FileNotFoundError(f"no Tune experiment state under {paths.experiment}: nothing to resume")
+    if exists:
+        saved = load_saved_job(job.name, job.storage_path)
+        if config_hash(saved) != config_hash(job):
+            raise FileExistsError(
+                f"a sweep named {job.name!r} with another config already exists under {paths.experiment}: "
+                f"continue it with `python -m app tune --resume {job.name}`, or give this config a new `name`"
+            )
+        _say(f"[tune] resuming sweep {job.name!r} from {paths.experiment} "
+             f"(errored trials: {'restart' if restart_errored else 'resume' if resume_errored else 'left as they are'})")
+        tuner = Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True,
+                              resume_errored=resume_errored, restart_errored=restart_errored)
+    else:
+        save_job(job)
+        concurrency = job.tune.max_concurrent_trials or default_concurrency(job)
+        _say(f"[tune] sweep {job.name!r}: {job.tune.num_samples} samples of {len(job.tune.search_space)} keys, "
+             f"{job.tune.searcher.name} searcher, {job.tune.scheduler.name} scheduler, {concurrency} trials at once, "
+             f"optimising {metric} ({mode})")
+        tuner = Tuner(
+            trainable,
+            param_space=search_space(job.tune),
+            tune_config=RayTuneConfig(
+                metric=metric, mode=mode, num_samples=job.tune.num_samples, max_concurrent_trials=concurrency,
+                scheduler=build_scheduler(job), search_alg=build_searcher(job), reuse_actors=False,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=RunConfig(
+                name=job.name, storage_path=str(paths.experiment.parent),
+                # PBT clones a donor's checkpoint some time after it was reported: keep them all.
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=None if job.tune.scheduler.name == "pbt" else job.tune.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=job.tune.max_failures),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    rows = trial_rows(grid, job, metric)
+    best = pick_best(rows, mode)
+    total = sum(r.steps for r in rows)
+    report = write_results(job, rows, best, metric, mode)
+    version = None
+    if best is not None and registry is not None:
+        best_result = next(r for r in grid if _trial_id(r) == best.trial_id)
+        version = register_best(job, registry, best, best_result, rows, report)
+    _say(f"[tune] {len(rows)} trials, {total} training steps in all; best: "
+         + (f"{best.trial_id} {metric} {best.metric_last:.4f} with {best.values}" if best else "none (every trial errored)")
+         + (f" -> registered {job.name} v{version['version']} (tuned)" if version else ""))
+    return SweepResult(job.name, metric, mode, rows, best, version, report, total)
+
+
+def _trial_dirname(trial) -> str:
+    """Trial folders named by trial id only (Tune's default adds a timestamp and the values)."""
+    return f"trial-{trial.trial_id}"
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
+def trial_rows(grid, job: TuneJob, metric: str) -> list[TrialRow]:
+    """One row per trial: searched values, steps trained, last/best metric, early-stop flag, curve."""
+    _, mode = objective(job)
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        curve: list[tuple[int, float]] = []
+        if df is not None and metric in df and TIME_ATTR in df:
+            curve = [(int(s), float(v)) for s, v in zip(df[TIME_ATTR], df[metric]) if v == v]
+        last = _scalars(result.metrics or {})
+        steps = int(last.get(TIME_ATTR, curve[-1][0] if curve else 0))
+        values = {k: result.config[k] for k in job.tune.search_space if k in (result.config or {})}
+        best_value = (min if mode == "min" else max)((v for _, v in curve), default=None)
+        rows.append(TrialRow(
+            trial_id=_trial_id(result), status="ERROR" if result.error else "TERMINATED",
+            values=values, steps=steps, reports=len(curve), metric_last=last.get(metric), metric_best=best_value,
+            stopped_early=result.error is None and steps < job.train.steps,
+            error=str(result.error).splitlines()[0][:300] if result.error else None,
+            final={k: v for k, v in last.items() if k.startswith(("val_", "train_", "sparsity")) or k in (TIME_ATTR, "lr")},
+            curve=curve,
+        ))
+    return rows  # in the order Tune created the trials
+
+
+def pick_best(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    """The best last-reported metric among trials that ran to the end without error."""
+    ok = [r for r in rows if r.error is None and r.metric_last is not None and not math.isnan(r.metric_last)]
+    full = [r for r in ok if not r.stopped_early] or ok
+    if not full:
+        return None
+    return (min if mode == "min" else max)(full, key=lambda r: r.metric_last)
+
+
+def write_results(job: TuneJob, rows: list[TrialRow], best: TrialRow | None, metric: str, mode: str) -> Path:
+    """tune-<name>.md / .csv / .json (one row per trial) and .png (metric vs step per trial)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = SweepPaths.of(job.name, job.storage_path).reports
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"tune-{job.name}"
+    keys = list(job.tune.search_space)
+    total = sum(r.steps for r in rows)
+
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "status", *keys, "steps", "reports", f"{metric}_last", f"{metric}_best", "stopped_early", "best", "error"])
+        for r in rows:
+            w.writerow([r.trial_id, r.status, *[r.values.get(k) for k in keys], r.steps, r.reports, r.metric_last,
+                        r.metric_best, r.stopped_early, best is not None and r.trial_id == best.trial_id, r.error or ""])
+    stem.with_suffix(".json").write_text(json.dumps({
+        "name": job.name, "metric": metric, "mode": mode, "total_steps": total,
+        "best": best.trial_id if best else None, "trials": [r.__dict__ for r in rows],
+    }, indent=2, default=str))
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [
+        f"# Sweep {job.name}: {metric} ({'lower' if mode == 'min' else 'higher'} is better)",
+        "",
+        f"{len(rows)} trials, {job.tune.searcher.name} searcher, {job.tune.scheduler.name} scheduler; "
+        f"{total} training steps in all (a full grid of these trials would be {len(rows) * job.train.steps}).",
+        "",
+        "| trial | status | " + " | ".join(f"`{k}`" for k in keys) + f" | steps | {metric} (last) | {metric} (best) | note |",
+        "|---|---|" + "---|" * len(keys) + "---|---|---|---|",
+    ]
+    for r in rows:
+        note = "**best**" if best is not None and r.trial_id == best.trial_id else "stopped early" if r.stopped_early else (r.error or "")
+        lines.append(f"| {r.trial_id} | {r.status} | " + " | ".join(fmt(r.values.get(k)) for k in keys)
+                     + f" | {r.steps} | {fmt(r.metric_last)} | {fmt(r.metric_best)} | {note} |")
+    lines += ["", f"![{metric} per trial]({stem.name}.png)", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r.curve:
+            xs, ys = zip(*r.curve)
+            is_best = best is not None and r.trial_id == best.trial_id
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.5 if is_best else 1, alpha=1 if is_best else 0.6,
+                    label=f"{r.trial_id}{' (best)' if is_best else ''}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"sweep {job.name}: {metric} per trial")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 16:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return stem.with_suffix(".md")
+
+
+def register_best(job: TuneJob, registry, best: TrialRow, result, rows: list[TrialRow], report: Path) -> dict:
+    """Register the best trial's last checkpoint as a `tuned` version, with the trial table attached.
+
+    The artifact folder holds the weights, a config.json whose job is the best trial's (under the
+    sweep's name), and `sweep/` with every trial's values and final metrics (md, csv, json, png)."""
+    from actors.registry import flatten_dict
+    from app.artifacts import write_meta
+    from pipelines.compress import find_version_by_artifact
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"best trial {best.trial_id} left no checkpoint to register")
+    tree = trial_tree(job, best.values)
+    tree.update(name=job.name, storage_path=job.storage_path)
+    best_job = TrainJob.model_validate(tree)
+    chash = config_hash(best_job)
+    artifact = Path(job.storage_path).resolve() / job.name / "artifacts" / f"tuned-{chash}-step{best.steps:08d}"
+    if not artifact.exists():
+        tmp = artifact.with_name(artifact.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "sweep").mkdir(parents=True)
+        with result.checkpoint.as_directory() as ckpt:
+            shutil.copy2(Path(ckpt) / "model.safetensors", tmp / "model.safetensors")
+        write_meta(tmp, best_job, "torch_fp32", {"tune": {"experiment": job.name, "trial_id": best.trial_id, "values": best.values}})
+        for ext in (".md", ".csv", ".json", ".png"):
+            shutil.copy2(report.with_suffix(ext), tmp / "sweep" / f"trials{ext}")
+        os.replace(tmp, artifact)
+    existing = find_version_by_artifact(registry, job.name, str(artifact))
+    if existing is not None:
+        return existing
+    params = flatten_dict({"model": best_job.model.model_dump(mode="json"), "train": best_job.train.model_dump(mode="json")})
+    metric, _ = objective(job)
+    record = ray.get(registry.register_version.remote(
+        job.name, str(artifact), "torch_fp32", config=best_job.model_dump(mode="json"), config_hash=chash,
+        metrics=best.final, transformation="tuned",
+        tags={"sweep": job.name, "trial": best.trial_id, "trials": str(len(rows)), "step": str(best.steps),
+              "objective": metric, "trials_table": str(artifact / "sweep" / "trials.csv")},
+        params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
+    ))
+    points = [{"metrics": {metric: v}, "step": s} for s, v in best.curve]
+    if points:
+        ray.get(registry.log_metrics_batch.remote(job.name, record["version"], points))
+    return record
