@@ -179,10 +179,13 @@ class BatchStats:
     def __init__(self) -> None:
         self.sizes: CountMap[int] = CountMap()
         self.by_method: dict[str, CountMap[int]] = {}
+        self.unqueued = 0
+        """Requests that found the replica idle and ran at once, without the batch queue (and its wait)."""
 
-    def record(self, size: int, method: str = "-") -> None:
+    def record(self, size: int, method: str = "-", unqueued: bool = False) -> None:
         self.sizes[size] += 1
         self.by_method.setdefault(method, CountMap())[size] += 1
+        self.unqueued += unqueued
 
     def snapshot(self) -> dict:
         return {
@@ -190,6 +193,7 @@ class BatchStats:
             "max_batch_size_seen": max(self.sizes, default=0),
             "batch_size_counts": dict(sorted(self.sizes.items())),
             "by_method": {m: dict(sorted(c.items())) for m, c in sorted(self.by_method.items())},
+            "unqueued": self.unqueued,
         }
 
 
@@ -357,9 +361,9 @@ class BatchedModelServer:
     def _route(self) -> str:
         return self._settings.version if self._settings else "-"
 
-    def _record_batch(self, method: str, enqueued: list[float]) -> None:
+    def _record_batch(self, method: str, enqueued: list[float], unqueued: bool) -> None:
         now = time.perf_counter()
-        self._stats.record(len(enqueued), method)
+        self._stats.record(len(enqueued), method, unqueued)
         self._batch_hist.observe(len(enqueued), tags={"model": self.model, "method": method})
         for t in enqueued:
             self._wait_hist.observe((now - t) * 1000, tags={"model": self.model, "route": self._route, "method": method})
@@ -368,7 +372,7 @@ class BatchedModelServer:
 
     async def _predict_batch(self, requests: list[ClassifyRequest], gated: bool = True) -> list[dict]:
         loaded = self._current()
-        self._record_batch("predict", [r.enqueued for r in requests])
+        self._record_batch("predict", [r.enqueued for r in requests], unqueued=not gated)
         # Off the event loop: the replica keeps taking requests (and answering health checks)
         # while a batch computes.
         with self._gate("predict", gated):
@@ -381,7 +385,7 @@ class BatchedModelServer:
 
     async def _lm_batch(self, requests: list[LMRequest], gated: bool = True) -> list[dict]:
         loaded = self._current()
-        self._record_batch("lm", [r.enqueued for r in requests])
+        self._record_batch("lm", [r.enqueued for r in requests], unqueued=not gated)
         with self._gate("lm", gated):
             results = await asyncio.to_thread(run_lm_batch, loaded.predictor, requests)
         out = []
@@ -398,7 +402,7 @@ class BatchedModelServer:
         """First a header per item ({version, backend}), then one list per decode step: each
         item's new byte id, or StopIteration once it is done (Serve's end-of-stream sentinel)."""
         loaded = self._current()
-        self._record_batch("generate_stream", [i.enqueued for i in items])
+        self._record_batch("generate_stream", [i.enqueued for i in items], unqueued=not gated)
         yield [{"version": loaded.version, "backend": loaded.backend, "route": self._route}] * len(items)
         steps = generate_steps(loaded.predictor, [i.row for i in items], [i.params for i in items])
         with self._gate("generate_stream", gated):
@@ -419,7 +423,7 @@ class BatchedModelServer:
         """Non-streaming generation: the same decode loop, run to the end in one thread hop (nobody
         sees a token before the last one, and per-token hand-offs cost CPU the batch needs)."""
         loaded = self._current()
-        self._record_batch("generate", [i.enqueued for i in items])
+        self._record_batch("generate", [i.enqueued for i in items], unqueued=not gated)
         try:
             with self._gate("generate", gated):
                 tokens = await asyncio.to_thread(

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from app.artifacts import save_fp32
 from app.compression import METHODS
@@ -40,6 +42,7 @@ def artifacts(tmp_path_factory):
         "gpt": str(save_fp32(root / "gpt", build_model(gpt.model), gpt)),
     }
     paths["vit_int8"] = str(METHODS["torch_int8"](paths["vit"], root / "vit_int8"))
+    paths["vit_onnx_int8"] = str(METHODS["onnx_int8"](paths["vit"], root / "vit_onnx_int8"))
     return paths
 
 
@@ -56,6 +59,8 @@ def registry_cfg(ray_cluster, artifacts, tmp_path_factory):
     ray.get(handle.register_version.remote("digits", artifacts["vit"], "torch_fp32"))
     ray.get(handle.register_version.remote(
         "digits", artifacts["vit_int8"], "torch_int8", parent={"model": "digits", "version": 1}, transformation="quantized"))
+    ray.get(handle.register_version.remote(
+        "digits", artifacts["vit_onnx_int8"], "onnx_int8", parent={"model": "digits", "version": 1}, transformation="quantized"))
     ray.get(handle.set_alias.remote("digits", "production", 1))
     ray.get(handle.register_version.remote("code", artifacts["gpt"], "torch_fp32"))
     yield cfg
@@ -66,6 +71,7 @@ def registry_cfg(ray_cluster, artifacts, tmp_path_factory):
 def app_cfg(registry_cfg) -> ServeApp:
     return ServeApp(registry=registry_cfg, serve=ServeConfig(
         app_name=f"temper-test-{uuid.uuid4().hex[:6]}", port=free_port(), route_prefix="/temper", max_body_bytes=64_000,
+        alias_poll_interval_s=0.5,
         models=[
             # A long batch wait so that concurrent requests reliably meet in one batch.
             ServedModel(model="digits", version="production", max_batch_size=16, batch_wait_timeout_s=0.1, cpus_per_replica=0.5),
@@ -193,7 +199,12 @@ def test_reconfigure_changes_batching_and_version_live(base_url, app_cfg, artifa
 
 
 @pytest.mark.parametrize("path, body, status, code, field", [
+    ("digits/predict", b"{oops", 422, "422_0001", "body"),                                  # not JSON
+    ("digits/predict", [[0.1] * 64], 422, "422_0001", "body"),                              # not an object
     ("digits/predict", {"top_k": 2}, 422, "422_0001", "inputs"),                          # missing field
+    ("digits/predict", {"inputs": []}, 422, "422_0001", "inputs"),                          # empty list
+    ("digits/predict", {"inputs": [[[0.1] * 8] * 7 + [[0.1] * 7]]}, 422, "422_0001", "inputs.0"),  # ragged rows
+    ("digits/predict", {"inputs": [[0.1] * 64], "top_k": 0}, 422, "422_0001", "top_k"),    # out of range
     ("digits/predict", {"inputs": [[0.1] * 64, [0.1] * 63]}, 422, "422_0001", "inputs.1"),  # wrong shape
     ("digits/predict", {"inputs": [[0.1] * 64], "temperature": 1}, 422, "422_0001", "temperature"),  # unknown key
     ("digits/predict", {"inputs": [[0.1] * 64], "top_k": "2"}, 422, "422_0001", "top_k"),  # wrong type
@@ -204,11 +215,21 @@ def test_reconfigure_changes_batching_and_version_live(base_url, app_cfg, artifa
     ("digits/generate", {"prompt": "x"}, 400, "400_0001", "model"),                         # wrong task
     ("code/generate", {"prompt": "x", "max_new_tokens": 25}, 422, "422_0001", "max_new_tokens"),  # over the cap
     ("code/score", {"texts": ["x" * 33]}, 422, "422_0001", "texts.0"),                      # over block_size
+    ("code/score", {"texts": ["x"] * 300}, 413, "413_0001", "texts"),                       # over max_items_per_request
+    ("code/generate", {"prompt": ""}, 422, "422_0001", "prompt"),                           # empty prompt
+    ("code/generate", {"prompt": "x", "temperature": -1}, 422, "422_0001", "temperature"),  # negative temperature
+    ("code/generate", {"prompt": "x", "seed": -1}, 422, "422_0001", "seed"),                # negative seed
+    ("code/generate", {"prompt": "x", "stream": "yes"}, 422, "422_0001", "stream"),         # not a boolean
 ])
 def test_malformed_requests_get_json_errors(base_url, path, body, status, code, field):
-    resp = httpx.post(f"{base_url}{API_PREFIX}/models/{path}", json=body, timeout=30)
+    url = f"{base_url}{API_PREFIX}/models/{path}"
+    if isinstance(body, bytes):
+        resp = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        resp = httpx.post(url, json=body, timeout=30)
     assert resp.status_code == status, resp.text
     err = resp.json()
+    assert set(err) == {"error_code", "error_message", "error_details", "request_id", "timestamp"}
     assert err["error_code"] == code
     assert err["error_details"]["field"] == field
     assert err["error_details"]["message"] and err["timestamp"]
@@ -277,3 +298,135 @@ def test_deploy_refuses_unknown_version_or_wrong_backend(app_cfg):
     bad.serve.models[0].backend = "onnx_int8"
     with pytest.raises(ValueError, match="onnx_int8"):
         check_versions(bad)
+
+
+def _wait_for(condition, what, deadline_s: float = 60.0):
+    """Poll `condition` until it returns something truthy (fail after `deadline_s`)."""
+    deadline, last_error = time.monotonic() + deadline_s, None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (httpx.HTTPError, ValueError, KeyError) as err:
+            value, last_error = None, err
+        if value:
+            return value
+        time.sleep(0.25)
+    what = what() if callable(what) else what
+    pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+def test_a_lone_request_skips_the_batch_wait(base_url, app_cfg, client):
+    """ray #36510: a request that arrives at an idle replica must not wait batch_wait_timeout_s."""
+    from ray import serve
+
+    stats = HandleClient(app_cfg.serve.app_name, "digits")
+    patient = app_cfg.model_copy(deep=True)
+    patient.serve.models[0].batch_wait_timeout_s = 8.0  # a lone request in the queue would wait this long
+    serve.run(build_app(patient), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
+    try:
+        assert {m["model"]: m for m in client.models()}["digits"]["batch_wait_timeout_s"] == 8.0
+        before = stats.stats()
+        with httpx.Client(timeout=30) as c:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                resp = c.post(f"{base_url}{API_PREFIX}/models/digits/predict", json={"inputs": [[0.5] * 64]})
+                assert resp.status_code == 200 and time.perf_counter() - t0 < 4.0
+        after = stats.stats()
+        assert after["unqueued"] - before["unqueued"] == 5  # every one ran at once, outside the queue
+        assert _diff(after, before) == {1: 5}
+    finally:
+        serve.run(build_app(app_cfg), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
+
+
+def _metric_total(text: str, name: str, **labels: str) -> float | None:
+    """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total, found = total + float(value), True
+    return total if found else None
+
+
+def test_batch_size_and_queue_wait_histograms_reach_prometheus(base_url, app_cfg, digits_images):
+    """`temper_serve_batch_size` / `temper_serve_queue_wait_ms` (ray.util.metrics) on the node's
+    metrics endpoint agree with the batches the replica counted: every cumulative bucket of the
+    batch-size histogram, and one queue-wait observation per request. (Not `_sum`: Ray's exporter
+    rebuilds it from the buckets, so it is approximate.)"""
+    import ray
+
+    from app.telemetry import BATCH_BOUNDARIES
+
+    asyncio.run(_concurrent_predicts(base_url, digits_images, N_CONCURRENT))
+    predict = HandleClient(app_cfg.serve.app_name, "digits").stats()["by_method"]["predict"]
+    assert max(predict) > 1
+    requests = sum(size * n for size, n in predict.items())
+    want = {f"{float(b)}": sum(n for size, n in predict.items() if size <= b) for b in BATCH_BOUNDARIES}
+    want["+Inf"] = sum(predict.values())
+    node = ray._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    tags = {"model": "digits", "method": "predict"}
+    seen: dict = {}
+
+    def exported():
+        text = httpx.get(url, timeout=10).text
+        seen["buckets"] = {le: _metric_total(text, "ray_temper_serve_batch_size_bucket", le=le, **tags) for le in want}
+        seen["waits"] = _metric_total(text, "ray_temper_serve_queue_wait_ms_count", **tags)
+        return seen["buckets"] == want and seen["waits"] == requests
+
+    _wait_for(exported, lambda: f"batch-size buckets {want} and {requests} queue waits (seen: {seen})")
+
+
+def test_alias_moved_to_an_onnx_int8_version_is_served(base_url, registry_cfg, artifacts, client, digits_images):
+    """ONNX Runtime int8 backend, loaded from its .onnx file when the served alias moves to it."""
+    import ray
+
+    from actors.registry import get_or_create_registry
+
+    registry = get_or_create_registry(registry_cfg)
+    ray.get(registry.set_alias.remote("digits", "production", 3))
+    try:
+        _wait_for(lambda: client.predict("digits", digits_images[:1]).version == 3, "production to serve v3")
+        result = client.predict("digits", digits_images, top_k=3)
+        assert (result.version, result.backend) == (3, "onnx_int8")
+        want = classify(load_predictor(artifacts["vit_onnx_int8"]), digits_images, 3)
+        assert result.labels == [w["label"] for w in want]
+        for got, exp in zip(result.probabilities, want):
+            np.testing.assert_allclose([g["probability"] for g in got], [e["probability"] for e in exp["top_k"]], rtol=1e-4)
+    finally:
+        ray.get(registry.set_alias.remote("digits", "production", 1))
+        _wait_for(lambda: client.predict("digits", digits_images[:1]).version == 1, "production to serve v1 again")
+
+
+def test_generated_serve_config_file_deploys_with_serve(base_url, app_cfg, tmp_path):
+    """`python -m app serve config` writes a file that Serve's controller deploys as `serve deploy
+    FILE` does (schema check, then `apply_config`), with an edited `user_config` taking effect."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.__main__ import main
+
+    variant = app_cfg.model_copy(deep=True)
+    variant.serve.app_name = app_cfg.serve.app_name + "-file"
+    variant.serve.route_prefix = "/from-file"
+    variant.serve.models = variant.serve.models[:1]  # digits
+    src = tmp_path / "serve.yaml"
+    src.write_text(yaml.safe_dump(variant.model_dump(mode="json")))
+    out = tmp_path / "serve_config.yaml"
+    assert main(["serve", "config", "--config", str(src), "-o", str(out)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    [deployment] = doc["applications"][0]["deployments"]
+    assert deployment["name"] == "model-digits" and deployment["user_config"]["max_batch_size"] == 16
+    deployment["user_config"]["max_batch_size"] = 3  # tuned the Ray way, in the file
+    serve_client = _get_global_client()
+    serve_client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
+    try:
+        url = f"http://127.0.0.1:{app_cfg.serve.port}/from-file{API_PREFIX}"
+        _wait_for(lambda: httpx.get(f"{url}/health", timeout=10).status_code == 200, "the app from the file")
+        [digits] = httpx.get(f"{url}/models", timeout=30).json()["models"]
+        assert (digits["model"], digits["version"], digits["max_batch_size"]) == ("digits", 1, 3)
+        resp = httpx.post(f"{url}/models/digits/predict", json={"inputs": [[0.5] * 64]}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["version"] == 1
+    finally:
+        serve_client.delete_apps([variant.serve.app_name], blocking=True)

@@ -148,6 +148,17 @@ def _wait_for(condition, what: str, poke=None):
     pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
+def _metric_total(text: str, name: str, **labels: str) -> float | None:
+    """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total, found = total + float(value), True
+    return total if found else None
+
+
 def _predict(url: str, headers: dict | None = None) -> httpx.Response:
     return httpx.post(f"{url}{API_PREFIX}/models/digits/predict", json={"inputs": [[0.5] * 64], "top_k": 1},
                       headers=headers or {}, timeout=30)
@@ -230,6 +241,11 @@ def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, 
     watcher = serve.get_deployment_handle(WATCHER_NAME, app_cfg.serve.app_name).status.remote().result(timeout_s=30)
     [event] = watcher["rollbacks"]
     assert (event["model"], event["alias"], event["from_version"], event["to_version"]) == ("digits", "staging", 3, 2)
+    # ... and the metric went up once (ray.util.metrics, on the node's Prometheus endpoint)
+    node = ray._private.worker.global_worker.node
+    metrics_url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    _wait_for(lambda: _metric_total(httpx.get(metrics_url, timeout=10).text, "ray_temper_serve_rollbacks_total",
+                                    model="digits", alias="staging") == 1, "temper_serve_rollbacks_total to reach 1")
 
 
 def test_overload_answers_503_with_retry_after_from_a_bounded_queue(base_url):

@@ -122,9 +122,9 @@ def test_images_from_inputs_shapes_and_errors():
 def test_batch_stats_counts_sizes():
     stats = BatchStats()
     for size, method in ((1, "predict"), (4, "predict"), (4, "generate"), (2, "predict")):
-        stats.record(size, method)
+        stats.record(size, method, unqueued=size == 1)
     assert stats.snapshot() == {"batches": 4, "max_batch_size_seen": 4, "batch_size_counts": {1: 1, 2: 1, 4: 2},
-                                "by_method": {"generate": {4: 1}, "predict": {1: 1, 2: 1, 4: 1}}}
+                                "by_method": {"generate": {4: 1}, "predict": {1: 1, 2: 1, 4: 1}}, "unqueued": 1}
 
 
 def test_refusal_round_trip():

@@ -221,6 +221,13 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(tmp_path):
     assert main(["serve", "config", str(src), "-o", str(tmp_path / "out.yaml"), "serve.port=8123"]) == 0
     written = yaml.safe_load((tmp_path / "out.yaml").read_text())
     assert written["http_options"]["port"] == 8123
+    # `--config FILE` is accepted as well, with or without an action (none: deploy)
+    assert main(["serve", "config", "--config", str(src), "-o", str(tmp_path / "out2.yaml"), "serve.port=8124"]) == 0
+    assert yaml.safe_load((tmp_path / "out2.yaml").read_text())["http_options"]["port"] == 8124
+    from app.__main__ import _serve_config_option
+
+    assert _serve_config_option(["serve", "--config", "c.yaml", "serve.port=1"]) == ["serve", "deploy", "c.yaml", "serve.port=1"]
+    assert _serve_config_option(["serve", "status", "--config=c.yaml", "--json"]) == ["serve", "status", "c.yaml", "--json"]
 
 
 # ----------------------------------------------------------------------------- advisor
