@@ -2,13 +2,13 @@
 
 - dense:    train N steps (2 DDP workers on Ray Train).
 - gradual:  the same N steps with a magnitude_pruning callback (global unstructured, cubic
-            schedule from 10% to 50% of N by default, masks re-applied after every step) reaching 50%.
+            schedule from 40% to 90% of N by default, masks re-applied after every step) reaching 50%.
 - one-shot: the dense model's weights, 50% pruned at once (same global magnitude rule), no
             retraining.
 Quality = validation loss on the same fixed batches; prints each with its relative change vs
 dense and writes benchmarks/results/pruning.json. Goal: gradual <= 2% relative loss vs dense.
 
-    .venv/bin/python benchmarks/pruning.py [--steps 600] [--start-frac 0.1] [--end-frac 0.5]
+    .venv/bin/python benchmarks/pruning.py [--steps 600] [--start-frac 0.4] [--end-frac 0.9]
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-batches", type=int, default=32)
-    ap.add_argument("--start-frac", type=float, default=0.1, help="schedule start, as a fraction of --steps")
-    ap.add_argument("--end-frac", type=float, default=0.5, help="schedule end, as a fraction of --steps")
+    ap.add_argument("--start-frac", type=float, default=0.4, help="schedule start, as a fraction of --steps")
+    ap.add_argument("--end-frac", type=float, default=0.9, help="schedule end, as a fraction of --steps")
     args = ap.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     steps = args.steps

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +59,11 @@ def main() -> None:
     ap.add_argument("--rf", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=3)
     args = ap.parse_args()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # RAY_ADDRESS: a cluster started with `ray start --head` (see the README); else an embedded one.
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as root:
         grid = sweep(root, "grid", {"name": "fifo"}, args)
         asha = sweep(root, "asha", {"name": "asha", "grace_period": args.grace, "reduction_factor": args.rf}, args)

@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
              f"strategy {tc.strategy}, precision {tc.precision}, data {data.describe()}, config {config_hash(job)}")
 
     # --- resume
-    start_step = 0
+    start_step, seeded = 0, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -119,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _say(f"[train] resumed from checkpoint at step {start_step}")
     elif loop_config.get("initial_checkpoint"):  # this run has none yet: seed it from another run's (PBT)
         start_step = _load_checkpoint(Path(loop_config["initial_checkpoint"]), job, strategy, scheduler, callbacks)
+        seeded = True
         if rank == 0:
             _say(f"[train] started from {loop_config['initial_checkpoint']} at step {start_step}")
     state.step = state.resumed_from = start_step
@@ -134,8 +135,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     m_eval = telemetry.gauge(telemetry.EVAL_METRIC, ("run", "metric"))
 
     if start_step >= tc.steps or state.should_stop:  # finished (or stopped early): report the final evaluation once more
-        metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world)}
-        ray.train.report({**metrics, **_memory_metrics(strategy, world)})
+        metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world),
+                   **_memory_metrics(strategy, world)}
+        if seeded:  # started from another run's final checkpoint: this run still ends with one of its own
+            _report_checkpoint(job, strategy, scheduler, callbacks, start_step, metrics, rank)
+        else:
+            ray.train.report(metrics)
         return
 
     # --- train
@@ -191,12 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 m_eval.set(metrics[metric_name], {"run": job.name, "metric": metric_name})
                 _say(f"[eval] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
             if done % tc.checkpoint_every == 0 or done == tc.steps or pausing or state.should_stop:
-                with tempfile.TemporaryDirectory() as tmp:
-                    folder = Path(tmp)
-                    _save_checkpoint(folder, job, strategy, scheduler, callbacks, done, metrics, rank)
-                    # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
-                    ckpt = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
-                    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{done:08d}")
+                _report_checkpoint(job, strategy, scheduler, callbacks, done, metrics, rank)
             else:
                 ray.train.report(metrics)
         if state.should_stop:
@@ -207,6 +207,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _say(f"[train] paused at step {done} (train.pause_at_step); re-run the job to continue to {tc.steps}")
             return
+
+
+def _report_checkpoint(job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:
+    """Write this rank's part of the step's checkpoint and report it with the metrics."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _save_checkpoint(folder, job, strategy, scheduler, callbacks, step, metrics, rank)
+        # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
+        ckpt = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{step:08d}")
 
 
 def _load_teacher(job: TrainJob, artifact: str | None, device):

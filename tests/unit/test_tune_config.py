@@ -126,3 +126,16 @@ def test_cli_tune_needs_a_config_or_a_name(tmp_path, capsys):
     assert "--resume NAME" in capsys.readouterr().err
     assert main(["tune", "--resume", "nothing-here", "--storage", str(tmp_path)]) == 2
     assert "no sweep named 'nothing-here'" in capsys.readouterr().err
+
+
+def test_run_config_with_a_tune_section_hands_it_to_the_sweep():
+    tree = copy.deepcopy(BASE)
+    tree["tune"] = {"search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}, "num_samples": 3}
+    tree["compress"] = {"methods": ["onnx_int8"]}
+    job = parse_config("run", tree)
+    sweep = job.tune_job()
+    assert sweep.tune == job.tune and sweep.train == job.train and sweep.compress.methods == ["onnx_int8"]
+    assert parse_config("run", copy.deepcopy(BASE)).tune is None  # no section: one training run
+    tree["tune"]["search_space"] = {"train.nope": {"type": "uniform", "low": 0.1, "high": 0.2}}
+    with pytest.raises(ConfigError, match="tune.search_space.train.nope"):
+        parse_config("run", tree)
