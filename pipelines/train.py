@@ -356,7 +356,11 @@ class ForwardReports(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+        import ray
+
+        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None,
+                        # the run's controller (this callback runs inside it): lets the trial abort the run
+                        "controller": ray.get_runtime_context().current_actor})
 
 
 def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, resume_from: str | None = None) -> TrainResult:

@@ -104,7 +104,9 @@ def build_scheduler(job: TuneJob):
     return FIFOScheduler()
 
 
-def build_searcher(job: TuneJob):
+def build_searcher(job: TuneJob, concurrency: int):
+    """The search algorithm. Ray applies `max_concurrent_trials` only to a `Searcher` (Optuna);
+    a `BasicVariantGenerator` passed in ignores it (with a log warning), so it gets the limit itself."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     sc = job.tune.searcher
@@ -116,7 +118,7 @@ def build_searcher(job: TuneJob):
         metric, mode = objective(job)
         sampler = optuna.samplers.TPESampler(seed=sc.seed, n_startup_trials=sc.n_startup_trials)
         return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
-    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=sc.seed)
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=sc.seed, max_concurrent=concurrency)
 
 
 def default_concurrency(job: TuneJob) -> int:
@@ -199,17 +201,24 @@ def run_trial(values: dict, job_json: dict) -> None:
     worker = threading.Thread(target=train, name=f"fit-{run_name}", daemon=True)
     worker.start()
     last: dict | None = None
-    while True:
-        try:
-            item = reports.get(timeout=0.5)
-        except Empty:
-            if worker.is_alive() or not reports.empty():
-                continue
-            break
-        metrics = _scalars(item["metrics"])
-        ckpt = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
-        tune.report(metrics, checkpoint=ckpt)
-        last = {"metrics": metrics, "checkpoint": item["checkpoint"]}
+    controller = None
+    try:
+        while True:
+            try:
+                item = reports.get(timeout=0.5)
+            except Empty:
+                if worker.is_alive() or not reports.empty():
+                    continue
+                break
+            controller = item["controller"]
+            metrics = _scalars(item["metrics"])
+            ckpt = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
+            tune.report(metrics, checkpoint=ckpt)  # raises SystemExit when a scheduler stops or pauses the trial
+            last = {"metrics": metrics, "checkpoint": item["checkpoint"]}
+    finally:
+        if worker.is_alive() and controller is not None:
+            _abort_run(controller)
+            _log_attempt(folder, "stopped", step=(last or {}).get("metrics", {}).get("step"))
     worker.join()
     ray.kill(reports.actor)
     if "error" in outcome:
@@ -221,6 +230,19 @@ def run_trial(values: dict, job_json: dict) -> None:
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, done)
     _log_attempt(folder, "finished", step=record["metrics"].get("step"))
+
+
+def _abort_run(controller) -> None:
+    """Abort the trial's training run before the trial process goes away.
+
+    A run whose controller merely dies with its owner leaves its placement group (its workers'
+    CPUs) reserved until Ray Train's background cleaner notices, and that cleaner finds the
+    cluster through Ray's address auto-detection, which fails when the machine has seen more than
+    one Ray instance: stopped trials then starve the next ones. An explicit abort frees it now."""
+    try:
+        ray.get(controller.abort.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass  # abort ends the controller's process: the call itself reports the actor gone
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -318,7 +340,7 @@ def run_sweep(job: TuneJob, registry=None, *, resume: bool = False, resume_error
             param_space=search_space(job.tune),
             tune_config=RayTuneConfig(
                 metric=metric, mode=mode, num_samples=job.tune.num_samples, max_concurrent_trials=concurrency,
-                scheduler=build_scheduler(job), search_alg=build_searcher(job), reuse_actors=False,
+                scheduler=build_scheduler(job), search_alg=build_searcher(job, concurrency), reuse_actors=False,
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=RunConfig(

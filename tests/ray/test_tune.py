@@ -130,7 +130,7 @@ def test_optuna_suggestions_move_away_from_the_starting_points(ray_cluster, tmp_
 def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, tmp_path):
     tree = _tree(tmp_path, "resumable", {
         "search_space": {"train.lr": {"type": "grid", "values": [0.001, 0.003, 0.01, 0.03]}},
-        "num_samples": 1, "max_concurrent_trials": 1, "searcher": {"name": "grid"},
+        "num_samples": 1, "max_concurrent_trials": 2, "searcher": {"name": "grid"},
     }, steps=30)
     parse_config("tune", tree)
     cfg = tmp_path / "sweep.yaml"
@@ -153,7 +153,7 @@ def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, 
             driver.kill()
         log1.close()
     finished_first = {p.parent.name for p in paths.trials.glob("trial-*/done.json")}
-    assert len(finished_first) in (2, 3)
+    assert 2 <= len(finished_first) <= 3
 
     second = subprocess.run(
         [sys.executable, "-m", "app", "tune", "--resume", "resumable", "--storage", str(tmp_path), "--json"],
@@ -190,12 +190,10 @@ def test_a_run_can_start_from_another_runs_checkpoint_with_new_hyperparameters(r
 
     donor = fit(job("donor", 3e-3, 20))
     clone = fit(job("clone", 1e-2, 40), resume_from=donor.checkpoint_path)
-    fresh = fit(job("fresh", 1e-2, 40))
     assert donor.metrics["step"] == 20
     assert clone.metrics["start_step"] == 20 and clone.metrics["step"] == 40   # continued, did not restart
-    assert fresh.metrics["start_step"] == 0
     # The clone's schedule is its own lr's (cosine floor 0.1 x 1e-2 at the end), not the donor's 3e-3.
-    assert clone.metrics["lr"] == pytest.approx(fresh.metrics["lr"]) == pytest.approx(1e-3)
+    assert clone.metrics["lr"] == pytest.approx(1e-3)
     a = load_file(str(Path(donor.artifact_path) / "model.safetensors"))
     b = load_file(str(Path(clone.artifact_path) / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on from there

@@ -89,8 +89,10 @@ def test_schedulers_measure_progress_in_steps():
                                 "scheduler": {"name": "pbt", "perturbation_interval": 20}}))
     assert isinstance(pbt, PopulationBasedTraining) and set(pbt._hyperparam_mutations) == {"train.lr"}
     searcher = build_searcher(_job({"search_space": {"train.lr": {"type": "uniform", "low": 1e-3, "high": 2e-3}},
-                                    "searcher": {"name": "optuna", "seed": 1, "n_startup_trials": 3}}))
-    assert type(searcher).__name__ == "OptunaSearch"
+                                    "searcher": {"name": "optuna", "seed": 1, "n_startup_trials": 3}}), 2)
+    assert type(searcher).__name__ == "OptunaSearch"   # Tune wraps it in a ConcurrencyLimiter
+    grid = build_searcher(_job({"search_space": {"train.lr": {"type": "grid", "values": [1e-3, 2e-3]}}}), 2)
+    assert grid.max_concurrent == 2  # Tune would not limit a BasicVariantGenerator it was handed
 
 
 def _row(tid, metric, steps, *, error=None, full=60):
