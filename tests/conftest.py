@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric_total(text: str, name: str, **labels: str) -> float | None:
+    """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total, found = total + float(value), True
+    return total if found else None
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """An embedded local Ray cluster with 4 logical CPUs, shut down after the session."""
@@ -28,7 +39,10 @@ def ray_cluster():
     ray.init(
         address="local",
         num_cpus=4,
-        include_dashboard=False,
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls
+        # (a stopped Tune trial's run would otherwise keep its CPUs); bound to 127.0.0.1.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         namespace="temper-tests",
         log_to_driver=True,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},

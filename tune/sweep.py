@@ -213,12 +213,14 @@ def run_trial(values: dict, job_json: dict) -> None:
             controller = item["controller"]
             metrics = _scalars(item["metrics"])
             ckpt = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
-            tune.report(metrics, checkpoint=ckpt)  # raises SystemExit when a scheduler stops or pauses the trial
             last = {"metrics": metrics, "checkpoint": item["checkpoint"]}
+            tune.report(metrics, checkpoint=ckpt)  # raises SystemExit when a scheduler stops or pauses the trial
     finally:
-        if worker.is_alive() and controller is not None:
+        step = (last or {}).get("metrics", {}).get("step", 0)
+        # Stopped mid-run (not at its last step, which ASHA's max_t also "stops"): abort the run.
+        if worker.is_alive() and controller is not None and step < trial_job.train.steps:
+            _log_attempt(folder, "stopped", step=step)
             _abort_run(controller)
-            _log_attempt(folder, "stopped", step=(last or {}).get("metrics", {}).get("step"))
     worker.join()
     ray.kill(reports.actor)
     if "error" in outcome:

@@ -23,7 +23,7 @@ from app.inference import classify, generate_text, load_predictor, score_text
 from app.models import build_model
 from serve.app import API_PREFIX, ModelRequestError, build_app, deploy, shutdown
 from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
-from conftest import free_port
+from conftest import free_port, metric_total
 
 pytestmark = pytest.mark.ray
 
@@ -338,17 +338,6 @@ def test_a_lone_request_skips_the_batch_wait(base_url, app_cfg, client):
         serve.run(build_app(app_cfg), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
 
 
-def _metric_total(text: str, name: str, **labels: str) -> float | None:
-    """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            head, value = line.rsplit(" ", 1)
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total, found = total + float(value), True
-    return total if found else None
-
-
 def test_batch_size_and_queue_wait_histograms_reach_prometheus(base_url, app_cfg, digits_images):
     """`temper_serve_batch_size` / `temper_serve_queue_wait_ms` (ray.util.metrics) on the node's
     metrics endpoint agree with the batches the replica counted: every cumulative bucket of the
@@ -371,8 +360,8 @@ def test_batch_size_and_queue_wait_histograms_reach_prometheus(base_url, app_cfg
 
     def exported():
         text = httpx.get(url, timeout=10).text
-        seen["buckets"] = {le: _metric_total(text, "ray_temper_serve_batch_size_bucket", le=le, **tags) for le in want}
-        seen["waits"] = _metric_total(text, "ray_temper_serve_queue_wait_ms_count", **tags)
+        seen["buckets"] = {le: metric_total(text, "ray_temper_serve_batch_size_bucket", le=le, **tags) for le in want}
+        seen["waits"] = metric_total(text, "ray_temper_serve_queue_wait_ms_count", **tags)
         return seen["buckets"] == want and seen["waits"] == requests
 
     _wait_for(exported, lambda: f"batch-size buckets {want} and {requests} queue waits (seen: {seen})")

@@ -30,7 +30,7 @@ from app.models import build_model
 from serve.app import API_PREFIX, ROUTE_HEADER, WATCHER_NAME, deploy
 from serve.client import AsyncTemperClient, HandleClient, RetryPolicy, TemperClient
 from serve.routing import TrafficRouter
-from conftest import free_port
+from conftest import free_port, metric_total
 
 pytestmark = pytest.mark.ray
 
@@ -148,17 +148,6 @@ def _wait_for(condition, what: str, poke=None):
     pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
-def _metric_total(text: str, name: str, **labels: str) -> float | None:
-    """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            head, value = line.rsplit(" ", 1)
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total, found = total + float(value), True
-    return total if found else None
-
-
 def _predict(url: str, headers: dict | None = None) -> httpx.Response:
     return httpx.post(f"{url}{API_PREFIX}/models/digits/predict", json={"inputs": [[0.5] * 64], "top_k": 1},
                       headers=headers or {}, timeout=30)
@@ -226,7 +215,10 @@ def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, 
     for _ in range(12):
         statuses[("staging", _predict(base_url, canary).status_code)] += 1
         statuses[("production", _predict(base_url, {ROUTE_HEADER: "production"}).status_code)] += 1
-    assert statuses == {("staging", 500): 12, ("production", 200): 12}
+    # The watcher may already act within these calls (8 failed canary calls in its window, the
+    # polling above included): a canary answer after that comes from the rolled-back version, 200.
+    assert statuses[("production", 200)] == 12 and statuses[("staging", 500)] >= 1, statuses
+    assert set(statuses) <= {("staging", 500), ("staging", 200), ("production", 200)}, statuses
 
     def rolled_back():
         rows = ray.get(ray_handle.alias_history.remote("digits", "staging"))
@@ -244,7 +236,7 @@ def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, 
     # ... and the metric went up once (ray.util.metrics, on the node's Prometheus endpoint)
     node = ray._private.worker.global_worker.node
     metrics_url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
-    _wait_for(lambda: _metric_total(httpx.get(metrics_url, timeout=10).text, "ray_temper_serve_rollbacks_total",
+    _wait_for(lambda: metric_total(httpx.get(metrics_url, timeout=10).text, "ray_temper_serve_rollbacks_total",
                                     model="digits", alias="staging") == 1, "temper_serve_rollbacks_total to reach 1")
 
 
