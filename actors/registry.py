@@ -40,6 +40,7 @@ import numbers
 import operator
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1523,14 +1524,20 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
             node_id=ray.get_runtime_context().get_node_id(), soft=False
         )
-    handle = ModelRegistry.options(**options).remote(url, mirror)
     where = f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) on {_display_url(url)}"
-    try:
-        actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
-    except ray.exceptions.RayActorError as err:  # e.g. its __init__ refused the database
-        raise RuntimeError(f"{where} failed to start: {err}") from err
-    except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(f"{where} did not answer within {ACTOR_START_TIMEOUT_S:.0f}s") from None
+    for attempt in range(3):
+        handle = ModelRegistry.options(**options).remote(url, mirror)
+        try:
+            actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
+            break
+        except ray.exceptions.RayActorError as err:
+            # Right after a `ray.kill`, the name can still resolve to the dead actor for a moment:
+            # ask again. A second death is real (e.g. its __init__ refused the database).
+            if attempt == 2:
+                raise RuntimeError(f"{where} failed to start: {err}") from err
+            time.sleep(1.0)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{where} did not answer within {ACTOR_START_TIMEOUT_S:.0f}s") from None
     if actual["db_url"] != _display_url(url):
         raise ValueError(
             f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs on database "
