@@ -761,6 +761,14 @@ def trial_tree(job: TrainJob, values: dict[str, Any]) -> dict:
     return tree
 
 
+def _check_trial(job: TrainJob, values: dict[str, Any], where: str) -> None:
+    try:
+        TrainJob.model_validate(trial_tree(job, values))
+    except (ValidationError, ConfigError) as err:
+        detail = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
+        raise ValueError(f"{where} gives an invalid job: {detail}") from None
+
+
 def check_tune_section(job: TrainJob, tune: "TuneConfig") -> None:
     """Every searched path must exist and every searched value must make a valid training job.
 
@@ -777,17 +785,9 @@ def check_tune_section(job: TrainJob, tune: "TuneConfig") -> None:
             else:
                 raise ValueError(f"tune.search_space.{key}: {part!r} is not a key of this job's config")
         for value in dim.sample_values():
-            try:
-                TrainJob.model_validate(trial_tree(job, {key: value}))
-            except (ValidationError, ConfigError) as err:
-                detail = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
-                raise ValueError(f"tune.search_space.{key}: value {value!r} gives an invalid job: {detail}") from None
+            _check_trial(job, {key: value}, f"tune.search_space.{key}: value {value!r}")
     for i, point in enumerate(tune.searcher.points_to_evaluate):
-        try:
-            TrainJob.model_validate(trial_tree(job, point))
-        except (ValidationError, ConfigError) as err:
-            detail = format_validation_error(err) if isinstance(err, ValidationError) else str(err)
-            raise ValueError(f"tune.searcher.points_to_evaluate.{i}: gives an invalid job: {detail}") from None
+        _check_trial(job, point, f"tune.searcher.points_to_evaluate.{i}:")
     metric = tune.metric
     if metric is not None and tune.mode is None:
         raise ValueError(f"tune.mode must be set (min or max) when tune.metric ({metric!r}) is set")

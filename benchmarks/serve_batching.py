@@ -48,6 +48,20 @@ def _config_model(path: str):
     return job
 
 
+
+def _median_call_ms(call, iters: int) -> float:
+    """Median wall time of `call(i)` over `iters` calls, after 5 warm-up calls."""
+    import numpy as np
+
+    for i in range(5):
+        call(i)
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        call(i)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
 def in_process_p50_ms(pred, endpoint: str, max_new_tokens: int, iters: int = 40) -> float:
     """Median of the same single call the HTTP path makes, done in this process."""
     import numpy as np
@@ -66,20 +80,11 @@ def in_process_p50_ms(pred, endpoint: str, max_new_tokens: int, iters: int = 40)
         def call(i):
             classify(pred, images[i % len(images)], 1)
 
-    for i in range(5):
-        call(i)
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        call(i)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    return _median_call_ms(call, iters)
 
 
 def handle_p50_ms(model: str, endpoint: str, max_new_tokens: int, iters: int = 40) -> float:
     """Median of one call through the model's DeploymentHandle (in-cluster callers: no HTTP, no ingress)."""
-    import numpy as np
-
     from serve.client import HandleClient
     from serve.loadgen import PROMPTS, payloads
 
@@ -92,14 +97,7 @@ def handle_p50_ms(model: str, endpoint: str, max_new_tokens: int, iters: int = 4
         else:
             client.predict(bodies[i % len(bodies)]["inputs"], 1)
 
-    for i in range(5):
-        call(i)
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        call(i)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    return _median_call_ms(call, iters)
 
 
 def serve_floor_p50_ms(port: int, iters: int = 60) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -18,6 +19,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition, what, deadline_s: float = 60.0, poke=None, interval_s: float = 0.25):
+    """Poll `condition` until it returns something truthy (fail after `deadline_s`); `poke` runs
+    between polls. A poll that errs (connection reset, a body that is not JSON) counts as "not
+    yet"; the last such error is reported if the deadline passes. `what` may be a callable."""
+    import httpx
+
+    deadline, last_error = time.monotonic() + deadline_s, None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (httpx.HTTPError, ValueError, KeyError) as err:
+            value, last_error = None, err
+        if value:
+            return value
+        if poke is not None:
+            try:
+                poke()
+            except httpx.HTTPError as err:
+                last_error = err
+        time.sleep(interval_s)
+    what = what() if callable(what) else what
+    pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
 def metric_total(text: str, name: str, **labels: str) -> float | None:

@@ -96,9 +96,8 @@ def build_scheduler(job: TuneJob):
     if s.name == "hyperband":
         return HyperBandScheduler(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
     if s.name == "pbt":
-        mutations = {k: v for k, v in search_space(job.tune).items()}
         return PopulationBasedTraining(
-            time_attr=TIME_ATTR, perturbation_interval=s.perturbation_interval, hyperparam_mutations=mutations,
+            time_attr=TIME_ATTR, perturbation_interval=s.perturbation_interval, hyperparam_mutations=search_space(job.tune),
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
         )
     return FIFOScheduler()

@@ -23,7 +23,7 @@ from app.inference import classify, generate_text, load_predictor, score_text
 from app.models import build_model
 from serve.app import API_PREFIX, ModelRequestError, build_app, deploy, shutdown
 from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
-from conftest import free_port, metric_total
+from conftest import free_port, metric_total, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -300,21 +300,6 @@ def test_deploy_refuses_unknown_version_or_wrong_backend(app_cfg):
         check_versions(bad)
 
 
-def _wait_for(condition, what, deadline_s: float = 60.0):
-    """Poll `condition` until it returns something truthy (fail after `deadline_s`)."""
-    deadline, last_error = time.monotonic() + deadline_s, None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except (httpx.HTTPError, ValueError, KeyError) as err:
-            value, last_error = None, err
-        if value:
-            return value
-        time.sleep(0.25)
-    what = what() if callable(what) else what
-    pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
-
-
 def test_a_lone_request_skips_the_batch_wait(base_url, app_cfg, client):
     """ray #36510: a request that arrives at an idle replica must not wait batch_wait_timeout_s."""
     from ray import serve
@@ -364,7 +349,7 @@ def test_batch_size_and_queue_wait_histograms_reach_prometheus(base_url, app_cfg
         seen["waits"] = metric_total(text, "ray_temper_serve_queue_wait_ms_count", **tags)
         return seen["buckets"] == want and seen["waits"] == requests
 
-    _wait_for(exported, lambda: f"batch-size buckets {want} and {requests} queue waits (seen: {seen})")
+    wait_for(exported, lambda: f"batch-size buckets {want} and {requests} queue waits (seen: {seen})")
 
 
 def test_alias_moved_to_an_onnx_int8_version_is_served(base_url, registry_cfg, artifacts, client, digits_images):
@@ -376,7 +361,7 @@ def test_alias_moved_to_an_onnx_int8_version_is_served(base_url, registry_cfg, a
     registry = get_or_create_registry(registry_cfg)
     ray.get(registry.set_alias.remote("digits", "production", 3))
     try:
-        _wait_for(lambda: client.predict("digits", digits_images[:1]).version == 3, "production to serve v3")
+        wait_for(lambda: client.predict("digits", digits_images[:1]).version == 3, "production to serve v3")
         result = client.predict("digits", digits_images, top_k=3)
         assert (result.version, result.backend) == (3, "onnx_int8")
         want = classify(load_predictor(artifacts["vit_onnx_int8"]), digits_images, 3)
@@ -385,7 +370,7 @@ def test_alias_moved_to_an_onnx_int8_version_is_served(base_url, registry_cfg, a
             np.testing.assert_allclose([g["probability"] for g in got], [e["probability"] for e in exp["top_k"]], rtol=1e-4)
     finally:
         ray.get(registry.set_alias.remote("digits", "production", 1))
-        _wait_for(lambda: client.predict("digits", digits_images[:1]).version == 1, "production to serve v1 again")
+        wait_for(lambda: client.predict("digits", digits_images[:1]).version == 1, "production to serve v1 again")
 
 
 def test_generated_serve_config_file_deploys_with_serve(base_url, app_cfg, tmp_path):
@@ -412,7 +397,7 @@ def test_generated_serve_config_file_deploys_with_serve(base_url, app_cfg, tmp_p
     serve_client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
     try:
         url = f"http://127.0.0.1:{app_cfg.serve.port}/from-file{API_PREFIX}"
-        _wait_for(lambda: httpx.get(f"{url}/health", timeout=10).status_code == 200, "the app from the file")
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=10).status_code == 200, "the app from the file")
         [digits] = httpx.get(f"{url}/models", timeout=30).json()["models"]
         assert (digits["model"], digits["version"], digits["max_batch_size"]) == ("digits", 1, 3)
         resp = httpx.post(f"{url}/models/digits/predict", json={"inputs": [[0.5] * 64]}, timeout=30)

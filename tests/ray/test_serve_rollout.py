@@ -11,7 +11,6 @@ polling and the watcher work on their own clock)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 
@@ -30,12 +29,11 @@ from app.models import build_model
 from serve.app import API_PREFIX, ROUTE_HEADER, WATCHER_NAME, deploy
 from serve.client import AsyncTemperClient, HandleClient, RetryPolicy, TemperClient
 from serve.routing import TrafficRouter
-from conftest import free_port, metric_total
+from conftest import free_port, metric_total, wait_for
 
 pytestmark = pytest.mark.ray
 
 WEIGHTS = {"production": 90, "staging": 10}
-DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -127,27 +125,6 @@ def _staging_key() -> str:
     return next(k for k in (f"user-{i}" for i in range(1000)) if router.pick(k) == "staging")
 
 
-def _wait_for(condition, what: str, poke=None):
-    """Poll `condition` until it holds (or fail after DEADLINE_S); `poke` runs between polls. A
-    poll that errs (connection reset, a body that is not JSON) counts as "not yet"; the last
-    such error is reported if the deadline passes."""
-    deadline, last_error = time.monotonic() + DEADLINE_S, None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except (httpx.HTTPError, ValueError, KeyError) as err:
-            value, last_error = None, err
-        if value:
-            return value
-        if poke is not None:
-            try:
-                poke()
-            except httpx.HTTPError as err:
-                last_error = err
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
-
-
 def _predict(url: str, headers: dict | None = None) -> httpx.Response:
     return httpx.post(f"{url}{API_PREFIX}/models/digits/predict", json={"inputs": [[0.5] * 64], "top_k": 1},
                       headers=headers or {}, timeout=30)
@@ -189,11 +166,11 @@ def test_alias_move_in_registry_is_served_without_redeploy(base_url, app_cfg, re
     key = {"X-Temper-Route-Key": _staging_key()}
     assert _predict(base_url, key).json()["version"] == 2
     ray.get(ray_handle.set_alias.remote("digits", "staging", 1, "canary back to fp32", "test"))
-    _wait_for(lambda: _predict(base_url, key).json()["version"] == 1, "staging to serve v1")
+    wait_for(lambda: _predict(base_url, key).json()["version"] == 1, "staging to serve v1")
     after = staging.stats()
     assert after["replica"] == before["replica"] and after["swaps"] == before["swaps"] + 1  # hot swap, same replica
     ray.get(ray_handle.set_alias.remote("digits", "staging", 2, "canary: int8 again", "test"))
-    _wait_for(lambda: _predict(base_url, key).json()["version"] == 2, "staging to serve v2 again")
+    wait_for(lambda: _predict(base_url, key).json()["version"] == 2, "staging to serve v2 again")
 
 
 def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, app_cfg, registry):
@@ -209,7 +186,7 @@ def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, 
         resp = _predict(base_url, canary)
         return resp.status_code == 500 and "version 3 (staging) failed" in resp.json()["error_message"]
 
-    _wait_for(canary_fails, "staging to serve the broken v3")
+    wait_for(canary_fails, "staging to serve the broken v3")
     # Production keeps answering while the canary fails; both feed the watcher's window.
     statuses = Counter()
     for _ in range(12):
@@ -224,11 +201,11 @@ def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, 
         rows = ray.get(ray_handle.alias_history.remote("digits", "staging"))
         return rows[-1] if rows[-1]["action"] == "rollback" else None
 
-    row = _wait_for(rolled_back, "the watcher's rollback", poke=lambda: _predict(base_url))
+    row = wait_for(rolled_back, "the watcher's rollback", poke=lambda: _predict(base_url))
     assert (row["from_version"], row["to_version"], row["actor"]) == (3, 2, "serve:auto-rollback")
     assert "error rate 1.000" in row["reason"] and "staging v3 vs production v1" in row["reason"]
     assert ray.get(ray_handle.aliases.remote("digits"))["staging"] == 2
-    _wait_for(lambda: _predict(base_url, canary).status_code == 200, "staging to serve v2 after the rollback")
+    wait_for(lambda: _predict(base_url, canary).status_code == 200, "staging to serve v2 after the rollback")
     assert _predict(base_url, canary).json()["version"] == 2
     watcher = serve.get_deployment_handle(WATCHER_NAME, app_cfg.serve.app_name).status.remote().result(timeout_s=30)
     [event] = watcher["rollbacks"]
@@ -236,7 +213,7 @@ def test_auto_rollback_of_a_broken_canary_is_recorded_in_the_registry(base_url, 
     # ... and the metric went up once (ray.util.metrics, on the node's Prometheus endpoint)
     node = ray._private.worker.global_worker.node
     metrics_url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
-    _wait_for(lambda: metric_total(httpx.get(metrics_url, timeout=10).text, "ray_temper_serve_rollbacks_total",
+    wait_for(lambda: metric_total(httpx.get(metrics_url, timeout=10).text, "ray_temper_serve_rollbacks_total",
                                     model="digits", alias="staging") == 1, "temper_serve_rollbacks_total to reach 1")
 
 
