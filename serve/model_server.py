@@ -282,6 +282,7 @@ class BatchedModelServer:
         self._loaded: LoadedVersion | None = None
         self._settings: BatchSettings | None = None
         self._swap = asyncio.Lock()
+        self._target_ref: str | None = None  # the ref the last reconfigure asked for
         self._poller: asyncio.Task | None = None
         self._poll_error: str | None = None
         self._swaps = 0
@@ -305,7 +306,12 @@ class BatchedModelServer:
         A ref that does not resolve or load raises and leaves the replica as it was.
         """
         settings = BatchSettings.model_validate(user_config)
-        await self._load(settings.version)
+        previous, self._target_ref = self._target_ref, settings.version
+        try:
+            await self._load(settings.version)
+        except BaseException:
+            self._target_ref = previous
+            raise
         for method in (self.predict, self.lm, self.generate_full, self.generate_batch):
             method.set_max_batch_size(settings.max_batch_size)
             method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -315,12 +321,20 @@ class BatchedModelServer:
             self._poller = asyncio.create_task(self._poll_alias())
 
     async def _load(self, ref: str) -> bool:
-        """Serve what `ref` resolves to now; True when a new version was swapped in."""
+        """Serve what `ref` resolves to now; True when a new version was swapped in.
+
+        Nothing is swapped when `ref` stopped being the replica's target while this waited (an
+        alias poll that started before a reconfigure to another ref must not undo it).
+        """
         async with self._swap:
+            if ref != self._target_ref:
+                return False
             record = await self._registry.get_version.remote(self.model, ref)
             if self._loaded is not None and record["version"] == self._loaded.version:
                 return False
             pred = await asyncio.to_thread(load_predictor, record["artifact_uri"], self.backend)
+            if ref != self._target_ref:
+                return False
             old = self._loaded
             self._loaded = LoadedVersion(record["version"], pred.backend, record["artifact_uri"], pred)
             self._swaps += old is not None
@@ -334,8 +348,8 @@ class BatchedModelServer:
         """Re-resolve an alias ref every `alias_poll_interval_s`; a moved alias is hot-swapped."""
         while True:
             await asyncio.sleep(self.alias_poll_interval_s)
-            ref = self._settings.version
-            if ref.isdigit():  # a version number never moves
+            ref = self._target_ref
+            if ref is None or ref.isdigit():  # a version number never moves
                 continue
             try:
                 if await self._load(ref):

@@ -4,6 +4,7 @@ never start Ray."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 
@@ -15,10 +16,26 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here: it
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1, below the kernel's ephemeral range (32768+ here).
+
+    A port from bind(0) is an ephemeral one: Ray's own outgoing connections draw from the same
+    range and can take it before Serve binds it ("Failed to bind to address" seen in CI).
+    """
+    low = 20000
+    try:
+        low_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low_ephemeral = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, max(low + 1000, low_ephemeral))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
 def wait_for(condition, what, deadline_s: float = 60.0, poke=None, interval_s: float = 0.25):
