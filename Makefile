@@ -31,7 +31,7 @@ run: install
 	$(PY) -m app run $(CONFIG)
 
 test: install
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)

@@ -409,7 +409,9 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
                            "version": info["version"], "backend": info["backend"]}
                           for i, ((r, w), info) in enumerate(zip(weights.items(), infos))]
             return {**infos[0], "model": name, "traffic": weights, "routes": route_list,
-                    "max_ongoing_requests": m.max_ongoing_requests, "max_queued_requests": m.max_queued_requests,
+                    # as Serve applies it (a hand-edited `serve deploy` file may differ from our config)
+                    "max_ongoing_requests": infos[0].get("max_ongoing_requests", m.max_ongoing_requests),
+                    "max_queued_requests": m.max_queued_requests,
                     "num_replicas": m.num_replicas if m.autoscaling is None else None,
                     "autoscaling": m.autoscaling.model_dump() if m.autoscaling else None,
                     "auto_rollback": m.auto_rollback.model_dump() if m.auto_rollback else None}

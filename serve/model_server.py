@@ -283,6 +283,7 @@ class BatchedModelServer:
         self._settings: BatchSettings | None = None
         self._swap = asyncio.Lock()
         self._target_ref: str | None = None  # the ref the last reconfigure asked for
+        self._cap_checked: BatchSettings | None = None
         self._poller: asyncio.Task | None = None
         self._poll_error: str | None = None
         self._swaps = 0
@@ -375,7 +376,39 @@ class BatchedModelServer:
     def _route(self) -> str:
         return self._settings.version if self._settings else "-"
 
+    @staticmethod
+    def _live_max_ongoing_requests() -> int | None:
+        """This replica's max_ongoing_requests as Serve applies it now (None outside a replica).
+
+        Read at request time, not in `reconfigure`: Serve refreshes the replica context only after
+        `reconfigure` returns, so there it would still hold the previous deployment config.
+        """
+        try:
+            config = serve.get_replica_context()._deployment_config
+        except Exception:  # not in a replica (unit tests), or Serve moved the private field
+            return None
+        return getattr(config, "max_ongoing_requests", None)
+
+    def _check_batch_cap(self) -> None:
+        """Warn once per settings when Serve's max_ongoing_requests caps max_batch_size (ray #43288).
+
+        Our config refuses that combination; a hand-edited `serve deploy` file can still reach it,
+        and Serve would silently never form a batch larger than max_ongoing_requests.
+        """
+        settings = self._settings
+        if settings is None or self._cap_checked is settings:
+            return
+        self._cap_checked = settings
+        live = self._live_max_ongoing_requests()
+        if live is not None and live < settings.max_batch_size:
+            log.warning(
+                "model %s (%s): max_batch_size %d is above max_ongoing_requests %d, so Serve never forms "
+                "batches larger than %d; raise max_ongoing_requests (deployment option) or lower "
+                "user_config.max_batch_size", self.model, settings.version, settings.max_batch_size, live, live,
+            )
+
     def _record_batch(self, method: str, enqueued: list[float], unqueued: bool) -> None:
+        self._check_batch_cap()
         now = time.perf_counter()
         self._stats.record(len(enqueued), method, unqueued)
         self._batch_hist.observe(len(enqueued), tags={"model": self.model, "method": method})
@@ -582,7 +615,15 @@ class BatchedModelServer:
             "block_size": pred.block_size, "max_new_tokens": self.max_new_tokens,
             "kv_cache": pred.supports_kv_cache, "ref": settings.version, "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s, "alias_poll_interval_s": self.alias_poll_interval_s,
+            **self._batch_cap(settings),
         }
+
+    def _batch_cap(self, settings: BatchSettings) -> dict:
+        """max_ongoing_requests as Serve applies it, and the largest batch that can therefore form."""
+        live = self._live_max_ongoing_requests()
+        if live is None:
+            return {}
+        return {"max_ongoing_requests": live, "effective_max_batch_size": min(settings.max_batch_size, live)}
 
     async def stats(self) -> dict:
         """Batch sizes this replica ran, plus the version and backend answering."""

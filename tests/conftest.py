@@ -3,6 +3,7 @@ never start Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -60,6 +61,23 @@ def wait_for(condition, what, deadline_s: float = 60.0, poke=None, interval_s: f
         time.sleep(interval_s)
     what = what() if callable(what) else what
     pytest.fail(f"timed out waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+@contextlib.contextmanager
+def running_two_at_a_time(tasks: dict):
+    """Start every task (a key -> zero-argument callable) in the background, two at a time, and
+    yield `result(key)`, which waits for that task. For Ray Train fits: one is mostly start-up
+    and teardown, leaving a core idle a third of the time, so pairs (2 workers each on the
+    4 logical CPUs) finish sooner than the same fits in a row. Leaving the block waits for
+    running tasks and drops those not started."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bg")
+    futures = {key: pool.submit(task) for key, task in tasks.items()}
+    try:
+        yield lambda key: futures[key].result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def metric_total(text: str, name: str, **labels: str) -> float | None:

@@ -9,6 +9,7 @@ lower loss with soft targets (alpha 0.1, T 2) than with labels alone.
 from __future__ import annotations
 
 import uuid
+from functools import partial
 
 import pytest
 import ray
@@ -16,6 +17,7 @@ import ray
 from actors.registry import get_or_create_registry
 from app.config import RegistryConfig, TrainJob
 from pipelines.optimize import stage_train
+from conftest import running_two_at_a_time
 
 pytestmark = pytest.mark.ray
 
@@ -33,12 +35,16 @@ def test_student_with_teacher_beats_student_without(ray_cluster, tmp_path):
     cfg = RegistryConfig(actor_name=f"distill-{uuid.uuid4().hex[:6]}", db_url=f"sqlite:///{tmp_path}/registry.db")
     registry = get_or_create_registry(cfg)
     try:
-        teacher = stage_train(_job(tmp_path, "teacher", {"d_model": 64, "n_layer": 2}, 300, 3e-3), registry)
-        ray.get(registry.set_alias.remote("teacher", "production", teacher["version"], reason="distillation teacher"))
         student = {"d_model": 16, "n_layer": 1, "n_head": 2}
-        plain = stage_train(_job(tmp_path, "student-plain", student, 150, 1e-2), registry)
-        kd = stage_train(_job(tmp_path, "student-kd", student, 150, 1e-2,
-                              {"teacher": "teacher", "teacher_version": "production", "alpha": 0.1, "temperature": 2.0}), registry)
+        with running_two_at_a_time({  # the plain student needs no teacher: it trains beside it
+            "teacher": partial(stage_train, _job(tmp_path, "teacher", {"d_model": 64, "n_layer": 2}, 300, 3e-3), registry),
+            "plain": partial(stage_train, _job(tmp_path, "student-plain", student, 150, 1e-2), registry),
+        }) as result:
+            teacher = result("teacher")
+            ray.get(registry.set_alias.remote("teacher", "production", teacher["version"], reason="distillation teacher"))
+            kd = stage_train(_job(tmp_path, "student-kd", student, 150, 1e-2,
+                                  {"teacher": "teacher", "teacher_version": "production", "alpha": 0.1, "temperature": 2.0}), registry)
+            plain = result("plain")
     finally:
         ray.kill(registry)
     assert teacher["metrics"]["val_accuracy"] > kd["metrics"]["val_accuracy"]  # a teacher worth learning from

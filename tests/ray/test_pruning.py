@@ -8,6 +8,7 @@ steps check that masked weights stay zero while the rest keep training.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from app.compression.pruning import is_nm
 from app.config import TrainJob
 from pipelines.train import fit
+from conftest import running_two_at_a_time
 
 pytestmark = pytest.mark.ray
 
@@ -51,10 +53,29 @@ def _zero_fraction(sd: dict, part: str) -> float:
     return sum(float((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-def test_every_pruning_kind_reaches_its_target_on_consolidated_weights(ray_cluster, tmp_path, strategy):
-    result = fit(_job(tmp_path, "prune", strategy))
-    final = _weights(tmp_path, "prune", 16)
+STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tmp_path_factory):
+    """The module's pruned fits, started up front two at a time: (root, result(key))."""
+    root = tmp_path_factory.mktemp("pruning")
+
+    def paused_then_resumed():
+        paused = fit(_job(root, "resumed", "ddp", pause_at_step=4))
+        return paused, fit(_job(root, "resumed", "ddp"))
+
+    tasks = {s: partial(fit, _job(root, f"prune-{s}", s)) for s in STRATEGIES}
+    tasks.update({"straight": partial(fit, _job(root, "straight", "ddp")), "resumed": paused_then_resumed})
+    with running_two_at_a_time(tasks) as result:
+        yield root, result
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_pruning_kind_reaches_its_target_on_consolidated_weights(runs, strategy):
+    root, result_of = runs
+    result, name = result_of(strategy), f"prune-{strategy}"
+    final = _weights(root, name, 16)
     for part in ("mlp.gate", "mlp.up", "mlp.down", "attn.qkv", "attn.proj"):
         assert abs(_zero_fraction(final, part) - 0.5) <= 0.01, (strategy, part, _zero_fraction(final, part))
     assert result.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)  # measured across shards = consolidated
@@ -71,7 +92,7 @@ def test_every_pruning_kind_reaches_its_target_on_consolidated_weights(ray_clust
         assert torch.equal((proj == 0).all(dim=2).all(dim=0), dead)  # the same heads' output columns
 
     # The schedule ended at step 8; 8 more optimizer steps changed the surviving weights but no zero moved.
-    at_end = _weights(tmp_path, "prune", 8)
+    at_end = _weights(root, name, 8)
     for key in at_end:
         if any(p in key for p in ("mlp.gate", "mlp.up", "mlp.down", "attn.qkv", "attn.proj")):
             assert torch.equal(at_end[key] == 0, final[key] == 0), key
@@ -79,13 +100,13 @@ def test_every_pruning_kind_reaches_its_target_on_consolidated_weights(ray_clust
     assert not torch.equal(at_end[gate], final[gate])
 
 
-def test_resume_mid_schedule_continues_it(ray_cluster, tmp_path):
-    straight = fit(_job(tmp_path, "straight", "ddp"))
-    paused = fit(_job(tmp_path, "resumed", "ddp", pause_at_step=4))
+def test_resume_mid_schedule_continues_it(runs):
+    root, result_of = runs
+    straight = result_of("straight")
+    paused, resumed = result_of("resumed")
     assert 0.0 < paused.metrics["sparsity"] < 0.5  # stopped mid-schedule
-    resumed = fit(_job(tmp_path, "resumed", "ddp"))
     assert resumed.metrics["start_step"] == 4
-    a, b = _weights(tmp_path, "straight", 16), _weights(tmp_path, "resumed", 16)
+    a, b = _weights(root, "straight", 16), _weights(root, "resumed", 16)
     # Restarting the schedule (or losing masks) would prune other weights or let zeros regrow.
     for key in a:
         assert torch.equal(a[key] == 0, b[key] == 0), key

@@ -124,6 +124,7 @@ def test_health_and_models(client, base_url, app_cfg):
     digits, code = models["digits"], models["code"]
     assert (digits["version"], digits["backend"], digits["task"], digits["ref"]) == (1, "torch_fp32", "classifier", "production")
     assert (digits["max_batch_size"], digits["batch_wait_timeout_s"], digits["max_ongoing_requests"]) == (16, 0.1, 32)
+    assert digits["effective_max_batch_size"] == 16
     assert (code["version"], code["task"], code["block_size"], code["max_new_tokens"]) == (1, "lm", 32, 24)
 
 
@@ -196,6 +197,32 @@ def test_reconfigure_changes_batching_and_version_live(base_url, app_cfg, artifa
         serve.run(build_app(app_cfg), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
     restored = stats.stats()
     assert (restored["replica"], restored["version"]) == (before["replica"], 1)
+
+
+def test_alias_poll_in_flight_does_not_undo_a_reconfigure(registry_cfg):
+    """The interleaving behind a CI failure, made deterministic on the replica class itself (real
+    registry actor, no Serve): an alias poll that read `production` waits for the swap lock
+    while a reconfigure to version 2 holds it; once the lock is free the poll must not swap
+    production's version 1 back in."""
+    from serve.model_server import BatchedModelServer
+
+    async def scenario():
+        server = BatchedModelServer.func_or_class("digits", None, 8, registry_cfg.model_dump(mode="json"), 3600.0)
+        settings = {"max_batch_size": 4, "batch_wait_timeout_s": 0.0}
+        await server.reconfigure({**settings, "version": "production"})
+        assert server._current().version == 1
+        await server._swap.acquire()  # a swap in progress: both calls below queue behind it, in order
+        reconfigure = asyncio.create_task(server.reconfigure({**settings, "version": "2"}))
+        await asyncio.sleep(0)
+        stale_poll = asyncio.create_task(server._load("production"))
+        await asyncio.sleep(0)
+        server._swap.release()
+        await reconfigure
+        swapped = await stale_poll
+        server._poller.cancel()
+        return swapped, server._current().version, server._target_ref
+
+    assert asyncio.run(scenario()) == (False, 2, "2")
 
 
 @pytest.mark.parametrize("path, body, status, code, field", [
@@ -392,7 +419,8 @@ def test_generated_serve_config_file_deploys_with_serve(base_url, app_cfg, tmp_p
     doc = yaml.safe_load(out.read_text())
     [deployment] = doc["applications"][0]["deployments"]
     assert deployment["name"] == "model-digits" and deployment["user_config"]["max_batch_size"] == 16
-    deployment["user_config"]["max_batch_size"] = 3  # tuned the Ray way, in the file
+    deployment["user_config"]["max_batch_size"] = 3  # tuned the Ray way, in the file...
+    deployment["max_ongoing_requests"] = 2  # ...and set below it, which our config would refuse
     serve_client = _get_global_client()
     serve_client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
     try:
@@ -400,6 +428,8 @@ def test_generated_serve_config_file_deploys_with_serve(base_url, app_cfg, tmp_p
         wait_for(lambda: httpx.get(f"{url}/health", timeout=10).status_code == 200, "the app from the file")
         [digits] = httpx.get(f"{url}/models", timeout=30).json()["models"]
         assert (digits["model"], digits["version"], digits["max_batch_size"]) == ("digits", 1, 3)
+        # the cap Serve applies is reported, not hidden (ray #43288)
+        assert (digits["max_ongoing_requests"], digits["effective_max_batch_size"]) == (2, 2)
         resp = httpx.post(f"{url}/models/digits/predict", json={"inputs": [[0.5] * 64]}, timeout=30)
         assert resp.status_code == 200 and resp.json()["version"] == 1
     finally:

@@ -2,7 +2,8 @@
 pauses, resumes, and lands on DDP fp32's loss; consolidated weights equal the sharded state;
 sharded strategies hold less per rank; a killed worker is recovered from a checkpoint.
 
-Runs are memoised per module so the exact-resume test reuses the matrix's resumed runs.
+Runs are shared by the module's tests (the exact-resume test reuses the matrix's resumed runs)
+and run two at a time.
 
 Tolerances (final val_loss after 2K optimizer steps vs DDP fp32, same seed):
 - fp32: 1e-4 relative. All strategies do the same fp32 math; only the order of the gradient
@@ -21,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from functools import lru_cache
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from app.config import TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums
 from pipelines.train import TrainResult, fit
+from conftest import running_two_at_a_time
 
 pytestmark = pytest.mark.ray
 
@@ -54,19 +56,22 @@ def _job(root: Path, name: str, strategy: str, precision: str, **train) -> Train
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
+    """Every fit of the module, started up front two at a time; tests wait on the ones they read."""
     root = tmp_path_factory.mktemp("strategies")
 
-    @lru_cache(maxsize=None)
-    def straight(strategy: str, precision: str) -> TrainResult:
+    def straight_run(strategy: str, precision: str) -> TrainResult:
         return fit(_job(root, f"straight-{strategy}-{precision}", strategy, precision))
 
-    @lru_cache(maxsize=None)
-    def resumed(strategy: str, precision: str) -> tuple[TrainResult, TrainResult]:
+    def resumed_run(strategy: str, precision: str) -> tuple[TrainResult, TrainResult]:
         name = f"resumed-{strategy}-{precision}"
         paused = fit(_job(root, name, strategy, precision, pause_at_step=K))
         return paused, fit(_job(root, name, strategy, precision))
 
-    return straight, resumed
+    tasks = {("straight", "ddp", "fp32"): partial(straight_run, "ddp", "fp32")}
+    tasks.update({("resumed", s, p): partial(resumed_run, s, p) for p in PRECISIONS for s in STRATEGIES})
+    tasks.update({("straight", s, "fp32"): partial(straight_run, s, "fp32") for s in ("fsdp", "zero2")})
+    with running_two_at_a_time(tasks) as result:
+        yield (lambda s, p: result(("straight", s, p))), (lambda s, p: result(("resumed", s, p)))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
