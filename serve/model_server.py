@@ -399,12 +399,13 @@ class BatchedModelServer:
         if settings is None or self._cap_checked is settings:
             return
         self._cap_checked = settings
-        live = self._live_max_ongoing_requests()
-        if live is not None and live < settings.max_batch_size:
+        cap = self._batch_cap(settings)
+        if cap and cap["effective_max_batch_size"] < settings.max_batch_size:
             log.warning(
                 "model %s (%s): max_batch_size %d is above max_ongoing_requests %d, so Serve never forms "
-                "batches larger than %d; raise max_ongoing_requests (deployment option) or lower "
-                "user_config.max_batch_size", self.model, settings.version, settings.max_batch_size, live, live,
+                "larger batches; raise max_ongoing_requests (deployment option) or lower "
+                "user_config.max_batch_size", self.model, settings.version, settings.max_batch_size,
+                cap["max_ongoing_requests"],
             )
 
     def _record_batch(self, method: str, enqueued: list[float], unqueued: bool) -> None:
