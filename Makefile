@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.temper-installed
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit bench clean
+.PHONY: install run test test-unit bench readme clean
 
 install: $(STAMP)
 
@@ -36,5 +36,22 @@ test: install
 test-unit: install
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
 
+# Runs the quickstart in a scratch folder (an embedded Ray, ~2-3 min) and writes its console and
+# wall time into README.md's quickstart block, and the registry `compare` example from its registry.
+readme: install
+	$(PY) tests/e2e/readme_quickstart.py
+
 clean:
 	rm -rf $(VENV) temper_runs .pytest_cache
+
+# `make bench`: every script in benchmarks/ (full mode: tens of minutes on 2 cores; a smoke run of
+# a few minutes with `make bench BENCH_ARGS=--quick`), each writing benchmarks/results/<name>.json,
+# then benchmarks/RESULTS.md from those files. A failing script does not stop the others; the rule
+# fails at the end if any did.
+BENCH_ARGS ?=
+BENCH_SCRIPTS = $(filter-out benchmarks/report.py,$(sort $(wildcard benchmarks/*.py)))
+
+bench: install
+	@status=0; for s in $(BENCH_SCRIPTS); do \
+	  echo "[bench] $(PY) $$s $(BENCH_ARGS)"; $(PY) $$s $(BENCH_ARGS) || { echo "[bench] $$s FAILED"; status=1; }; \
+	done; $(PY) benchmarks/report.py; exit $$status

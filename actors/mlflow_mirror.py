@@ -28,7 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from actors.registry import RegistryStore, flatten_dict
+from actors.registry.store import RegistryStore
+from actors.registry.validation import flatten_dict
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _local_dir(artifact_uri: str) -> Path | None:
 class MlflowMirror:
     """Brings one MLflow tracking server / model registry in line with the registry database.
 
-    `settings` come from `actors.registry.resolve_mirror_settings`: tracking_uri, registry_uri,
+    `settings` come from `actors.registry.client.resolve_mirror_settings`: tracking_uri, registry_uri,
     artifact_location, experiment, log_artifacts. Not thread-safe: one mirror thread calls it.
     """
 

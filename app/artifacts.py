@@ -26,23 +26,20 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from app.config import TrainJob, config_hash
+from app.config.base import config_hash
+from app.errors import TemperError
+from app.config.formats import FORMATS, ONNX_FORMATS
+from app.config.jobs import TrainJob
 from app.models import build_model
 
-FORMATS = ("torch_fp32", "torch_bf16", "torch_fp16", "torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_static")
 WEIGHT_FILES = {
-    "torch_fp32": "model.safetensors",
-    "torch_bf16": "model.safetensors",
-    "torch_fp16": "model.safetensors",
-    "torch_int8": "model_int8.safetensors",
-    "onnx_fp32": "model.onnx",
-    "onnx_int8": "model.onnx",
-    "onnx_int8_static": "model.onnx",
+    fmt: "model.onnx" if fmt in ONNX_FORMATS else "model_int8.safetensors" if fmt == "torch_int8" else "model.safetensors"
+    for fmt in FORMATS
 }
 HALF_DTYPES = {"torch_bf16": torch.bfloat16, "torch_fp16": torch.float16}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(TemperError, ValueError):
     """An artifact folder that is missing, incomplete or of another format."""
 
 

@@ -1,7 +1,9 @@
 """Quality metrics shared by training, compression and benchmarks.
 
 The primary metric of each task decides "better": digits (classifier) -> val_accuracy (max),
-lm-code (lm) -> val_loss (min; perplexity = exp(val_loss)).
+lm-code (lm) -> val_loss (min; perplexity = exp(val_loss)). Metrics are keyed by `metric_kind`:
+the built-in model kinds (`vit`, `gpt`) and, for `hf` models, the task (`classifier`, `lm`).
+Targets equal to -100 (padding in a causal LM batch) are not scored.
 """
 
 from __future__ import annotations
@@ -13,7 +15,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PRIMARY = {"vit": ("val_accuracy", "max"), "gpt": ("val_loss", "min")}
+PRIMARY = {
+    "vit": ("val_accuracy", "max"),
+    "gpt": ("val_loss", "min"),
+    "classifier": ("val_accuracy", "max"),
+    "lm": ("val_loss", "min"),
+}
+IGNORE_INDEX = -100  # cross-entropy's default ignore_index
+
+
+def metric_kind(model_cfg) -> str:
+    """The key of PRIMARY for a model section: a built-in kind, or an `hf` model's task kind."""
+    if model_cfg.kind != "hf":
+        return model_cfg.kind
+    return {"sequence_classification": "classifier", "causal_lm": "lm"}.get(model_cfg.task, model_cfg.task)
 
 
 def primary_metric(model_kind: str) -> tuple[str, str]:
@@ -22,7 +37,7 @@ def primary_metric(model_kind: str) -> tuple[str, str]:
 
 
 def task_loss(model_kind: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy: next byte for gpt (B, T, V) logits, class for vit (B, C) logits."""
+    """Mean cross-entropy: next token for gpt / lm (B, T, V) logits, class for vit / classifier (B, C) logits."""
     logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -39,8 +54,9 @@ def eval_sums(model_kind: str, logits_fn: Callable, batches: Iterable) -> np.nda
         flat = logits.reshape(-1, logits.size(-1))
         target = y.reshape(-1)
         loss_sum += F.cross_entropy(flat, target, reduction="sum").item()
-        correct += (flat.argmax(-1) == target).sum().item()
-        count += target.numel()
+        scored = target != IGNORE_INDEX
+        correct += ((flat.argmax(-1) == target) & scored).sum().item()
+        count += scored.sum().item()
     return np.array([loss_sum, correct, count], dtype=np.float64)
 
 
@@ -50,9 +66,9 @@ def metrics_from_sums(model_kind: str, sums: np.ndarray) -> dict[str, float]:
         raise ValueError("evaluation saw no samples")
     loss = loss_sum / count
     out = {"val_loss": loss}
-    if model_kind == "gpt":
+    if model_kind in ("gpt", "lm"):
         out["val_perplexity"] = math.exp(min(loss, 50.0))
-        out["val_byte_accuracy"] = correct / count
+        out["val_byte_accuracy" if model_kind == "gpt" else "val_token_accuracy"] = correct / count
     else:
         out["val_accuracy"] = correct / count
     return out

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from app.artifacts import HALF_DTYPES, WEIGHT_FILES, ArtifactError, load_fp32, load_half, load_int8, local_path, read_meta
-from app.config import TrainJob
+from app.config.formats import ONNX_FORMATS
+from app.config.jobs import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def load_predictor(artifact_uri: str, expect_backend: str | None = None) -> Pred
     if fmt in HALF_DTYPES:
         model, _, dtype = load_half(artifact_uri)
         return Predictor(fmt, task, job, _torch_model=model, _input_dtype=dtype)
-    if fmt in ("onnx_fp32", "onnx_int8", "onnx_int8_static"):
+    if fmt in ONNX_FORMATS:
         path = str(local_path(artifact_uri) / WEIGHT_FILES[fmt])
         return Predictor(fmt, task, job, _ort_session=_ort_session(path))
     raise ArtifactError(f"{artifact_uri}: unknown artifact format {fmt!r}")

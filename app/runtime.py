@@ -1,32 +1,98 @@
-"""Connecting to Ray: an existing cluster when there is one, else an embedded local Ray."""
+"""Connecting to Ray: an existing cluster when there is one, else an embedded local Ray; and how
+much of Ray's own logging reaches the console (`TEMPER_VERBOSE`)."""
 
 from __future__ import annotations
 
 import os
+import sys
+
+VERBOSE_ENV = "TEMPER_VERBOSE"
+"""Set to 1 (or pass the CLI's `--verbose`) to see Ray's own log lines, which are off by default."""
+
+# Ray Train configures its own loggers in the controller and worker processes ("structured
+# logging") and prints every INFO record of `ray.train` to the console, e.g. one
+# `Reporting training result N: TrainingReport(...)` line per report per rank. Turned off, those
+# loggers fall back to the job's logging config, whose level `connect` sets below. The driver
+# reads these variables when a trainer starts and hands them to the controller and the workers
+# (`ray/train/v2/_internal/constants.py`, ENV_VARS_TO_PROPAGATE).
+_QUIET_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+}
+
+
+def verbose() -> bool:
+    """Whether Ray's own log lines are wanted on the console (`TEMPER_VERBOSE=1`)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cluster_known() -> bool:
+    """Whether this process is connected to Ray or told where a cluster runs (RAY_ADDRESS).
+
+    Without either, `connect` would start an embedded Ray. Ray is not imported to find out.
+    """
+    ray = sys.modules.get("ray")
+    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+
+
+def ray_log_options() -> dict:
+    """`ray.init` options for the console: quiet (warnings and errors only) unless `verbose()`.
+
+    Our own progress lines are printed, not logged, so they show either way.
+    """
+    import logging
+
+    import ray
+
+    if verbose():
+        return {}
+    for name, value in _QUIET_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)  # a value the user set wins
+    return {
+        "logging_level": logging.WARNING,  # the driver's `ray` logger: no "Started a local Ray instance" line
+        # every task and actor process of this job (Train's controller and workers included)
+        "logging_config": ray.LoggingConfig(log_level="WARNING"),
+    }
 
 
 def connect(num_cpus: int | None = None, dashboard: bool = True) -> str:
-    """Initialise Ray once; returns 'cluster' or 'embedded'.
+    """Initialise Ray once; returns 'cluster' or 'embedded'. Its own line goes to stderr.
 
     - Already initialised (tests, notebooks): used as is.
     - `RAY_ADDRESS` set (inside `ray job submit`, or by the user): connect to that cluster.
     - Otherwise: start an embedded local Ray with `num_cpus` logical CPUs (default: at least 4,
       so 2 training workers, the registry and Serve fit on a 2-core laptop). `address="local"`
-      keeps a stale /tmp/ray session file from being picked up (PLATFORM-NOTES).
+      always starts a new instance: with "auto" (the default), a stale current-cluster file
+      left in Ray's temp folder by a stopped cluster makes `ray.init` fail.
     """
     import ray
 
     if ray.is_initialized():
         return "cluster" if os.environ.get("RAY_ADDRESS") else "embedded"
+    options = ray_log_options()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        print(f"[ray] connected to cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **options)
+        print(f"[ray] connected to cluster at {os.environ['RAY_ADDRESS']}", file=sys.stderr, flush=True)
         return "cluster"
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ctx = ray.init(
         address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-        log_to_driver=True,
+        log_to_driver=True, **options,
     )
     url = getattr(ctx, "dashboard_url", None)
-    print(f"[ray] embedded local Ray with {cpus} logical CPUs" + (f"; dashboard http://{url}" if url else ""), flush=True)
+    print(f"[ray] embedded local Ray with {cpus} logical CPUs" + (f"; dashboard http://{url}" if url else ""),
+          file=sys.stderr, flush=True)
     return "embedded"
+
+
+def connect_existing() -> bool:
+    """Connect to a running Ray (RAY_ADDRESS, or a local `ray start` cluster); False when there is none."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False, **ray_log_options())
+    except ConnectionError:
+        return False
+    return True

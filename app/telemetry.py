@@ -15,7 +15,7 @@ TRAIN_SAMPLES_PER_S = "temper_train_samples_per_second"
 TRAIN_STEP = "temper_train_step"
 EVAL_METRIC = "temper_eval_metric"
 
-# --- serving (serve/app.py)
+# --- serving (serve/ingress.py, serve/replica.py)
 SERVE_REQUESTS = "temper_serve_requests_total"
 SERVE_ERRORS = "temper_serve_errors_total"
 SERVE_LATENCY_MS = "temper_serve_request_latency_ms"

@@ -5,7 +5,10 @@ quality deltas mean something): quality, size on disk and median batch-1 / batch
 with ratios to fp32 torch; then the best int8 variant against the goal (<= 0.5x fp32 latency
 with <= 1% quality loss). Writes benchmarks/results/quantization.json.
 
-    .venv/bin/python benchmarks/quantization.py [--threads N]
+    .venv/bin/python benchmarks/quantization.py [--threads N] [--quick]
+
+`--quick` (a smoke run): 20 training steps, a 2-layer d=64 GPT, 5 timing calls, 2 eval batches,
+and only the variants the goal compares (torch int8, ORT fp32, ORT int8).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from app.artifacts import artifact_size_bytes, save_fp32
 from app.compression import METHODS
-from app.config import CompressJob, TrainJob
+from app.config.jobs import CompressJob, TrainJob
 from app.data import build_data
 from app.evaluation import primary_metric, task_loss
 from app.inference import load_predictor
@@ -55,20 +58,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--quick", action="store_true", help="tiny models, few steps and timing calls")
+    ap.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    workloads, eval_batches, methods = WORKLOADS, 8, dict(METHODS)
+    if args.quick:
+        args.iters, eval_batches = 5, 2
+        methods = {m: METHODS[m] for m in ("torch_int8", "onnx_fp32", "onnx_int8")}
+        workloads = {
+            "digits-vit": {**WORKLOADS["digits-vit"], "model": {"kind": "vit", "d_model": 32, "n_layer": 1, "n_head": 4}, "train_steps": 20},
+            "lm-code-gpt": {"model": {"kind": "gpt", "n_layer": 2, "d_model": 64, "n_head": 4, "block_size": 64},
+                            "data": {"name": "lm-code", "max_bytes": 200_000}, "train_steps": 20},
+        }
     torch.set_num_threads(args.threads)
     results = {}
+    goals = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, spec in WORKLOADS.items():
+        for name, spec in workloads.items():
             job = TrainJob.model_validate({"name": name, "model": spec["model"], "data": spec["data"]})
-            cjob = CompressJob(name=name, compress={"latency_iters": args.iters, "eval_batches": 8})
+            cjob = CompressJob(name=name, compress={"latency_iters": args.iters, "eval_batches": eval_batches})
             root = Path(tmp) / name
             save_fp32(root / "torch_fp32", quick_train(job, spec["train_steps"]), job)
-            for method, fn in METHODS.items():
+            for method, fn in methods.items():
                 fn(root / "torch_fp32", root / method)
             metric, _ = primary_metric(job.model.kind)
             rows = {}
-            for fmt in ("torch_fp32", *METHODS):
+            for fmt in ("torch_fp32", *methods):
                 m = measure(load_predictor(str(root / fmt)), cjob, job)
                 m["size_bytes"] = artifact_size_bytes(root / fmt)
                 rows[fmt] = m
@@ -90,9 +105,14 @@ def main() -> None:
                   f"{b['latency_b32_ms'] / base['latency_b32_ms']:.2f}x fp32 latency, quality loss {b['quality_loss_rel']:+.2%} "
                   f"-> goal (<= 0.5x, <= 1%) {'met' if ok else 'NOT met'}")
             results[name] = {"metric": metric, "variants": rows, "best_int8": best, "goal_met": ok}
-    out = Path(__file__).parent / "results" / "quantization.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
+            goals += [{"goal": f"{name}: best int8 ({best}) batch-1 latency <= 0.5x fp32",
+                       "figure": f"{b['latency_b1_ms'] / base['latency_b1_ms']:.2f}x", "met": b["latency_b1_ms"] <= 0.5 * base["latency_b1_ms"]},
+                      {"goal": f"{name}: best int8 ({best}) quality loss <= 1%",
+                       "figure": f"{b['quality_loss_rel']:+.2%}", "met": b["quality_loss_rel"] <= 0.01}]
+    out = args.results_dir / "quantization.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "quantization", "quick": args.quick, "threads": args.threads, "goals": goals,
+                               "results": results}, indent=2))
     print(f"\nwrote {out}")
 
 

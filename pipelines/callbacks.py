@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 
 from app.compression import pruning
-from app.config import EarlyStoppingConfig, MagnitudePruningConfig, TrainJob
+from app.config.train import EarlyStoppingConfig, MagnitudePruningConfig
+from app.config.jobs import TrainJob
 
 
 @dataclass
@@ -131,10 +132,10 @@ class EarlyStopping:
     mutates_model = False
 
     def __init__(self, cfg: EarlyStoppingConfig, job: TrainJob, module: torch.nn.Module):
-        from app.evaluation import primary_metric
+        from app.evaluation import metric_kind, primary_metric
 
         self.cfg = cfg
-        default_metric, default_mode = primary_metric(job.model.kind)
+        default_metric, default_mode = primary_metric(metric_kind(job.model))
         self.metric = cfg.metric or default_metric
         self.mode = cfg.mode or default_mode
         self.best: float | None = None

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import ray
 
+from actors.registry.client import find_version_by_artifact
 from app.artifacts import artifact_size_bytes, local_path
 from app.compression import METHODS
-from app.config import CompressJob, TrainJob
+from app.config.jobs import CompressJob, TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums, primary_metric, quality_drop
 from app.inference import Predictor, load_predictor, time_batch
@@ -40,14 +41,6 @@ def measure(pred: Predictor, job: CompressJob, train_job: TrainJob) -> dict[str,
     metrics["latency_b1_ms"] = time_batch(pred, data.example_input(1).numpy(), cc.latency_iters)
     metrics["latency_b32_ms"] = time_batch(pred, data.example_input(32).numpy(), max(5, cc.latency_iters // 5))
     return metrics
-
-
-def find_version_by_artifact(registry, model: str, artifact_uri: str) -> dict | None:
-    """The version already registered for an artifact folder, if any (makes re-runs idempotent)."""
-    if model not in {m["name"] for m in ray.get(registry.list_models.remote())}:
-        return None
-    versions = ray.get(registry.list_versions.remote(model))
-    return next((v for v in versions if v["artifact_uri"] == artifact_uri), None)
 
 
 def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:

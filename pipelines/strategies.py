@@ -9,6 +9,7 @@ The training loop only ever calls:
     strategy.save(folder) / strategy.load(folder)   # every rank writes/reads its part
     strategy.full_state_dict()                # consolidated fp32 weights (a collective)
     strategy.memory()                         # this rank's parameter / gradient / optimizer bytes
+    strategy.weight_views(names) / strategy.apply_masks(masks)   # pruning callbacks' access to weights
 
 so switching `train.strategy` never changes the math: same seed -> same initial weights
 (built before wrapping), same batches, same fp32 loss; only where state lives differs.
@@ -32,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from app.config import TrainJob
+from app.compression.pruning import Reduce, RowView
+from app.config.jobs import TrainJob
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DCP_DIR = "dcp"
@@ -64,6 +66,20 @@ class Strategy(Protocol):
     def memory(self) -> dict[str, int]: ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
+
+    def weight_views(self, names: list[str]) -> tuple[dict[str, RowView], Reduce]:
+        """The named weights as this rank holds them, for pruning: (name -> RowView, reduce).
+
+        A `RowView` is the local rows of one weight (its start row and the full shape); `reduce`
+        sums a tensor over the ranks that hold different rows (identity when every rank sees the
+        whole weight). Every rank must call it with the same names: it may be a collective."""
+        ...
+
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Zero the weights where `masks` (full-shape 0/1 tensors by name) is 0, in every copy the
+        strategy keeps (master weights and the module's copy), so pruned weights stay zero after
+        the optimizer step. Called by every rank after each step."""
+        ...
 
 
 # ----------------------------------------------------------------------------- memory
@@ -267,6 +283,11 @@ def deepspeed_config(job: TrainJob) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if tc.offload_optimizer:
+        # Our client torch optimizer steps the offloaded fp32 partition on the CPU. DeepSpeed refuses
+        # that by default in favour of its DeepSpeedCPUAdam, a C++ op JIT-compiled on first use
+        # (40-60 s with g++); the torch optimizer needs no build and does the same math.
+        cfg["zero_force_ds_cpu_optimizer"] = False
     if tc.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif tc.precision == "fp16":

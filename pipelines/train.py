@@ -28,10 +28,11 @@ import torch.distributed as dist
 from ray.train import UserCallback
 
 from app.artifacts import save_fp32
-from app.config import TrainJob, config_hash
+from app.config.jobs import TrainJob
+from app.config.base import config_hash
 from app.data import build_data
 from app.compression.distillation import distillation_loss
-from app.evaluation import eval_sums, metrics_from_sums, primary_metric, task_loss
+from app.evaluation import eval_sums, metric_kind, metrics_from_sums, primary_metric, task_loss
 from app.models import build_model
 from app import telemetry
 
@@ -82,7 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipelines.callbacks import TrainState, build_callbacks
     from pipelines.strategies import build_strategy
 
-    # --- setup: the worker re-validates what the driver sent (STYLE lesson 2)
+    # --- setup: the worker re-validates what the driver sent (a dict crossed a process boundary)
     job = TrainJob.model_validate(loop_config["job"])
     tc = job.train
     ctx = ray.train.get_context()
@@ -91,8 +92,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _write_pid(job, rank)
     torch.manual_seed(tc.seed)  # same init on every rank and for every strategy
 
-    model = build_model(job.model)
-    data = build_data(job.data, job.model)
+    data = build_data(job.data, job.model)  # first: an hf classifier's head takes its labels from the data
+    model = build_model(job.model, labels=getattr(data, "labels", None))
 
     def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(param_groups(m, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
@@ -108,6 +109,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         _say(f"[train] {job.name}: {job.model.kind} {n_params / 1e6:.2f}M params, {world} workers on {device.type}, "
              f"strategy {tc.strategy}, precision {tc.precision}, data {data.describe()}, config {config_hash(job)}")
+        if job.model.kind == "hf":
+            from app.models.hf import model_cost
+
+            _say(f"[train] {job.model.path}: {model_cost(model, job.data.max_length).line()}")
 
     # --- resume
     start_step, seeded = 0, False
@@ -126,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for cb in callbacks:
         cb.on_setup(state)
 
-    kind = job.model.kind
+    kind = metric_kind(job.model)
     metric_name, _ = primary_metric(kind)
     tags = {"run": job.name, "rank": str(rank)}
     m_loss = telemetry.gauge(telemetry.TRAIN_LOSS, ("run", "rank"))
@@ -278,11 +283,11 @@ def _evaluate(job: TrainJob, strategy, data, rank: int, world: int) -> dict[str,
             x, y = batches[idx] if idx < len(batches) else batches[0]
             logits = strategy.forward(x.to(strategy.device)).float().cpu()
             if idx < len(batches):
-                sums += eval_sums(job.model.kind, lambda _: logits, [(x, y)])
+                sums += eval_sums(metric_kind(job.model), lambda _: logits, [(x, y)])
     sums = torch.from_numpy(sums)
     if world > 1:
         dist.all_reduce(sums)
-    return metrics_from_sums(job.model.kind, sums.numpy())
+    return metrics_from_sums(metric_kind(job.model), sums.numpy())
 
 
 def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:

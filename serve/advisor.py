@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from app.config import ServeApp, ServedModel
+from app.config.jobs import ServeApp
+from app.config.serve import ServedModel
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
 DEFAULT_WAITS_MS = (1.0, 5.0, 10.0, 25.0)
@@ -100,7 +101,7 @@ def advise(app_cfg: ServeApp, model: str, slo_p99_ms: float, *, concurrency: int
     import ray
     from ray import serve
 
-    from serve.app import base_url, build_app, deploy, shutdown
+    from serve.deploy import base_url, build_app, deploy, shutdown
     from serve.loadgen import run_subprocess
 
     if not ray.is_initialized():

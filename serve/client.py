@@ -7,6 +7,10 @@
 - `HandleClient`: in-cluster callers (a Ray task, actor or another deployment) call a model
   route's `BatchedModelServer` directly through a Serve `DeploymentHandle`, skipping HTTP.
 
+One idea, although over 500 lines: calling a Temper Serve app from Python. The three clients
+share the result types, the retry policy and the stream parsing, so they live together; the
+wire names come from `serve.protocol`, and nothing here imports Ray Serve or torch at import time.
+
     client = TemperClient("http://127.0.0.1:8000", route_key="user-42")   # sticky traffic route
     result = client.predict("digits", images)          # images (N, 8, 8), (N, 1, 8, 8) or (N, 64)
     result.labels, result.version, result.route
@@ -29,11 +33,10 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import numpy as np
 
-API_PREFIX = "/api/v1"
+from serve.protocol import API_PREFIX, ROUTE_HEADER, model_deployment_name, raise_if_refused
+
 STICKY_HEADER = "x-temper-route-key"
 """Default of `serve.sticky_header`."""
-ROUTE_HEADER = "x-temper-route"
-"""Names a traffic route explicitly (see serve.app.ROUTE_HEADER)."""
 
 
 class TemperAPIError(RuntimeError):
@@ -458,16 +461,12 @@ class HandleClient:
                  retry: RetryPolicy | None = None):
         from ray import serve
 
-        from serve.app import model_deployment_name
-
         self.model, self.timeout_s, self.route = model, timeout_s, route
         self.retry = retry or RetryPolicy()
         self._handle = serve.get_deployment_handle(model_deployment_name(model, route), app_name)
 
     def _call(self, method: str, *args: Any) -> tuple[dict, float]:
         from ray.serve.exceptions import BackPressureError
-
-        from serve.protocol import raise_if_refused
 
         t0 = time.perf_counter()
         for attempt in range(self.retry.retries + 1):
@@ -496,8 +495,6 @@ class HandleClient:
     def generate_stream(self, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
                         seed: int | None = None) -> Iterator[int]:
         """New byte ids as the replica makes them (a streaming DeploymentHandle call)."""
-        from serve.protocol import raise_if_refused
-
         gen = self._handle.options(stream=True).generate_stream.remote(prompt, max_new_tokens, temperature, top_k, seed)
         for item in gen:
             if isinstance(item, dict):

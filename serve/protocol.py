@@ -1,7 +1,11 @@
-"""What a client may send and what an error says: the error body, the request schemas, and the
-in-band refusal/failure results model servers return instead of raising.
+"""What a client may send and what an error says: the error body, the request schemas, the
+in-band refusal/failure results model servers return instead of raising, and the names a
+caller addresses (API prefix, route header, deployment names).
 
-Every non-2xx answer of the API has one JSON shape (REQUIREMENTS.md):
+Shared by the ingress, the replicas and the Python client, so it imports neither Ray Serve nor
+torch: `import serve.client` stays light.
+
+Every non-2xx answer of the API has one JSON shape:
 
     {"error_code": "422_0001", "error_message": ..., "error_details": {"field": ..., "message": ...},
      "request_id": ..., "timestamp": ...}
@@ -15,12 +19,21 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 API_PREFIX = "/api/v1"
+ROUTE_HEADER = "x-temper-route"
+"""Request header naming a route explicitly (e.g. `staging`): bypasses the split (canary checks, blue-green)."""
+
+
+def model_deployment_name(model: str, route: str | None = None) -> str:
+    """Serve deployment name of a model's route: `model-<name>` for its first (primary) route,
+    `model-<name>--<ref>` for the others (for `serve.get_deployment_handle`)."""
+    return f"model-{model}" if route is None else f"model-{model}--{route}"
+
 
 ERROR_CODES = {
     400: "400_0001", 401: "401_0001", 403: "403_0001", 404: "404_0001", 409: "409_0001",
     413: "413_0001", 422: "422_0001", 429: "429_0001", 500: "500_0001", 503: "500_0002", 504: "500_0003",
 }
-"""HTTP status -> error code of the error body (REQUIREMENTS.md: 500_0002 unavailable, 500_0003 timeout)."""
+"""HTTP status -> error code of the error body (5xx codes are `500_<n>`: 500_0002 unavailable, 500_0003 timeout)."""
 
 
 def error_code(status: int) -> str:

@@ -33,7 +33,8 @@ import numpy as np
 from ray import serve
 
 from app import telemetry
-from app.config import AutoRollbackConfig, RegistryConfig
+from app.config.serve import AutoRollbackConfig
+from app.config.registry import RegistryConfig
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,13 @@ Reads top to bottom: the search space, scheduler and searcher built from `tune:`
 happens) -> the sweep driver (new or restored by name) -> results (table, curves, the best
 trial registered as a `tuned` version).
 
-Ray 2.60 refuses `Tuner(TorchTrainer)`; a function trainable that fits a TorchTrainer per trial
-is the supported pattern (PLATFORM-NOTES). The trial itself reserves almost nothing
-(`{"cpu": 0.01}`); its training workers reserve `train.num_workers x train.cpus_per_worker`.
+It is one idea, a sweep from its config to its registered winner, and over 500 lines because the
+trial, the driver and the results table share the sweep's paths and trial records.
+
+Ray 2.60 refuses `Tuner(TorchTrainer)` (`Improper 'run'`); a function trainable that fits a
+TorchTrainer per trial is the supported pattern (Ray's "Using Ray Train with Ray Tune" guide).
+The trial itself reserves almost nothing (`{"cpu": 0.01}`); its training workers reserve
+`train.num_workers x train.cpus_per_worker`.
 
 Where things live (`<storage>` = the job's storage_path):
     <storage>/tune/<name>/                   Tune's experiment (stable name -> `--resume NAME`)
@@ -32,8 +36,10 @@ from typing import Any
 
 import ray
 
-from app.config import TrainJob, TuneConfig, TuneJob, config_hash, trial_tree
-from app.evaluation import primary_metric
+from app.config.jobs import TrainJob, TuneJob, trial_tree
+from app.config.tune import TuneConfig
+from app.config.base import config_hash
+from app.evaluation import metric_kind, primary_metric
 
 JOB_FILE = "temper_tune_job.json"
 """The resolved TuneJob, saved in the experiment folder so `--resume NAME` needs no config."""
@@ -59,7 +65,7 @@ class SweepPaths:
 
 def objective(job: TuneJob) -> tuple[str, str]:
     """(metric, mode) the sweep optimises."""
-    metric, mode = primary_metric(job.model.kind)
+    metric, mode = primary_metric(metric_kind(job.model))
     return job.tune.metric or metric, job.tune.mode or mode
 
 
@@ -477,9 +483,8 @@ def register_best(job: TuneJob, registry, best: TrialRow, result, rows: list[Tri
 
     The artifact folder holds the weights, a config.json whose job is the best trial's (under the
     sweep's name), and `sweep/` with every trial's values and final metrics (md, csv, json, png)."""
-    from actors.registry import flatten_dict
     from app.artifacts import write_meta
-    from pipelines.compress import find_version_by_artifact
+    from pipelines.register import register_trained
 
     if result.checkpoint is None:
         raise RuntimeError(f"best trial {best.trial_id} left no checkpoint to register")
@@ -498,19 +503,13 @@ def register_best(job: TuneJob, registry, best: TrialRow, result, rows: list[Tri
         for ext in (".md", ".csv", ".json", ".png"):
             shutil.copy2(report.with_suffix(ext), tmp / "sweep" / f"trials{ext}")
         os.replace(tmp, artifact)
-    existing = find_version_by_artifact(registry, job.name, str(artifact))
-    if existing is not None:
-        return existing
-    params = flatten_dict({"model": best_job.model.model_dump(mode="json"), "train": best_job.train.model_dump(mode="json")})
     metric, _ = objective(job)
-    record = ray.get(registry.register_version.remote(
-        job.name, str(artifact), "torch_fp32", config=best_job.model_dump(mode="json"), config_hash=chash,
-        metrics=best.final, transformation="tuned",
+    record, new = register_trained(
+        registry, best_job, str(artifact), config_hash=chash, metrics=best.final, transformation="tuned",
         tags={"sweep": job.name, "trial": best.trial_id, "trials": str(len(rows)), "step": str(best.steps),
               "objective": metric, "trials_table": str(artifact / "sweep" / "trials.csv")},
-        params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
-    ))
+    )
     points = [{"metrics": {metric: v}, "step": s} for s, v in best.curve]
-    if points:
+    if new and points:
         ray.get(registry.log_metrics_batch.remote(job.name, record["version"], points))
     return record

@@ -4,7 +4,7 @@ new artifact folder of another format. Evaluation and registration live in
 
 - `torch_int8`: dynamic int8 quantization of every nn.Linear with per-channel weight scales
   (`torch.ao.quantization.quantize_dynamic`; still present and the fastest CPU path in torch
-  2.13, torchao's eager `quantize_` was ~10x slower here, see PLATFORM-NOTES).
+  2.13, torchao 0.18's eager `quantize_` was ~10x slower on CPU).
 - `onnx_fp32`: ONNX export (TorchScript-based exporter, one self-contained file, dynamic batch
   and sequence axes) run by ONNX Runtime.
 - `onnx_int8`: ONNX Runtime dynamic int8 quantization of the exported graph (per-channel).

@@ -1,4 +1,4 @@
-"""Built-in datasets. Nothing is downloaded.
+"""Datasets: the built-ins here (nothing is downloaded) and the user's files (app/data/text.py).
 
 - `lm-code`: the Python standard library's own `.py` files as a byte stream. Files are read
   in sorted path order up to `max_bytes`; each file goes to train or val by a hash of its
@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from app.config import DataConfig, GPTConfig, ViTConfig
+from app.config.data import DataConfig, FileDataConfig
+from app.config.model import GPTConfig, HFModelConfig, ViTConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -132,7 +133,12 @@ class DigitsData:
         return torch.from_numpy(self.x_val[:batch_size])
 
 
-def build_data(data: DataConfig, model: GPTConfig | ViTConfig) -> LMCodeData | DigitsData:
+def build_data(data: DataConfig | FileDataConfig, model: GPTConfig | ViTConfig | HFModelConfig):
+    """The dataset of a data section: a built-in one, or the user's files (app/data/text.py)."""
+    if isinstance(data, FileDataConfig):
+        from app.data.text import FileTextData
+
+        return FileTextData(data, model)
     if data.name == "lm-code":
         return LMCodeData(data, model.block_size)
     return DigitsData(data)

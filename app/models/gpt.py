@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from app.config import GPTConfig
+from app.config.model import GPTConfig
 from app.models.transformer import Block, RMSNorm, rope_tables
 
 

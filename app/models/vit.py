@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from app.config import ViTConfig
+from app.config.model import ViTConfig
 from app.models.transformer import Block, RMSNorm
 
 

@@ -14,9 +14,10 @@ from functools import partial
 import pytest
 import ray
 
-from actors.registry import get_or_create_registry
-from app.config import RegistryConfig, TrainJob
-from pipelines.optimize import stage_train
+from actors.registry.client import get_or_create_registry
+from app.config.registry import RegistryConfig
+from app.config.jobs import TrainJob
+from pipelines.register import train_and_register
 from conftest import running_two_at_a_time
 
 pytestmark = pytest.mark.ray
@@ -37,12 +38,12 @@ def test_student_with_teacher_beats_student_without(ray_cluster, tmp_path):
     try:
         student = {"d_model": 16, "n_layer": 1, "n_head": 2}
         with running_two_at_a_time({  # the plain student needs no teacher: it trains beside it
-            "teacher": partial(stage_train, _job(tmp_path, "teacher", {"d_model": 64, "n_layer": 2}, 300, 3e-3), registry),
-            "plain": partial(stage_train, _job(tmp_path, "student-plain", student, 150, 1e-2), registry),
+            "teacher": partial(train_and_register, _job(tmp_path, "teacher", {"d_model": 64, "n_layer": 2}, 300, 3e-3), registry),
+            "plain": partial(train_and_register, _job(tmp_path, "student-plain", student, 150, 1e-2), registry),
         }) as result:
             teacher = result("teacher")
             ray.get(registry.set_alias.remote("teacher", "production", teacher["version"], reason="distillation teacher"))
-            kd = stage_train(_job(tmp_path, "student-kd", student, 150, 1e-2,
+            kd = train_and_register(_job(tmp_path, "student-kd", student, 150, 1e-2,
                                   {"teacher": "teacher", "teacher_version": "production", "alpha": 0.1, "temperature": 2.0}), registry)
             plain = result("plain")
     finally:

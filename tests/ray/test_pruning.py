@@ -1,4 +1,4 @@
-"""Pruning callbacks under ddp, fsdp, zero2 and zero3 with 2 workers, checked on the consolidated weights.
+"""Pruning callbacks under ddp, fsdp, zero1, zero2 and zero3 with 2 workers, checked on the consolidated weights.
 
 One run per strategy carries four `magnitude_pruning` callbacks on disjoint weights, so every
 kind is exercised under every strategy: global unstructured (mlp.gate), rows (mlp.up), 2:4
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.compression.pruning import is_nm
-from app.config import TrainJob
+from app.config.jobs import TrainJob
 from pipelines.train import fit
 from conftest import running_two_at_a_time
 
@@ -53,7 +53,7 @@ def _zero_fraction(sd: dict, part: str) -> float:
     return sum(float((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
+STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
 
 @pytest.fixture(scope="module")

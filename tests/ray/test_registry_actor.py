@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from actors.registry import RegistryConflict, RegistryNotFound, RegistryStore, get_or_create_registry
-from app.config import MlflowMirrorConfig, RegistryConfig
+from actors.registry.client import get_or_create_registry
+from actors.registry.errors import RegistryConflict, RegistryNotFound
+from actors.registry.store import RegistryStore
+from app.config.registry import MlflowMirrorConfig, RegistryConfig
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,8 +269,8 @@ def test_every_write_that_returned_survives_a_kill_mid_stream(ray_cluster, regis
 _CLUSTER_SCRIPT = r"""
 import json, sys
 import ray
-from actors.registry import get_or_create_registry
-from app.config import RegistryConfig
+from actors.registry.client import get_or_create_registry
+from app.config.registry import RegistryConfig
 
 cfg = RegistryConfig.model_validate_json(sys.argv[1])
 ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)

@@ -1,5 +1,5 @@
 """`python -m app registry list|show|compare|alias|rollback|history|delete`, run in-process through
-`app.__main__.main` on the shared Ray cluster (the CLI reuses an initialized Ray), against a
+`app.cli.main.main` on the shared Ray cluster (the CLI reuses an initialized Ray), against a
 registry actor of its own chosen with `registry.*` overrides."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from actors.registry import get_or_create_registry
-from app.__main__ import main
-from app.config import RegistryConfig
+from actors.registry.client import get_or_create_registry
+from app.cli.main import main
+from app.config.registry import RegistryConfig
 
 pytestmark = pytest.mark.ray
 

@@ -22,12 +22,17 @@ import yaml
 
 from app.artifacts import save_fp32
 from app.compression import METHODS
-from app.config import DataConfig, GPTConfig, RegistryConfig, ServeApp, ServeConfig, ServedModel, TrainJob, ViTConfig
+from app.config.data import DataConfig
+from app.config.model import GPTConfig, ViTConfig
+from app.config.registry import RegistryConfig
+from app.config.jobs import ServeApp, TrainJob
+from app.config.serve import ServeConfig, ServedModel
 from app.data import DigitsData
 from app.inference import SamplingParams, generate_text, generate_tokens, load_predictor
 from app.models import build_model
-from serve.app import API_PREFIX, ROUTE_HEADER, WATCHER_NAME, deploy
 from serve.client import AsyncTemperClient, HandleClient, RetryPolicy, TemperClient
+from serve.deploy import WATCHER_NAME, deploy
+from serve.protocol import API_PREFIX, ROUTE_HEADER
 from serve.routing import TrafficRouter
 from conftest import free_port, metric_total, wait_for
 
@@ -56,7 +61,7 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registry(ray_cluster, artifacts, tmp_path_factory):
-    from actors.registry import get_or_create_registry
+    from actors.registry.client import get_or_create_registry
 
     cfg = RegistryConfig(
         actor_name=f"rollout-test-{uuid.uuid4().hex[:8]}", namespace="temper-tests",
@@ -103,7 +108,7 @@ def config_file(app_cfg, tmp_path_factory):
 def base_url(app_cfg, config_file):
     from ray import serve
 
-    from app.__main__ import main
+    from app.cli.main import main
 
     url = deploy(app_cfg)
     yield url
@@ -270,7 +275,7 @@ def test_autoscaling_settings_reach_serve(base_url, app_cfg):
 
 
 def test_cli_status_and_advise(base_url, app_cfg, config_file, capsys):
-    from app.__main__ import main
+    from app.cli.main import main
 
     assert main(["serve", "status", config_file]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Every parallelism strategy x precision on the tiny GPT with 2 workers: trains, checkpoints,
 pauses, resumes, and lands on DDP fp32's loss; consolidated weights equal the sharded state;
-sharded strategies hold less per rank; a killed worker is recovered from a checkpoint.
+sharded strategies hold less per rank; ZeRO-2 with the optimizer offloaded to the CPU trains
+like ZeRO-2; a killed worker is recovered from a checkpoint.
 
 Runs are shared by the module's tests (the exact-resume test reuses the matrix's resumed runs)
 and run two at a time.
@@ -29,7 +30,7 @@ import pytest
 import torch
 
 from app.artifacts import load_fp32
-from app.config import TrainJob
+from app.config.jobs import TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums
 from pipelines.train import TrainResult, fit
@@ -67,17 +68,20 @@ def runs(ray_cluster, tmp_path_factory):
         paused = fit(_job(root, name, strategy, precision, pause_at_step=K))
         return paused, fit(_job(root, name, strategy, precision))
 
-    tasks = {("straight", "ddp", "fp32"): partial(straight_run, "ddp", "fp32")}
+    tasks = {("straight", s, "fp32"): partial(straight_run, s, "fp32") for s in ("ddp", "zero2")}
+    # ZeRO-Offload: the optimizer state and step on the CPU, with our torch optimizer (no C++ build).
+    tasks["offload"] = partial(fit, _job(root, "offload-zero2-fp32", "zero2", "fp32", offload_optimizer=True))
     tasks.update({("resumed", s, p): partial(resumed_run, s, p) for p in PRECISIONS for s in STRATEGIES})
-    tasks.update({("straight", s, "fp32"): partial(straight_run, s, "fp32") for s in ("fsdp", "zero2")})
+    tasks[("straight", "fsdp", "fp32")] = partial(straight_run, "fsdp", "fp32")
     with running_two_at_a_time(tasks) as result:
-        yield (lambda s, p: result(("straight", s, p))), (lambda s, p: result(("resumed", s, p)))
+        yield ((lambda s, p: result(("straight", s, p))), (lambda s, p: result(("resumed", s, p))),
+               (lambda: result("offload")))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_trains_checkpoints_resumes_and_matches_ddp_fp32(runs, strategy, precision):
-    straight, resumed = runs
+    straight, resumed, _ = runs
     reference = straight("ddp", "fp32").metrics["val_loss"]
     paused, final = resumed(strategy, precision)
     assert paused.step == K and paused.metrics["start_step"] == 0
@@ -89,7 +93,7 @@ def test_strategy_trains_checkpoints_resumes_and_matches_ddp_fp32(runs, strategy
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
 def test_exact_resume_equals_straight_run(runs, strategy):
-    straight, resumed = runs
+    straight, resumed, _ = runs
     a = straight(strategy, "fp32").metrics
     b = resumed(strategy, "fp32")[1].metrics
     # Model, optimizer moments, scheduler, RNG and data position all come back: same numbers.
@@ -100,7 +104,7 @@ def test_exact_resume_equals_straight_run(runs, strategy):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_consolidated_weights_load_into_the_plain_model(runs, strategy, precision):
-    _, resumed = runs
+    _, resumed, _ = runs
     result = resumed(strategy, precision)[1]
     model, job = load_fp32(result.artifact_path)  # no torch.distributed needed
     data = build_data(job.data, job.model)
@@ -110,6 +114,15 @@ def test_consolidated_weights_load_into_the_plain_model(runs, strategy, precisio
     assert plain["val_loss"] == pytest.approx(result.metrics["val_loss"], rel=TOL[precision])
 
 
+def test_zero_offload_trains_like_zero2(runs):
+    straight, _, offload = runs
+    result = offload()
+    assert result.step == 2 * K and result.metrics["val_loss"] < 5.6
+    # The same fp32 math as ZeRO-2 without offload, only stepped on the CPU copy of the partition.
+    reference = straight("zero2", "fp32").metrics["val_loss"]
+    assert result.metrics["val_loss"] == pytest.approx(reference, rel=TOL["fp32"])
+
+
 def _per_rank_bytes(result: TrainResult, rank: int) -> float:
     m = result.metrics
     return sum(m[f"mem_rank{rank}_{k}"] for k in ("param_bytes", "grad_bytes", "optimizer_bytes"))
@@ -117,7 +130,7 @@ def _per_rank_bytes(result: TrainResult, rank: int) -> float:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_sharded_strategies_hold_less_per_rank(runs, precision):
-    _, resumed = runs
+    _, resumed, _ = runs
     ddp = _per_rank_bytes(resumed("ddp", precision)[1], 0)
     ratio = {s: max(_per_rank_bytes(resumed(s, precision)[1], r) for r in (0, 1)) / ddp for s in STRATEGIES}
     assert ratio["fsdp"] <= 0.55, ratio                      # params, grads and Adam moments all halved

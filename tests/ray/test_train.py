@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.config import TrainJob
+from app.config.jobs import TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums
 from app.models import build_model

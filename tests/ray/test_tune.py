@@ -3,8 +3,11 @@
 - ASHA stops weak trials at a rung (asserted on steps per trial), the best full-length trial is
   registered as `tuned` with the trial table attached, results files are written, and the
   trials' training workers are gone afterwards (CPUs free again).
-- Optuna: the given starting point is tried first and TPE's later suggestions differ from it
-  and from each other.
+- Optuna: the given starting point is tried first, then the start-up draw that Optuna's TPE
+  sampler makes with the configured seed (random search would propose other values); later
+  suggestions differ from the start and from each other.
+- HyperBand: brackets filled in order, the weaker trial of a bracket with a rung stopped there.
+- PBT: the weak trial continues from the strong trial's checkpoint as a new training run.
 - Resume: the CLI driver is killed by pid after two trials finished; `tune --resume NAME`
   finishes the sweep without training the finished trials again.
 """
@@ -27,8 +30,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from actors.registry import get_or_create_registry
-from app.config import TrainJob, parse_config
+from actors.registry.client import get_or_create_registry
+from app.config.jobs import TrainJob, parse_config
 from pipelines.train import fit
 from tune.sweep import SweepPaths, run_sweep
 
@@ -125,6 +128,18 @@ def test_optuna_suggestions_move_away_from_the_starting_points(ray_cluster, tmp_
         assert 1e-4 <= c["train.lr"] <= 3e-2 and 0.0 <= c["train.weight_decay"] <= 0.2
     assert len({round(c["train.lr"], 12) for c in later}) == len(later)  # no suggestion repeated
     assert all(r.steps == 20 for r in result.trials)                  # fifo: all trials to the end
+    # The searcher is Optuna's TPE with the configured seed: its first suggestion after the given
+    # point is a start-up draw that only that sampler and seed produce (asked of Optuna directly
+    # here). Random search, even with the same seed, proposes other values.
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=7, n_startup_trials=2))
+    study.enqueue_trial(start)
+    dists = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True),
+             "train.weight_decay": optuna.distributions.FloatDistribution(0.0, 0.2)}
+    expected = [study.ask(dists).params for _ in range(2)]
+    assert configs[:2] == [pytest.approx(e, rel=1e-9) for e in expected]
 
 
 def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, tmp_path):
@@ -202,3 +217,59 @@ def test_a_run_can_start_from_another_runs_checkpoint_with_new_hyperparameters(r
     assert late.metrics["start_step"] == 20 and Path(late.checkpoint_path).is_dir()
     c = load_file(str(Path(late.artifact_path) / "model.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_hyperband_brackets_stop_the_weaker_trial_at_a_rung(ray_cluster, tmp_path):
+    # max_t 2 steps, reduction factor 2: Ray's HyperBand fills bracket s=0 first (2 trials, no rung:
+    # both run to max_t), then bracket s=1 (2 trials, one rung at step 1 where the better half goes on).
+    tree = _tree(tmp_path, "hyperband", {
+        "search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2}},
+        "num_samples": 4, "max_concurrent_trials": 4,
+        "scheduler": {"name": "hyperband", "reduction_factor": 2},
+        "searcher": {"name": "random", "seed": 5},
+    }, steps=2)
+    tree["train"].update(eval_every=1, checkpoint_every=1, warmup_steps=1)
+    result = run_sweep(parse_config("tune", tree))
+
+    rows = result.trials  # in the order Tune created them, which is the order brackets are filled
+    assert len(rows) == 4 and all(r.error is None for r in rows), [r.error for r in rows]
+    assert [r.steps for r in rows[:2]] == [2, 2]               # bracket s=0
+    assert sorted(r.steps for r in rows[2:]) == [1, 2]          # bracket s=1: one stopped at its rung
+    stopped, kept = sorted(rows[2:], key=lambda r: r.steps)
+    assert stopped.stopped_early and not kept.stopped_early
+    assert dict(stopped.curve)[1] <= dict(kept.curve)[1]        # the weaker one at the rung (val_accuracy)
+    assert result.total_steps == 7 and result.best.steps == 2
+
+
+def test_pbt_weak_trial_continues_from_the_strong_ones_checkpoint(ray_cluster, tmp_path):
+    strong, weak = 1e-2, 1e-5  # after 10 steps of the tiny ViT: ~0.5 vs ~0.1 val_accuracy
+    tree = _tree(tmp_path, "pbt", {
+        "search_space": {"train.lr": {"type": "choice", "values": [weak, strong]}},
+        "num_samples": 2, "max_concurrent_trials": 2,
+        "scheduler": {"name": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5, "resample_probability": 0.0},
+        "searcher": {"name": "random", "seed": 1, "points_to_evaluate": [{"train.lr": strong}, {"train.lr": weak}]},
+    }, steps=30)
+    result = run_sweep(parse_config("tune", tree))
+    assert len(result.trials) == 2 and all(r.error is None for r in result.trials)
+
+    attempts = _attempts(SweepPaths.of("pbt", str(tmp_path)))
+    first = {t: att[0] for t, att in attempts.items() if att[0]["event"] == "start" and "-x" not in t}
+    lr_of = {t: a["values"]["train.lr"] for t, a in first.items()}
+    [strong_trial] = [t for t, lr in lr_of.items() if lr == strong]
+    [weak_trial] = [t for t, lr in lr_of.items() if lr == weak]
+    # The exploit: the weak trial started a new training run from a checkpoint of the strong trial.
+    clones = {t: att for t, att in attempts.items() if t.startswith(weak_trial + "-x")}
+    assert clones, f"the weak trial never continued from another trial's checkpoint: {sorted(attempts)}"
+    for run, att in clones.items():
+        start = att[0]
+        assert start["event"] == "start" and f"/{strong_trial}/" in start["resume_from"], start
+    # A clone that ran to the end (an earlier one may have been replaced by a later exploit)
+    # started at the donor's step: it continued the donor's run, it did not restart from step 0.
+    trials = SweepPaths.of("pbt", str(tmp_path)).trials
+    finished = [json.loads((trials / run / "done.json").read_text()) for run in clones if (trials / run / "done.json").is_file()]
+    assert finished and all(d["metrics"]["start_step"] >= 10 and d["metrics"]["step"] == 30 for d in finished), finished
+    # Its learning rate is the strong trial's perturbed (resampling is off: PBT multiplies by 0.8 or
+    # 1.2), not its own 1e-5.
+    assert all(0.5 * strong <= att[0]["values"]["train.lr"] <= 1.5 * strong for att in clones.values()), clones
+    weak_row = next(r for r in result.trials if weak_trial.endswith(r.trial_id))
+    assert weak_row.steps == 30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import TrainJob
+from app.config.jobs import TrainJob
 from app.models import build_model
 from pipelines.callbacks import EarlyStopping, MagnitudePruning, TrainState, build_callbacks
 
@@ -50,3 +50,55 @@ def test_pruning_targets_must_match_weights():
     job = _job([{"name": "magnitude_pruning", "targets": r"nothing\.here"}])
     with pytest.raises(ValueError, match="matches no 2-D weight"):
         build_callbacks(job, build_model(job.model))
+
+
+def test_every_strategy_implements_the_whole_protocol():
+    """The pruning callback reaches weights only through `Strategy.weight_views` / `apply_masks`:
+    the protocol declares them and every strategy class defines every protocol method."""
+    import inspect
+
+    from pipelines.strategies import DeepSpeedStrategy, Strategy, TorchStrategy
+
+    methods = {n for n, v in vars(Strategy).items() if inspect.isfunction(v) and not n.startswith("_")}
+    assert {"weight_views", "apply_masks", "forward", "backward", "step", "save", "load"} <= methods
+    for cls in (TorchStrategy, DeepSpeedStrategy):
+        missing = sorted(n for n in methods if not inspect.isfunction(getattr(cls, n, None)))
+        assert not missing, f"{cls.__name__} lacks {missing}"
+        for n in methods:  # same parameter names as the protocol
+            assert list(inspect.signature(getattr(cls, n)).parameters) == list(inspect.signature(getattr(Strategy, n)).parameters), (cls.__name__, n)
+
+
+def test_pruning_goes_through_the_protocol():
+    """A strategy stand-in with only the protocol's pruning methods is enough for MagnitudePruning."""
+    import torch
+
+    from app.compression.pruning import RowView, no_reduce
+
+    job = _job([{"name": "magnitude_pruning", "final_sparsity": 0.5, "start_step": 0, "end_step": 1, "update_every": 1}])
+    model = build_model(job.model)
+    applied = []
+
+    class Stub:
+        module = model
+
+        def weight_views(self, names):
+            params = dict(model.named_parameters())
+            return {n: RowView(params[n].data, 0, tuple(params[n].shape)) for n in names}, no_reduce
+
+        def apply_masks(self, masks):
+            applied.append(set(masks))
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in masks:
+                        p.mul_(masks[n])
+
+    cb = build_callbacks(job, model)[0]
+    state = TrainState(job, strategy=Stub(), rank=0, world=1)
+    cb.on_setup(state)
+    for step in (1, 2):
+        state.step = step
+        cb.on_step_end(state)
+    assert applied and applied[-1] == set(cb.targets)
+    weights = [p for n, p in model.named_parameters() if n in cb.targets]
+    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zero == pytest.approx(0.5, abs=0.01)

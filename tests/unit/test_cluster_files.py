@@ -31,3 +31,74 @@ def test_rayjob_runs_the_quickstart():
     job = yaml.safe_load((CLUSTER / "rayjob-quickstart.yaml").read_text())
     assert job["kind"] == "RayJob"
     assert "python -m app run configs/quickstart.yaml" in job["spec"]["entrypoint"]
+
+
+def _requirements(lines) -> dict:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    reqs = [Requirement(line) for line in lines]
+    return {canonicalize_name(r.name): r for r in reqs}
+
+
+def test_runtime_env_lists_every_dependency():
+    """Every runtime dependency of pyproject.toml (torch and ray may come with the image) is in the
+    runtime_env with the same extras and version range, or with constraints.txt's exact pin; every
+    `==` version satisfies pyproject's range; nothing is listed that the project does not depend on."""
+    import tomllib
+
+    root = CLUSTER.parent
+    deps = _requirements(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
+    pins = _requirements(line.split("#")[0].strip() for line in (root / "constraints.txt").read_text().splitlines()
+                         if line.split("#")[0].strip())
+    env = _requirements(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["pip"]["packages"])
+    assert deps and env
+
+    missing = sorted(set(deps) - set(env) - {"torch", "ray"})
+    assert not missing, f"cluster/runtime_env.yaml lacks {missing} (pyproject.toml dependencies)"
+    stray = sorted(set(env) - set(deps))
+    assert not stray, f"cluster/runtime_env.yaml lists {stray}, which pyproject.toml does not depend on"
+    for name, req in env.items():
+        dep = deps[name]
+        assert req.extras >= dep.extras, f"{name}: runtime_env extras {req.extras} lack {dep.extras - req.extras}"
+        if name in pins:
+            assert req.specifier == pins[name].specifier, f"{name}: runtime_env {req.specifier} but constraints.txt {pins[name].specifier}"
+        exact = [s.version for s in req.specifier if s.operator == "=="]
+        if exact:
+            assert dep.specifier.contains(exact[0]), f"{name}=={exact[0]} is outside pyproject.toml's {dep.specifier}"
+        else:
+            assert req.specifier == dep.specifier, f"{name}: runtime_env {req.specifier or 'any'} but pyproject.toml {dep.specifier}"
+
+
+def test_runtime_env_covers_every_third_party_import():
+    """Each third-party module the project's code imports comes from a runtime_env package or a
+    direct requirement of one (starlette through fastapi); the GPU extra's modules are exempt."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = CLUSTER.parent
+    ours = ("app", "actors", "pipelines", "serve", "tune")
+    imported = set()
+    for pkg in ours:
+        for path in (root / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = sorted(m for m in imported - set(ours) - set(sys.stdlib_module_names) if m != "__future__")
+    env = _requirements(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["pip"]["packages"])
+    covered = set(env)
+    for name in env:
+        covered |= {canonicalize_name(Requirement(r).name) for r in requires(name) or () if "extra ==" not in r}
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    exempt = {canonicalize_name(Requirement(r).name) for r in extras.get("gpu", [])}
+    dists = packages_distributions()
+    uncovered = [m for m in third_party
+                 if not {canonicalize_name(d) for d in dists.get(m, [m])} & (covered | exempt)]
+    assert "torch" in third_party and not uncovered, f"imported but not in cluster/runtime_env.yaml: {uncovered}"

@@ -14,7 +14,7 @@ import torch
 
 from app.artifacts import ArtifactError, artifact_size_bytes, load_int8, save_fp32
 from app.compression import METHODS
-from app.config import TrainJob
+from app.config.jobs import TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums, task_loss
 from app.inference import classify, generate_text, load_predictor, score_text
@@ -125,7 +125,15 @@ def test_classify_and_lm_helpers(digits_artifacts, tmp_path):
     out = classify(pred, x, top_k=3)
     assert len(out) == 4 and all(len(o["top_k"]) == 3 for o in out)
     assert all(o["label"] == o["top_k"][0]["label"] for o in out)
-    assert all(abs(sum(p["probability"] for p in o["top_k"])) <= 1.0 + 1e-6 for o in out)
+    # The top-k are the k largest softmax probabilities of the model's own logits, in order.
+    logits = pred.logits(x.astype(np.float32)).astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    for o, row in zip(out, probs):
+        got = [p["probability"] for p in o["top_k"]]
+        assert got == sorted(got, reverse=True) and sum(got) < 1.0  # 3 of 10 classes
+        assert [p["label"] for p in o["top_k"]] == list(np.argsort(-row)[:3])
+        np.testing.assert_allclose(got, np.sort(row)[::-1][:3], rtol=1e-4, atol=1e-6)
 
     lm_job = TrainJob.model_validate({"name": "lm", "model": {"kind": "gpt", "n_layer": 1, "d_model": 32, "n_head": 2, "block_size": 16},
                                       "data": {"name": "lm-code", "max_bytes": 100_000}})

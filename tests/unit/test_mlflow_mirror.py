@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from actors.mlflow_mirror import MlflowMirror
-from actors.registry import RegistryStore, resolve_mirror_settings
-from app.config import MlflowMirrorConfig
+from actors.registry.client import resolve_mirror_settings
+from actors.registry.store import RegistryStore
+from app.config.registry import MlflowMirrorConfig
 
 
 @pytest.fixture

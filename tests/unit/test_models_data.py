@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from app.config import DataConfig, GPTConfig, ViTConfig
+from app.config.data import DataConfig
+from app.config.model import GPTConfig, ViTConfig
 from app.data import build_data
 from app.models import build_model
 

@@ -10,7 +10,8 @@ import torch
 from app.compression.pruning import (
     RowView, cubic_sparsity, head_masks, is_nm, kth_smallest, nm_mask, row_masks, sparsity_of, unstructured_masks,
 )
-from app.config import ConfigError, parse_config
+from app.config.base import ConfigError
+from app.config.jobs import parse_config
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from actors.registry import RegistryConflict, RegistryNotFound, RegistryStore
+from actors.registry.errors import RegistryConflict, RegistryNotFound
+from actors.registry.store import RegistryStore
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ from sqlalchemy import (
     create_engine, inspect, text,
 )
 
-import actors.registry_schema as schema
-from actors.registry import SCHEMA_VERSION, RegistryNotFound, RegistrySchemaError, RegistryStore
+import actors.registry.schema as schema
+from actors.registry.errors import RegistryNotFound, RegistrySchemaError
+from actors.registry.schema import SCHEMA_VERSION
+from actors.registry.store import RegistryStore
 
 # ----------------------------------------------------------------------------- the v1 layout, frozen
 

@@ -6,13 +6,22 @@ PostgreSQL server (tests/conftest.py). Tests taking `db_path` are about SQLite i
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from sqlalchemy import text
 
-from actors.registry import SCHEMA_VERSION, RegistryNotFound, RegistrySchemaError, RegistryStore
+from actors.registry.client import open_store
+from actors.registry.errors import RegistryNotFound, RegistrySchemaError
+from actors.registry.schema import SCHEMA_VERSION
+from actors.registry.store import RegistryStore, mask_password
+from app.config.registry import RegistryConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -268,6 +277,39 @@ def test_relative_sqlite_path_gets_its_folder_created(tmp_path, monkeypatch):
     finally:
         s.close()
     assert (tmp_path / "runs" / "reg.db").is_file()
+
+
+def test_open_store_reads_the_database_the_actor_would_open_without_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = RegistryStore(f"sqlite:///{tmp_path / 'runs' / 'reg.db'}")
+    try:
+        _register(s, "gpt", 2)
+    finally:
+        s.close()
+    # a relative path resolves against the caller's folder, as `get_or_create_registry` does
+    opened = open_store(RegistryConfig(db_url="sqlite:///runs/reg.db"))
+    try:
+        assert opened.url == f"sqlite:///{tmp_path / 'runs' / 'reg.db'}"
+        assert [v["version"] for v in opened.list_versions("gpt")] == [1, 2]
+    finally:
+        opened.close()
+    with pytest.raises(ValueError, match="in-memory SQLite"):
+        open_store(RegistryConfig(db_url="sqlite://"))
+
+
+def test_the_store_and_the_mirror_import_without_ray():
+    code = "import sys, actors.registry.store, actors.mlflow_mirror; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://temper:s3cr%40t@db.internal:5432/registry", "postgresql+psycopg://temper:***@db.internal:5432/registry"),
+    ("http://user:pw@mlflow:5000", "http://user:***@mlflow:5000"),
+    ("postgresql://temper@db/registry", "postgresql://temper@db/registry"),
+    ("sqlite:////data/registry.db", "sqlite:////data/registry.db"),
+])
+def test_passwords_in_urls_are_masked(url, shown):
+    assert mask_password(url) == shown
 
 
 def test_newer_schema_version_is_refused(store, db_url):

@@ -12,23 +12,25 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.artifacts import save_fp32
-from app.config import DataConfig, GPTConfig, ServeConfig, ServedModel, TrainJob, ViTConfig
+from app.config.data import DataConfig
+from app.config.model import GPTConfig, ViTConfig
+from app.config.jobs import TrainJob
+from app.config.serve import ServeConfig, ServedModel
 from app.inference import classify, generate_text, load_predictor, score_text
 from app.models import build_model
-from serve.app import (
+from serve.client import TemperAPIError, TemperClient
+from serve.ingress import make_api
+from serve.protocol import ModelRequestError, raise_if_refused
+from serve.replica import (
+    BatchStats,
     ClassifyRequest,
     LMRequest,
-    ModelRequestError,
-    BatchStats,
     group_lm_rows,
     images_from_inputs,
-    make_api,
-    raise_if_refused,
     run_classify_batch,
     run_lm_batch,
     tokens_from_text,
 )
-from serve.client import TemperAPIError, TemperClient
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,16 @@ def test_classify_batch_splits_results_per_request_in_order(vit):
         assert res["outputs"] == [a["label"] for a in alone]
         assert [len(p) for p in res["probabilities"]] == [req.top_k] * len(req.images)
         assert [[q["label"] for q in p] for p in res["probabilities"]] == [[q["label"] for q in a["top_k"]] for a in alone]
+        # the probabilities are the softmax of the model's own logits, most likely first: a
+        # renormalised top-k, a wrong class order or a missing softmax fails here
+        logits = vit.logits(req.images).astype(np.float64)  # (N, classes)
+        softmax = np.exp(logits - logits.max(-1, keepdims=True))
+        softmax /= softmax.sum(-1, keepdims=True)
+        for row, top in zip(softmax, res["probabilities"]):
+            probs = [q["probability"] for q in top]
+            assert probs == sorted(probs, reverse=True)
+            assert sum(probs) < 1.0  # top_k < 10 classes: the rest of the mass is elsewhere
+            np.testing.assert_allclose(probs, row[[q["label"] for q in top]], rtol=1e-5, atol=1e-7)
 
 
 def _rows(*texts: str) -> list[np.ndarray]:

@@ -9,7 +9,9 @@ import torch
 
 from app.artifacts import save_fp32
 from app.compression import METHODS
-from app.config import DataConfig, GPTConfig, TrainJob
+from app.config.data import DataConfig
+from app.config.jobs import TrainJob
+from app.config.model import GPTConfig
 from app.inference import (
     KVCacheDecoder,
     NonFiniteOutputError,
@@ -91,17 +93,30 @@ def test_onnx_backend_generates_with_the_recompute_path(gpt_paths):
         generate_tokens(pred, rows, params, use_kv_cache=True)
 
 
-def test_int8_uses_the_cache_and_starts_like_recompute(gpt_paths):
+def test_int8_cache_picks_the_recompute_token_at_almost_every_step(gpt_paths):
     # Dynamic int8 quantizes activations with one scale per tensor, so an int8 row depends on
-    # what it is computed with (the batch, or the cached vs full context): only the first token
-    # (the same prefill tensor for a row alone) must match exactly.
+    # what it is computed with (one cached token vs the full context): where the two best logits
+    # are nearly tied the cached path may pick the other one, and a free-running greedy text
+    # diverges from there on. So each step is checked teacher-forced: given the same context (the
+    # recompute path's own continuation), the cached decoder must pick the same next byte. The
+    # tiny untrained model agreed at 142 of 144 steps here (6 prompts x 24 bytes). Broken caches
+    # measured on the same model: each step's key fed the wrong byte 7 of 144, the prompt's
+    # context lost (only its last byte cached) 95 of 144; the 90% bar sits between.
     pred = load_predictor(gpt_paths["int8"])
     assert pred.supports_kv_cache
-    rows = _rows("def f(x):", "import os")
-    cached = generate_tokens(pred, [rows[0]], [SamplingParams(6)])[0]
-    want = generate_text(pred, rows[0][None], 6)[0].tolist()
-    assert cached[0] == want[0] and len(cached) == 6
-    assert all(0 <= t < 256 for out in generate_tokens(pred, rows, [SamplingParams(6)] * 2) for t in out)
+    prompts = PROMPTS + ["def f(x):", "import os"]
+    n_new, agree = 24, 0
+    for row in _rows(*prompts):
+        want = generate_text(pred, row[None], n_new)[0].tolist()  # recompute path, greedy
+        free_running = generate_tokens(pred, [row], [SamplingParams(n_new)])[0]  # cached path, greedy
+        assert free_running[0] == want[0] and len(free_running) == n_new  # same prefill tensor: exact
+        decoder = KVCacheDecoder(pred._torch_model, BLOCK)
+        logits = decoder.start([row])
+        for token in want:
+            agree += int(np.argmax(logits[0])) == token
+            logits = decoder.step(np.asarray([token]))
+    assert agree >= 0.9 * n_new * len(prompts), f"cached int8 picked the recompute byte at {agree} of {n_new * len(prompts)} steps"
+    assert all(0 <= t < 256 for out in generate_tokens(pred, _rows(*prompts), [SamplingParams(6)] * len(prompts)) for t in out)
 
 
 def test_sampling_is_seeded_per_row_and_respects_top_k(gpt_paths):

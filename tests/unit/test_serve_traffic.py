@@ -16,12 +16,14 @@ import yaml
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from app.config import AutoRollbackConfig, ServeApp, ServeConfig, ServedModel, load_config
+from app.config.jobs import ServeApp, load_config
+from app.config.serve import AutoRollbackConfig, ServeConfig, ServedModel
 from serve.advisor import SweepPoint, pick_best, sweep_points
-from serve.app import ROUTE_HEADER, RouteTable, build_app, make_api, serve_config_file
 from serve.client import RetryPolicy, TemperAPIError, TemperClient
+from serve.deploy import build_app, serve_config_file
+from serve.ingress import RouteTable, make_api
 from serve.loadgen import is_loopback
-from serve.protocol import ModelRequestError, ModelServerError
+from serve.protocol import ROUTE_HEADER, ModelRequestError, ModelServerError
 from serve.rollout import OutcomeWindow, WindowStats, judge
 from serve.routing import BUCKETS, TrafficRouter, key_bucket
 
@@ -207,7 +209,7 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(tmp_path):
     doc = serve_config_file(cfg)
     ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(doc)))
     [application] = doc["applications"]
-    assert application["import_path"] == "serve.app:app_builder"
+    assert application["import_path"] == "serve.deploy:app_builder"
     assert ServeApp.model_validate(application["args"]).serve.models[0].routes() == {"production": 90, "staging": 10}
     assert application["args"]["registry"]["db_url"].startswith("sqlite:////")  # made absolute
     names = [d["name"] for d in application["deployments"]]
@@ -216,7 +218,7 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(tmp_path):
     # and through the CLI
     src = tmp_path / "serve.yaml"
     src.write_text(yaml.safe_dump({"serve": cfg.serve.model_dump(mode="json")}))
-    from app.__main__ import main
+    from app.cli.main import main
 
     assert main(["serve", "config", str(src), "-o", str(tmp_path / "out.yaml"), "serve.port=8123"]) == 0
     written = yaml.safe_load((tmp_path / "out.yaml").read_text())
@@ -224,7 +226,7 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(tmp_path):
     # `--config FILE` is accepted as well, with or without an action (none: deploy)
     assert main(["serve", "config", "--config", str(src), "-o", str(tmp_path / "out2.yaml"), "serve.port=8124"]) == 0
     assert yaml.safe_load((tmp_path / "out2.yaml").read_text())["http_options"]["port"] == 8124
-    from app.__main__ import _serve_config_option
+    from app.cli.main import _serve_config_option
 
     assert _serve_config_option(["serve", "--config", "c.yaml", "serve.port=1"]) == ["serve", "deploy", "c.yaml", "serve.port=1"]
     assert _serve_config_option(["serve", "status", "--config=c.yaml", "--json"]) == ["serve", "status", "c.yaml", "--json"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import ConfigError, TrainJob, parse_config
+from app.config.base import ConfigError
+from app.config.jobs import TrainJob, parse_config
 from pipelines.strategies import deepspeed_config
 from pipelines.train import lr_factor, param_groups
 

@@ -9,8 +9,9 @@ import math
 
 import pytest
 
-from app.__main__ import main
-from app.config import ConfigError, parse_config
+from app.cli.main import main
+from app.config.base import ConfigError
+from app.config.jobs import parse_config
 from tune.sweep import TrialRow, build_scheduler, build_searcher, objective, pick_best, search_space, write_results
 
 BASE = {

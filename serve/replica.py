@@ -1,5 +1,10 @@
 """Batched model replicas: `BatchedModelServer`, one deployment per (model, traffic route).
 
+One idea, although over 500 lines: what runs inside a model replica (the plain batch
+functions it calls, the gate that admits requests into its batch queues, and the deployment
+that owns the loaded version); the ingress and deploy code live in `serve/ingress.py` and
+`serve/deploy.py`.
+
 Read top to bottom:
 1. plain batch functions (`run_classify_batch`, `run_lm_batch`, `generation_events`), testable
    without Serve;
@@ -34,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from app import telemetry
-from app.config import RegistryConfig
+from app.config.registry import RegistryConfig
 from app.inference import (
     NonFiniteOutputError,
     Predictor,

@@ -1,5 +1,9 @@
 """The end-to-end recipe behind `python -m app run`: [tune ->] train -> register -> compress -> serve -> call.
 
+The only module of `pipelines/` that imports `tune/` and `serve/`, and only the CLI imports it:
+training, compression and registration live in their own modules and know nothing of the stages
+that follow them.
+
 One readable function per stage; each prints one progress line when it starts and its
 result when it ends. Re-running the same config is safe: training resumes from its last
 checkpoint (and does nothing if it had finished), and artifacts already registered are found
@@ -13,8 +17,10 @@ from dataclasses import dataclass, field
 
 import ray
 
-from app.config import OptimizeJob, ServeApp, ServedModel, TrainJob
-from app.evaluation import primary_metric
+from app.config.jobs import OptimizeJob, ServeApp
+from app.config.serve import ServedModel
+from app.evaluation import metric_kind, primary_metric
+from pipelines.register import train_and_register
 
 
 @dataclass
@@ -27,46 +33,6 @@ class RunSummary:
     url: str | None = None
     client_answer: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def stage_train(job: TrainJob, registry) -> dict:
-    import hashlib
-    import json
-    import platform
-
-    import sklearn
-
-    from actors.registry import flatten_dict
-    from pipelines.compress import find_version_by_artifact
-    from pipelines.train import fit
-
-    teacher = None
-    if job.train.distill is not None:  # the teacher comes from the registry, by version or alias
-        d = job.train.distill
-        teacher = ray.get(registry.get_version.remote(d.teacher, d.teacher_version))
-        if teacher["format"] != "torch_fp32":
-            raise ValueError(f"train.distill: teacher {d.teacher} v{teacher['version']} is {teacher['format']!r}; "
-                             "distillation needs a torch_fp32 version")
-        print(f"[train] distilling from {d.teacher} v{teacher['version']} (alpha {d.alpha}, T {d.temperature})", flush=True)
-    result = fit(job, teacher_artifact=teacher["artifact_uri"] if teacher else None)
-    existing = find_version_by_artifact(registry, job.name, result.artifact_path)
-    if existing is not None:
-        print(f"[train] artifact already registered as v{existing['version']}", flush=True)
-        return existing
-    # Hyperparameters as flat params (compare/MLflow show them); the data's identity: its config plus
-    # where its bytes come from (lm-code reads this Python's standard library, digits ships with sklearn).
-    params = flatten_dict({"model": job.model.model_dump(mode="json"), "train": job.train.model_dump(mode="json")})
-    source = f"python-{platform.python_version()}" if job.data.name == "lm-code" else f"sklearn-{sklearn.__version__}"
-    data_id = json.dumps({"data": job.data.model_dump(mode="json"), "source": source}, sort_keys=True)
-    return ray.get(registry.register_version.remote(
-        job.name, result.artifact_path, "torch_fp32",
-        config=job.model_dump(mode="json"), config_hash=result.config_hash,
-        metrics=result.metrics, transformation="distilled" if teacher else "trained",
-        parent={"model": teacher["model"], "version": teacher["version"]} if teacher else None,
-        tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
-        params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
-        dataset_fingerprint=f"{job.data.name}:{hashlib.sha256(data_id.encode()).hexdigest()[:16]}",
-    ))
 
 
 def stage_tune(job: OptimizeJob, registry) -> dict:
@@ -96,7 +62,7 @@ def pick_for_serving(job: OptimizeJob, trained: dict, variants: list[dict]) -> d
 
 
 def stage_serve(job: OptimizeJob, registry, chosen: dict) -> tuple[str, ServeApp]:
-    from serve.app import deploy
+    from serve.deploy import deploy
 
     ray.get(registry.set_alias.remote(
         job.name, "production", chosen["version"],
@@ -127,20 +93,20 @@ def client_call(job: OptimizeJob, url: str) -> dict:
 
 
 def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
-    from actors.registry import get_or_create_registry
+    from actors.registry.client import get_or_create_registry
 
     summary = RunSummary(model=job.name)
     registry = get_or_create_registry(job.registry)
 
     t0 = time.perf_counter()
-    metric, _ = primary_metric(job.model.kind)
+    metric, _ = primary_metric(metric_kind(job.model))
     if job.tune is not None:
         print(f"[1/4 tune] {job.name}: {job.tune.num_samples} trials of {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
         trained = stage_tune(job, registry)
         summary.seconds["tune"] = time.perf_counter() - t0
     else:
         print(f"[1/4 train] {job.name}: {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
-        trained = stage_train(job.train_job(), registry)
+        trained = train_and_register(job.train_job(), registry)
         summary.seconds["train"] = time.perf_counter() - t0
     print(f"[2/4 register] v{trained['version']} {trained['transformation']}: {metric} {trained['metrics'][metric]:.4f}", flush=True)
 

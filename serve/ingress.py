@@ -1,4 +1,5 @@
-"""Temper on Ray Serve: one HTTP ingress, batched replicas per model route, a rollout watcher.
+"""The HTTP ingress of a Temper Serve app: request validation, error bodies, traffic routing,
+metrics, the FastAPI app and the `TemperIngress` deployment that serves it.
 
     client --HTTP--> TemperIngress (FastAPI: validation, errors, traffic split, metrics)
                          --DeploymentHandle--> BatchedModelServer "model-<name>"            (route 1)
@@ -9,27 +10,22 @@ Read top to bottom:
 1. the ingress's helpers: `RouteTable` (weighted split, sticky keys, live weights),
    `OutcomeReporter` (outcomes to the rollout watcher), metrics, the request middleware;
 2. `make_api`: the REST API under `/api/v1/` (testable with fake handles, no Ray);
-3. `TemperIngress`;
-4. `build_app`, `deploy`, `shutdown`, `app_status`, `serve_config_file`.
+3. `TemperIngress`.
 
-What is live and what restarts (see `build_app`): batch size, batch wait, a route's version
-ref and the traffic weights live in `user_config`, so redeploying with only those changed
-reconfigures the running replicas (hot swap for the version) and HTTP never drops. A moved
-registry alias reaches the replicas by polling (`serve.alias_poll_interval_s`), no redeploy.
-The model server (batching, generation, hot swap) is in `serve/model_server.py`, the error
-body and request schemas in `serve/protocol.py`.
+Traffic weights are the ingress's live part (`user_config`, applied by `reconfigure`); which
+fields of the config are live and how the app is assembled is in `serve/deploy.py`. The model
+server (batching, generation, hot swap) is in `serve/replica.py`, the error body and request
+schemas in `serve/protocol.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import hashlib
 import json
 import logging
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Mapping
 
 from fastapi import FastAPI, Request
@@ -40,23 +36,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import telemetry
-from app.config import ServeApp, ServeConfig, ServedModel
-from serve.model_server import (  # noqa: F401  (re-exported: callers and tests import them from here)
-    BatchedModelServer,
-    BatchSettings,
-    BatchStats,
-    ClassifyRequest,
-    GenerateItem,
-    LMRequest,
-    LoadedVersion,
-    group_lm_rows,
-    images_from_inputs,
-    run_classify_batch,
-    run_lm_batch,
-    tokens_from_text,
-)
-from serve.protocol import (  # noqa: F401
+from app.config.serve import ServeConfig
+from serve.protocol import (
     API_PREFIX,
+    ROUTE_HEADER,
     APIError,
     GenerateRequest,
     ModelRequestError,
@@ -65,23 +48,15 @@ from serve.protocol import (  # noqa: F401
     ScoreRequest,
     error_body,
     error_code,
+    model_deployment_name,
     raise_if_refused,
 )
-from serve.rollout import RolloutWatcher
 from serve.routing import TrafficRouter
 
 log = logging.getLogger(__name__)
 
-INGRESS_CPUS = 0.1
-"""Logical CPUs the ingress replica reserves: it only parses JSON and awaits handles."""
-HEALTH_WAIT_S = 60.0
-"""How long `deploy` polls the health endpoint after `serve.run` returns."""
-ROUTE_HEADER = "x-temper-route"
-"""Request header naming a route explicitly (e.g. `staging`): bypasses the split (canary checks, blue-green)."""
 REPORT_INTERVAL_S = 1.0
 """How often (at most) the ingress sends its buffered outcomes to the rollout watcher."""
-WATCHER_NAME = "RolloutWatcher"
-INGRESS_NAME = "TemperIngress"
 
 # ============================================================================ ingress helpers
 
@@ -276,7 +251,7 @@ def _field_path(loc: tuple) -> str:
 
 
 def install_error_handlers(api: FastAPI) -> None:
-    """Every non-2xx answer is the JSON error body of REQUIREMENTS.md (unexpected exceptions:
+    """Every non-2xx answer is the JSON error body of `serve.protocol.error_body` (unexpected exceptions:
     `RequestContextMiddleware` answers 500)."""
 
     @api.exception_handler(RequestValidationError)
@@ -514,274 +489,3 @@ class TemperIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True,
                         routes=self.routes, reporter=self.reporter)
-
-
-# ============================================================================ build / deploy
-
-
-def model_deployment_name(model: str, route: str | None = None) -> str:
-    """Serve deployment name of a model's route: `model-<name>` for its first (primary) route,
-    `model-<name>--<ref>` for the others (for `serve.get_deployment_handle`)."""
-    return f"model-{model}" if route is None else f"model-{model}--{route}"
-
-
-def route_deployments(m: ServedModel) -> list[tuple[str, str]]:
-    """(route ref, deployment name) of each route of a served model, primary first."""
-    return [(ref, model_deployment_name(m.model, None if i == 0 else ref)) for i, ref in enumerate(m.routes())]
-
-
-def _code_version(*parts: Any) -> str:
-    """A deployment version that changes with the replica's constructor arguments and code.
-
-    Serve restarts replicas when this changes and otherwise only calls `reconfigure` with the
-    new `user_config`. `serve.run` would draw a random version on every call (restarting
-    replicas even when only batch settings change), so we pass one; the driver's job id is
-    part of it so that a new driver process, which may carry new code, restarts replicas.
-    """
-    import ray
-
-    job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
-    blob = json.dumps([parts, _source_digest(), job], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _source_digest() -> str:
-    """Hash of the code that runs in the replicas (serve/, inference, models)."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(root.glob("serve/*.py")) + [root / "app/inference.py"] + sorted(root.glob("app/models/*.py"))
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
-
-
-def _ingress_capacity(cfg: ServeConfig) -> int:
-    """Requests the ingress admits at once: everything the model replicas could hold or queue,
-    so overload is answered by the model queues (503 with our error body), not by Serve's proxy."""
-    return sum((m.max_ongoing_requests + m.max_queued_requests) * m.max_replicas() * len(m.routes()) for m in cfg.models) + 16
-
-
-def _fixed_ingress_config(cfg: ServeConfig) -> dict:
-    """The ingress's config minus its live fields: its deployment version is computed from this.
-
-    A redeploy that only changes batch settings, version refs or traffic weights keeps the
-    ingress (and HTTP) up: the model servers and the ingress are reconfigured. `make_api` must
-    therefore never read those fields from its config.
-    """
-    fixed = cfg.model_dump(mode="json")
-    for m in fixed["models"]:
-        for name in ("max_batch_size", "batch_wait_timeout_s", "version"):
-            m.pop(name)
-        m["traffic"] = list(m["traffic"]) if m["traffic"] else None  # the routes (deployments), not their weights
-    return fixed
-
-
-def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
-    """Serve options of one route deployment (what `serve config` writes as well)."""
-    opts: dict[str, Any] = dict(
-        name=name,
-        max_ongoing_requests=m.max_ongoing_requests,
-        max_queued_requests=m.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
-        ray_actor_options={"num_cpus": m.cpus_per_replica},
-        user_config=BatchSettings(max_batch_size=m.max_batch_size, batch_wait_timeout_s=m.batch_wait_timeout_s,
-                                  version=ref).model_dump(),
-    )
-    if m.autoscaling is not None:
-        opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
-    else:
-        opts["num_replicas"] = m.num_replicas
-    return opts
-
-
-def build_app(app_cfg: ServeApp) -> serve.Application:
-    """Ingress + one BatchedModelServer deployment per model route (+ the rollout watcher when a
-    model has `auto_rollback`), ready for `serve.run`."""
-    cfg = app_cfg.serve
-    registry = app_cfg.registry.model_dump(mode="json")
-    servers: dict[str, list] = {}
-    for m in cfg.models:
-        servers[m.model] = []
-        for ref, name in route_deployments(m):
-            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s)
-            opts = route_deployment_options(m, ref, name, cfg)
-            # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
-            deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica), _internal=True)
-            servers[m.model].append(deployment.bind(*args))
-    rollback = {m.model: m.auto_rollback.model_dump(mode="json") for m in cfg.models if m.auto_rollback}
-    watcher = None
-    if rollback:
-        watcher = RolloutWatcher.options(
-            name=WATCHER_NAME, version=_code_version(rollback, registry), _internal=True,
-        ).bind(rollback, registry)
-    capacity = _ingress_capacity(cfg)
-    return TemperIngress.options(
-        name=INGRESS_NAME,
-        version=_code_version(_fixed_ingress_config(cfg), bool(watcher)), _internal=True,
-        ray_actor_options={"num_cpus": INGRESS_CPUS},
-        # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
-        max_ongoing_requests=capacity,
-        max_queued_requests=capacity,
-        backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
-        user_config=IngressSettings(traffic={m.model: m.routes() for m in cfg.models}).model_dump(),
-    ).bind(cfg.model_dump(mode="json"), servers, watcher)
-
-
-def app_builder(args: dict) -> serve.Application:
-    """Application builder for Serve config files / KubeRay RayService:
-    `import_path: serve.app:app_builder` with `args:` holding a ServeApp (registry + serve).
-
-    It runs in a task on the cluster: the registry actor (detached) is started there when it is
-    not running yet, so `serve deploy FILE` works on its own."""
-    from actors.registry import get_or_create_registry
-
-    app_cfg = ServeApp.model_validate(args)
-    get_or_create_registry(app_cfg.registry)
-    return build_app(app_cfg)
-
-
-def base_url(cfg: ServeConfig) -> str:
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-
-
-def check_versions(app_cfg: ServeApp) -> list[dict]:
-    """Driver-side check that every route's version ref resolves (and has the expected backend)
-    before any replica starts; returns the registry records, route by route."""
-    import ray
-
-    from actors.registry import get_or_create_registry
-
-    registry = get_or_create_registry(app_cfg.registry)
-    records = []
-    for m in app_cfg.serve.models:
-        for ref in m.routes():
-            try:
-                record = ray.get(registry.get_version.remote(m.model, ref))
-            except Exception as err:
-                raise ValueError(f"serve.models[{m.model}]: version {ref!r} cannot be served: {err}") from err
-            if m.backend is not None and record["format"] != m.backend:
-                raise ValueError(
-                    f"serve.models[{m.model}]: version {record['version']} ({ref}) has backend {record['format']!r}, "
-                    f"but backend {m.backend!r} was asked for"
-                )
-            records.append(record)
-    return records
-
-
-def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
-    """Start Serve (HTTP on serve.host:serve.port), run the app, wait until it answers; returns
-    the base URL (endpoints under `<url>/api/v1/`). With `blocking`, serve until Ctrl-C."""
-    import httpx
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError("deploy needs Ray: call ray.init() first")
-    cfg = app_cfg.serve
-    check_versions(app_cfg)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(app_cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    url = base_url(cfg)
-    deadline, last = time.monotonic() + HEALTH_WAIT_S, "no answer"
-    while time.monotonic() < deadline:
-        try:
-            resp = httpx.get(f"{url}{API_PREFIX}/health", timeout=5.0)
-            if resp.status_code == 200:
-                break
-            last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-        except httpx.HTTPError as err:
-            last = repr(err)
-        time.sleep(0.25)
-    else:
-        raise RuntimeError(
-            f"Serve app {cfg.app_name!r} is running but {url}{API_PREFIX}/health did not answer 200 within "
-            f"{HEALTH_WAIT_S:.0f} s ({last}). If Serve was already started with other http_options, "
-            "call serve.shutdown() first: host/port are fixed when Serve starts."
-        )
-    log.info("Serve app %r healthy at %s", cfg.app_name, url)
-    if blocking:
-        print(f"Temper serving at {url}{API_PREFIX}/ (Ctrl-C to stop)", flush=True)
-        try:
-            while True:
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            shutdown(cfg.app_name)
-    return url
-
-
-def shutdown(app_name: str) -> None:
-    """Delete the Serve application `app_name` (Serve itself keeps running for other apps)."""
-    serve.delete(app_name)
-
-
-def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
-    """What runs now for this config: Serve's application and deployment states, and per model
-    route the version each serves next to what its ref resolves to in the registry, plus the
-    rollout watcher's rollbacks. `{"status": "NOT_RUNNING"}` when the app is not deployed."""
-    import ray
-
-    from actors.registry import get_or_create_registry
-
-    cfg = app_cfg.serve
-    app = serve.status().applications.get(cfg.app_name)
-    if app is None:
-        return {"app": cfg.app_name, "status": "NOT_RUNNING", "url": base_url(cfg)}
-    deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
-                          "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in d.replica_states.items()},
-                          "message": d.message}
-                   for name, d in app.deployments.items()}
-    registry = get_or_create_registry(app_cfg.registry)
-    models = []
-    for m in cfg.models:
-        aliases = ray.get(registry.aliases.remote(m.model))
-        routes = []
-        for (ref, name), weight in zip(route_deployments(m), m.routes().values()):
-            entry = {"route": ref, "weight": weight, "deployment": name,
-                     "registry_version": int(ref) if ref.isdigit() else aliases.get(ref),
-                     **deployments.get(name, {"status": "MISSING"})}
-            if name in deployments:
-                info = serve.get_deployment_handle(name, cfg.app_name).info.remote().result(timeout_s=timeout_s)
-                entry["serving_version"], entry["backend"] = info["version"], info["backend"]
-            routes.append(entry)
-        models.append({"model": m.model, "aliases": aliases, "routes": routes})
-    out = {"app": cfg.app_name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
-           "message": app.message, "url": base_url(cfg), "models": models,
-           "other_deployments": {k: v for k, v in deployments.items() if not k.startswith("model-")}}
-    if WATCHER_NAME in deployments:
-        out["rollouts"] = serve.get_deployment_handle(WATCHER_NAME, cfg.app_name).status.remote().result(timeout_s=timeout_s)
-    return out
-
-
-def serve_config_file(app_cfg: ServeApp) -> dict:
-    """A Serve config (`serve deploy FILE`, KubeRay RayService `serveConfigV2`) equivalent to `deploy`.
-
-    The application is built by `serve.app:app_builder` from `args` (our validated config). The
-    `deployments` section repeats each route's live settings so they can be tuned the Ray way:
-    editing a `user_config` (batch size, wait, version ref) or the replica settings there and
-    re-running `serve deploy` is a lightweight update (no restart); Serve lets `deployments`
-    override what the builder set.
-    """
-    from actors.registry import resolve_db_url
-
-    cfg = app_cfg.serve
-    args = app_cfg.model_dump(mode="json")
-    # A relative SQLite path means "next to where I run this": make it absolute, since the
-    # builder runs in the cluster's working directory.
-    args["registry"]["db_url"] = resolve_db_url(app_cfg.registry.db_url)
-    deployments = []
-    for m in cfg.models:
-        for ref, name in route_deployments(m):
-            opts = route_deployment_options(m, ref, name, cfg)
-            deployments.append({k: v for k, v in opts.items() if k != "ray_actor_options"}
-                               | {"ray_actor_options": opts["ray_actor_options"]})
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": cfg.host, "port": cfg.port},
-        "applications": [{
-            "name": cfg.app_name,
-            "route_prefix": cfg.route_prefix,
-            "import_path": "serve.app:app_builder",
-            "args": args,
-            "deployments": deployments,
-        }],
-    }

@@ -45,16 +45,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from actors.registry.errors import RegistrySchemaError
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 """Version of the table layout below; older databases are migrated, newer ones refused."""
 
 MAX_KEY_LEN = 128
-
-
-class RegistrySchemaError(RuntimeError):
-    """The database's layout cannot be used by this build (newer, foreign or damaged); the message says why."""
 
 
 metadata = MetaData()

@@ -1,19 +1,11 @@
-"""The model registry: versions, metrics, params, lineage, aliases and their history, in SQL.
+"""`RegistryStore`: the registry's versions, metrics, params, lineage and aliases in one SQL database.
 
-Two layers, read top to bottom:
-
-- `RegistryStore`: the persistence layer. Plain synchronous SQLAlchemy Core over any SQL
-  database (a SQLite file by default, PostgreSQL on clusters). Every write method runs in one
-  transaction that is committed before it returns. It knows nothing about Ray, so it is
-  tested directly (tests/unit/test_registry_store.py, against SQLite and PostgreSQL).
-- `ModelRegistry`: a named, detached, async Ray actor owning one store. It holds locations
-  and metadata only, never weights; everything lives in the database, so killing or
-  restarting the actor (or the cluster) loses nothing. Concurrent `log_metrics` calls are
-  group-committed (one transaction for all calls waiting at that moment), and the optional
-  MLflow mirror (actors/mlflow_mirror.py) runs after the commit, off the request path.
-
-The tables and their migrations are in actors/registry_schema.py. `get_or_create_registry(cfg)`
-is how drivers reach the actor; callers then use `ray.get(handle.method.remote(...))`.
+Plain synchronous SQLAlchemy Core over any SQL database (a SQLite file by default, PostgreSQL
+on clusters), without Ray: the actor (actors/registry/actor.py) wraps one store, and read-only
+commands open one directly (`actors.registry.client.open_store`). Every write method runs in
+one transaction that is committed before it returns. The module is long because it is one
+idea: each method is a transaction over the same tables, built on the same ref resolution and
+record assembly (`_resolve`, `_records`), which splitting reads from writes would tear apart.
 
 Version numbers are issued here (max + 1 per model, starting at 1, never reused even after a
 delete), never derived from timestamps, so re-running a pipeline is reproducible. A version
@@ -26,40 +18,31 @@ which version an alias pointed at at any moment, and `rollback_alias` undoes mov
 Deleting a version is a soft delete: the row stays (children keep their lineage, numbers are
 not reused) but it disappears from lists and refs; it is refused while an alias points at it
 unless forced, and a forced delete removes those aliases through the history.
+
+The tables and their migrations are in actors/registry/schema.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import hashlib
 import json
 import logging
-import math
-import numbers
-import operator
-import os
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
-from urllib.parse import unquote, urlsplit
+from typing import Any, Iterator
 
-import ray
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from actors.registry_schema import (
+from actors.registry.errors import RegistryConflict, RegistryNotFound
+from actors.registry.schema import (
     ALIAS_ACTIONS,
     MAX_KEY_LEN,
     SCHEMA_VERSION,
-    RegistrySchemaError,
     alias_history_table,
     aliases_table,
     metrics_table,
@@ -68,235 +51,33 @@ from actors.registry_schema import (
     params_table,
     versions_table,
 )
-
-if TYPE_CHECKING:
-    from ray.actor import ActorHandle
-
-    from app.config import MlflowMirrorConfig, RegistryConfig
+from actors.registry.validation import (
+    WHERE_OPS,
+    check_alias,
+    check_artifact_uri,
+    check_format,
+    check_label,
+    check_metrics,
+    check_model_name,
+    check_params,
+    check_parent,
+    check_step,
+    check_tags,
+    check_text,
+    check_transformation,
+    config_json,
+    flatten_dict,
+    parse_time,
+    parse_where,
+)
+from app.config.base import tree_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SCHEMA_VERSION", "TRANSFORMATIONS", "ARTIFACT_SCHEMES", "RegistryNotFound", "RegistryConflict",
-    "RegistrySchemaError", "RegistryStore", "ModelRegistry", "get_or_create_registry", "resolve_db_url",
-    "resolve_mirror_settings",
-]
-
-TRANSFORMATIONS = ("trained", "quantized", "pruned", "distilled", "tuned", "imported")
-"""How a version was produced from its parent (or from nothing, for `trained`/`imported`)."""
-
-ARTIFACT_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
-"""URI schemes an artifact may live under: those `pyarrow.fs.FileSystem.from_uri` opens."""
-
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_VERSION_LIKE_ALIAS_RE = re.compile(r"^[vV][0-9]+$")  # "v3" reads as version 3 (and MLflow reserves it)
-FORMAT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # torch_fp32, torch_int8, onnx_fp32, onnx_int8, ...
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")  # e.g. 1.4.0, 2024-q3-rc.1, distilled+int8
-_URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_WHERE_RE = re.compile(r"^\s*(?P<key>[^\s<>=!]+)\s*(?P<op><=|>=|==|!=|<|>|=)\s*(?P<value>\S+)\s*$")
-_WHERE_OPS: dict[str, Callable[[float, float], bool]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-    "=": operator.eq, "==": operator.eq, "!=": operator.ne,
-}
-
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for another writer's lock before failing."""
-ACTOR_START_TIMEOUT_S = 120.0
-"""How long `get_or_create_registry` waits for the actor to answer its first call."""
-METRIC_GROUP_MAX_WRITES = 512
-"""Most `log_metrics` calls committed in one transaction by the actor's group commit."""
 
-
-class RegistryNotFound(LookupError):
-    """A model, version or alias that the registry does not have; the message names it."""
-
-
-class RegistryConflict(RuntimeError):
-    """A write refused because of the registry's current state (e.g. deleting a version an alias
-    points at, reusing a label); the message says what to do instead."""
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_model_name(name: Any) -> str:
-    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
-        raise ValueError(f"model name {name!r} is invalid: it must match {MODEL_NAME_RE.pattern}")
-    return name
-
-
-def _check_alias(alias: Any, *, new: bool = False) -> str:
-    """Alias names start with a letter; `new` (setting one) also refuses the version-like `v3`,
-    which schema-v1 registries allowed, so existing ones can still be read, moved back or removed."""
-    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
-        raise ValueError(
-            f"alias {alias!r} is invalid: it must match {ALIAS_RE.pattern} "
-            "(start with a letter, so it never looks like a version number)"
-        )
-    if alias.lower() == "latest":
-        raise ValueError(f"alias {alias!r} is reserved: 'latest' always means the highest version number")
-    if new and _VERSION_LIKE_ALIAS_RE.fullmatch(alias):
-        raise ValueError(f"alias {alias!r} is reserved: it reads as a version number (and MLflow refuses it)")
-    return alias
-
-
-def _check_text(field: str, value: Any, *, max_len: int, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not value and not allow_empty) or len(value) > max_len:
-        kind = "string" if allow_empty else "non-empty string"
-        raise ValueError(f"{field} must be a {kind} of at most {max_len} characters, got {value!r}")
-    return value
-
-
-def _check_metrics(values: Any) -> dict[str, float]:
-    """Metric keys are short strings; values must be finite real numbers (NaN/inf refused)."""
-    if not isinstance(values, dict):
-        raise ValueError(f"metrics must be a dict of name -> number, got {type(values).__name__}")
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        _check_text("metric name", key, max_len=MAX_KEY_LEN)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"metric {key!r} must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"metric {key!r} must be finite, got {value}")
-        out[key] = value
-    return out
-
-
-def _check_step(step: Any) -> int | None:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"metric step must be a non-negative int or None, got {step!r}")
-    return step
-
-
-def _check_params(params: Any) -> dict[str, Any]:
-    """Hyperparameters: a flat dict of short keys to JSON scalars (str, int, float, bool, None)."""
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise ValueError(f"params must be a dict of name -> scalar, got {type(params).__name__}")
-    for key, value in params.items():
-        _check_text("param name", key, max_len=MAX_KEY_LEN)
-        if value is not None and not isinstance(value, (str, bool, int, float)):
-            raise ValueError(f"param {key!r} must be a string, number, bool or None, got {type(value).__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"param {key!r} must be finite, got {value}")
-        if isinstance(value, str) and len(value) > 6000:
-            raise ValueError(f"param {key!r} is longer than 6000 characters")
-    return dict(params)
-
-
-def _check_artifact_uri(uri: Any) -> str:
-    """A local absolute path or a URI of a known filesystem scheme, with no `..` segment.
-
-    The registry is read by other processes on other nodes, with other working directories, so
-    a relative path would point somewhere else for each reader; `..` could point a version at
-    files outside the folder it claims (and `%2e%2e` is decoded before that check).
-    """
-    _check_text("artifact_uri", uri, max_len=4096)
-    if any(ord(ch) < 32 for ch in uri) or "\\" in uri:
-        raise ValueError(f"artifact_uri {uri!r} contains a control character or a backslash")
-    if _URI_SCHEME_RE.match(uri):
-        parts = urlsplit(uri)
-        scheme = parts.scheme.lower()
-        if scheme not in ARTIFACT_SCHEMES:
-            raise ValueError(
-                f"artifact_uri {uri!r} has scheme {scheme!r}, which is not one of {list(ARTIFACT_SCHEMES)} "
-                "(a local absolute path or a pyarrow.fs URI such as s3://bucket/key)"
-            )
-        if parts.fragment:
-            raise ValueError(f"artifact_uri {uri!r} must not have a #fragment")
-        if scheme == "file":
-            if parts.netloc not in ("", "localhost") or parts.query:
-                raise ValueError(f"artifact_uri {uri!r}: a file:// URI must be file:///absolute/path")
-        elif not parts.netloc or parts.netloc in (".", ".."):
-            raise ValueError(f"artifact_uri {uri!r} names no bucket or host after {scheme}://")
-        path = unquote(parts.path)
-    elif Path(uri).is_absolute():
-        path = uri
-    else:
-        raise ValueError(f"artifact_uri {uri!r} must be an absolute path or a URI such as s3://bucket/key")
-    if ".." in path.split("/"):
-        raise ValueError(f"artifact_uri {uri!r} contains a '..' segment (path traversal is refused)")
-    return uri
-
-
-def _check_tags(tags: Any) -> dict[str, str]:
-    if tags is None:
-        return {}
-    if not isinstance(tags, dict):
-        raise ValueError(f"tags must be a dict of str -> str, got {type(tags).__name__}")
-    for key, value in tags.items():
-        _check_text("tag name", key, max_len=MAX_KEY_LEN)
-        if not isinstance(value, str):
-            raise ValueError(f"tag {key!r} must have a string value, got {value!r}")
-    return dict(tags)
-
-
-def _check_label(label: Any) -> str | None:
-    if label is not None and (not isinstance(label, str) or not LABEL_RE.fullmatch(label)):
-        raise ValueError(f"label {label!r} is invalid: it must match {LABEL_RE.pattern} (e.g. 1.4.0)")
-    return label
-
-
-def _config_json(config: Any) -> str | None:
-    if config is None:
-        return None
-    if not isinstance(config, dict):
-        raise ValueError(f"config must be a dict (the resolved job config), got {type(config).__name__}")
-    try:
-        return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"config is not JSON-serializable: {err}") from None
-
-
-def _hash_config_json(blob: str) -> str:
-    """Same recipe as `app.config.config_hash` (sha256 of sorted compact JSON, 16 hex chars)."""
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _parse_where(where: str | list[str] | None) -> list[tuple[str, str, float]]:
-    """'val_loss<2.5' -> ('val_loss', '<', 2.5); a list means all conditions must hold."""
-    if where is None:
-        return []
-    items = [where] if isinstance(where, str) else list(where)
-    out = []
-    for item in items:
-        m = _WHERE_RE.match(item) if isinstance(item, str) else None
-        try:
-            value = float(m["value"]) if m else math.nan
-        except ValueError:
-            value = math.nan
-        if m is None or not math.isfinite(value):
-            raise ValueError(
-                f"metric filter {item!r} is invalid: write METRIC OP NUMBER with OP one of "
-                f"{', '.join(_WHERE_OPS)} (e.g. 'val_loss<2.5')"
-            )
-        out.append((m["key"], m["op"], value))
-    return out
-
-
-def _parse_time(when: Any) -> datetime:
-    """A datetime or an ISO 8601 string; naive values are taken as UTC."""
-    if isinstance(when, str):
-        try:
-            when = datetime.fromisoformat(when.strip())
-        except ValueError:
-            raise ValueError(f"time {when!r} is not ISO 8601 (e.g. 2025-01-31T14:00:00+00:00)") from None
-    if not isinstance(when, datetime):
-        raise ValueError(f"time must be a datetime or an ISO 8601 string, got {when!r}")
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
-
-
-def flatten_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 3e-3}} -> {'train.lr': 3e-3}; lists and scalars are leaves."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten_dict(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+_PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^/]*@")  # scheme://user:PASSWORD@host...
 
 
 def _now() -> datetime:
@@ -312,9 +93,13 @@ def _iso(ts: datetime | None) -> str | None:
     return None if ts is None else _utc(ts).isoformat()
 
 
-def _display_url(url: str) -> str:
-    """The URL with any password masked, for messages and for comparing databases."""
-    return make_url(url).render_as_string(hide_password=True)
+def mask_password(url: str) -> str:
+    """`url` (a database, tracking or any other URL) with its password shown as `***`.
+
+    Used for every message and log line that names a URL, and to compare databases without
+    sending a password around.
+    """
+    return _PASSWORD_RE.sub(r"\1***@", url, count=1)
 
 
 @dataclass(frozen=True)
@@ -327,9 +112,9 @@ class MetricWrite:
 
     @classmethod
     def single(cls, model: str, ref: int | str, metrics: dict, step: int | None) -> "MetricWrite":
-        values = _check_metrics(metrics)
-        _check_step(step)
-        return cls(_check_model_name(model), ref, tuple((k, v, step) for k, v in values.items()))
+        values = check_metrics(metrics)
+        check_step(step)
+        return cls(check_model_name(model), ref, tuple((k, v, step) for k, v in values.items()))
 
     @classmethod
     def batch(cls, model: str, ref: int | str, points: Any) -> "MetricWrite":
@@ -341,10 +126,7 @@ class MetricWrite:
             if not isinstance(point, dict) or "metrics" not in point or set(point) - {"metrics", "step"}:
                 raise ValueError(f"points[{i}] must be {{'metrics': {{...}}, 'step': n}}, got {point!r}")
             rows += cls.single(model, ref, point["metrics"], point.get("step")).rows
-        return cls(_check_model_name(model), ref, tuple(rows))
-
-
-# ----------------------------------------------------------------------------- store
+        return cls(check_model_name(model), ref, tuple(rows))
 
 
 class RegistryStore:
@@ -359,10 +141,10 @@ class RegistryStore:
         self.url = url
         self._engine = _create_engine(url)
         with self._write() as conn:
-            self.migrated_from = open_schema(conn, _display_url(url))
+            self.migrated_from = open_schema(conn, mask_password(url))
         if self.migrated_from is not None:
             log.warning("registry database %s migrated from schema v%d to v%d",
-                        _display_url(url), self.migrated_from, SCHEMA_VERSION)
+                        mask_password(url), self.migrated_from, SCHEMA_VERSION)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -387,7 +169,7 @@ class RegistryStore:
 
     def _model_id(self, conn: Connection, name: str, *, lock: bool = False) -> int:
         """The model's id; `lock` holds its row until the transaction ends (serializes writers per model)."""
-        _check_model_name(name)
+        check_model_name(name)
         query = select(models_table.c.id).where(models_table.c.name == name)
         row = conn.execute(query.with_for_update() if lock else query).first()
         if row is None:
@@ -590,25 +372,22 @@ class RegistryStore:
         data it was trained or evaluated on; `label` is an optional semantic name (e.g. 1.4.0),
         unique within the model.
         """
-        _check_model_name(model)
-        _check_artifact_uri(artifact_uri)
-        if not isinstance(format, str) or not FORMAT_RE.fullmatch(format):
-            raise ValueError(f"format {format!r} is invalid: it must match {FORMAT_RE.pattern} (e.g. torch_int8)")
-        if transformation not in TRANSFORMATIONS:
-            raise ValueError(f"transformation {transformation!r} is not one of {list(TRANSFORMATIONS)}")
-        config_blob = _config_json(config)
+        check_model_name(model)
+        check_artifact_uri(artifact_uri)
+        check_format(format)
+        check_transformation(transformation)
+        config_blob = config_json(config)
         if config_hash is None and config_blob is not None:
-            config_hash = _hash_config_json(config_blob)
+            config_hash = tree_hash(config)  # the recipe of `app.config.base.config_hash`
         if config_hash is not None:
-            _check_text("config_hash", config_hash, max_len=128)
-        values = _check_metrics(metrics or {})
-        tags = _check_tags(tags)
-        params = _check_params(params)
+            check_text("config_hash", config_hash, max_len=128)
+        values = check_metrics(metrics or {})
+        tags = check_tags(tags)
+        params = check_params(params)
         if dataset_fingerprint is not None:
-            _check_text("dataset_fingerprint", dataset_fingerprint, max_len=MAX_KEY_LEN)
-        _check_label(label)
-        if parent is not None and (not isinstance(parent, dict) or set(parent) != {"model", "version"}):
-            raise ValueError(f"parent must be {{'model': name, 'version': number}}, got {parent!r}")
+            check_text("dataset_fingerprint", dataset_fingerprint, max_len=MAX_KEY_LEN)
+        check_label(label)
+        check_parent(parent)
 
         with self._write() as conn:
             parent_id = None
@@ -692,9 +471,9 @@ class RegistryStore:
         Returns {model, alias, version, from_version, changed}. Pointing an alias where it already
         points changes nothing and writes no history row.
         """
-        _check_alias(alias, new=True)
-        _check_text("reason", reason, max_len=10_000, allow_empty=True)
-        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        check_alias(alias, new=True)
+        check_text("reason", reason, max_len=10_000, allow_empty=True)
+        check_text("actor", actor, max_len=MAX_KEY_LEN)
         with self._write() as conn:
             model_id, to_id = self._resolve(conn, model, version, lock=True)
             return self._move_alias(conn, model, model_id, alias, to_id, "set", reason, actor)
@@ -725,9 +504,9 @@ class RegistryStore:
 
     def remove_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
         """Remove `alias` (recorded in the history; `as_of` after this answers no version)."""
-        _check_alias(alias)
-        _check_text("reason", reason, max_len=10_000, allow_empty=True)
-        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        check_alias(alias)
+        check_text("reason", reason, max_len=10_000, allow_empty=True)
+        check_text("actor", actor, max_len=MAX_KEY_LEN)
         with self._write() as conn:
             model_id = self._model_id(conn, model, lock=True)
             from_id = conn.execute(
@@ -748,9 +527,9 @@ class RegistryStore:
         like popping a stack; a removal is undone too (the removed holder comes back). Refused
         when there is no earlier holder, or when it was deleted since.
         """
-        _check_alias(alias)
-        _check_text("reason", reason, max_len=10_000, allow_empty=True)
-        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        check_alias(alias)
+        check_text("reason", reason, max_len=10_000, allow_empty=True)
+        check_text("actor", actor, max_len=MAX_KEY_LEN)
         with self._write() as conn:
             model_id = self._model_id(conn, model, lock=True)
             rows = self._history_rows(conn, model_id, alias)
@@ -781,8 +560,8 @@ class RegistryStore:
         Refused (RegistryConflict) while an alias points at it, unless `force`: then those aliases
         are removed, each removal recorded in the alias history with the reason.
         """
-        _check_text("reason", reason, max_len=10_000, allow_empty=True)
-        _check_text("actor", actor, max_len=MAX_KEY_LEN)
+        check_text("reason", reason, max_len=10_000, allow_empty=True)
+        check_text("actor", actor, max_len=MAX_KEY_LEN)
         with self._write() as conn:
             model_id, version_id = self._resolve(conn, model, ref, lock=True)
             number = self._version_numbers(conn, {version_id})[version_id]
@@ -836,8 +615,8 @@ class RegistryStore:
         come last either way) or 'version' / 'created_at'. Deleted versions only with
         `include_deleted`.
         """
-        conditions = _parse_where(where)
-        tags = _check_tags(tags)
+        conditions = parse_where(where)
+        tags = check_tags(tags)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int, got {limit!r}")
         v = versions_table.c
@@ -853,7 +632,7 @@ class RegistryStore:
         records = [
             r for r in records
             if all(r["tags"].get(k) == val for k, val in tags.items())
-            and all(key in r["metrics"] and _WHERE_OPS[op](r["metrics"][key], value) for key, op, value in conditions)
+            and all(key in r["metrics"] and WHERE_OPS[op](r["metrics"][key], value) for key, op, value in conditions)
         ]
         if order_by in ("version", "created_at"):
             records.sort(key=lambda r: r[order_by], reverse=descending)
@@ -1067,8 +846,8 @@ class RegistryStore:
         force at that moment. `version` is None (and `since` None) before the alias first existed,
         or `since` the time it was removed. An alias the model never had is RegistryNotFound.
         """
-        _check_alias(alias)
-        at = _parse_time(when)
+        check_alias(alias)
+        at = parse_time(when)
         h = alias_history_table.c
         with self._read() as conn:
             model_id = self._model_id(conn, model)
@@ -1182,373 +961,3 @@ def _create_engine(url: str) -> Engine:
     return engine
 
 
-# ----------------------------------------------------------------------------- actor
-
-# Writes are not idempotent (a retried register_version would issue a second version number,
-# a retried log_metrics or set_alias would write duplicate rows), so the actor's default is
-# no task retries; only the read-only methods below retry across an actor restart.
-_READ_RETRIES = 3
-
-
-@ray.remote
-class ModelRegistry:
-    """The registry as a named, detached, async Ray actor around one `RegistryStore`.
-
-    Database calls run on one dedicated thread: they are serialized (SQLite has one writer
-    anyway) and never block the event loop, so `ping` answers while a slow query runs. A
-    write returns once it is committed. `log_metrics` calls that arrive while the thread is
-    busy are committed together in the next transaction (group commit), so many concurrent
-    writers (Tune trials) cost a few transactions, not one each.
-
-    With the MLflow mirror on, each write marks its model dirty; a second thread brings MLflow
-    in line with the database (runs, model versions, aliases) after the commit. A mirror
-    failure is logged and reported by `mirror_status`, never raised to the writer: the database
-    is the source of truth. After a restart the first write or `mirror_flush` re-syncs every model.
-    """
-
-    def __init__(self, db_url: str, mirror: dict | None = None) -> None:
-        self._store = RegistryStore(db_url)
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
-        self._metric_queue: list[tuple[MetricWrite, asyncio.Future]] = []
-        self._metric_flusher: asyncio.Task | None = None
-        self._stats = {"metric_calls": 0, "metric_transactions": 0}
-        self._mirror_settings = mirror
-        self._mirror = None
-        if mirror is not None:
-            from actors.mlflow_mirror import MlflowMirror
-
-            self._mirror = MlflowMirror(mirror)
-            self._mirror_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-mlflow")
-            self._mirror_dirty: set[str] = {"*"}  # "*": every model (first sync after a (re)start)
-            self._mirror_errors: dict[str, str] = {}
-            self._mirror_task: asyncio.Task | None = None
-        log.info("ModelRegistry open on %s (schema version %d%s), MLflow mirror %s", _display_url(db_url),
-                 SCHEMA_VERSION, f", migrated from {self._store.migrated_from}" if self._store.migrated_from else "",
-                 "on" if mirror else "off")
-
-    async def _call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args, **kwargs))
-
-    async def _write(self, model: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        result = await self._call(fn, *args, **kwargs)
-        self._mirror_touch(model)
-        return result
-
-    # ---- health and settings
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def ping(self) -> str:
-        return "ok"
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def db_url(self) -> str:
-        """The database URL, password masked."""
-        return _display_url(self._store.url)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def settings(self) -> dict:
-        """{db_url (password masked), schema_version, migrated_from, mirror (settings or None)}."""
-        return {"db_url": _display_url(self._store.url), "schema_version": SCHEMA_VERSION,
-                "migrated_from": self._store.migrated_from, "mirror": self._mirror_settings}
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def stats(self) -> dict:
-        """Counters since this actor process started: metric_calls, metric_transactions (group commit)."""
-        return dict(self._stats)
-
-    # ---- writes
-
-    async def register_version(
-        self,
-        model: str,
-        artifact_uri: str,
-        format: str,
-        *,
-        config: dict | None = None,
-        config_hash: str | None = None,
-        metrics: dict[str, float] | None = None,
-        parent: dict | None = None,
-        transformation: str = "trained",
-        tags: dict[str, str] | None = None,
-        params: dict[str, Any] | None = None,
-        dataset_fingerprint: str | None = None,
-        label: str | None = None,
-    ) -> dict:
-        return await self._write(
-            model, self._store.register_version, model, artifact_uri, format, config=config,
-            config_hash=config_hash, metrics=metrics, parent=parent, transformation=transformation, tags=tags,
-            params=params, dataset_fingerprint=dataset_fingerprint, label=label,
-        )
-
-    async def log_metrics(
-        self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None
-    ) -> int:
-        """Append metric values (one step); returns the rows written, once committed."""
-        return await self._log(MetricWrite.single(model, version, metrics, step))
-
-    async def log_metrics_batch(self, model: str, version: int | str, points: list[dict]) -> int:
-        """Append many steps: `points` = [{"metrics": {...}, "step": n}, ...]; all or nothing."""
-        return await self._log(MetricWrite.batch(model, version, points))
-
-    async def _log(self, write: MetricWrite) -> int:
-        if not write.rows:
-            return 0
-        future = asyncio.get_running_loop().create_future()
-        self._metric_queue.append((write, future))
-        if self._metric_flusher is None or self._metric_flusher.done():
-            self._metric_flusher = asyncio.create_task(self._flush_metrics())
-        written = await future
-        self._mirror_touch(write.model)
-        return written
-
-    async def _flush_metrics(self) -> None:
-        """Commit queued metric writes, as many per transaction as are waiting (up to a cap)."""
-        while self._metric_queue:
-            group = self._metric_queue[:METRIC_GROUP_MAX_WRITES]
-            del self._metric_queue[:METRIC_GROUP_MAX_WRITES]
-            self._stats["metric_calls"] += len(group)
-            self._stats["metric_transactions"] += 1
-            try:
-                results = await self._call(self._store.log_metric_writes, [w for w, _ in group])
-            except Exception as err:  # the transaction failed: none of the group was written, all callers hear it
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            for (_, future), result in zip(group, results):
-                if future.done():  # the caller was cancelled; its rows are committed anyway
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-    async def set_alias(
-        self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli"
-    ) -> dict:
-        return await self._write(model, self._store.set_alias, model, alias, version, reason, actor)
-
-    async def remove_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
-        return await self._write(model, self._store.remove_alias, model, alias, reason, actor)
-
-    async def rollback_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
-        return await self._write(model, self._store.rollback_alias, model, alias, reason, actor)
-
-    async def delete_version(
-        self, model: str, version: int | str, *, force: bool = False, reason: str = "", actor: str = "cli"
-    ) -> dict:
-        return await self._write(
-            model, self._store.delete_version, model, version, force=force, reason=reason, actor=actor
-        )
-
-    # ---- reads
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def get_version(self, model: str, ref: int | str, *, include_deleted: bool = False) -> dict:
-        return await self._call(self._store.get_version, model, ref, include_deleted=include_deleted)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def list_versions(self, model: str, **filters: Any) -> list[dict]:
-        """See `RegistryStore.list_versions` for the filters (where, order_by, descending, format, ...)."""
-        return await self._call(self._store.list_versions, model, **filters)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def list_models(self) -> list[dict]:
-        return await self._call(self._store.list_models)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def metric_history(self, model: str, ref: int | str, key: str | None = None) -> list[dict]:
-        return await self._call(self._store.metric_history, model, ref, key)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def lineage(self, model: str, ref: int | str) -> dict:
-        return await self._call(self._store.lineage, model, ref)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def compare(self, model: str, a: int | str, b: int | str, *, model_b: str | None = None) -> dict:
-        return await self._call(self._store.compare, model, a, b, model_b=model_b)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def aliases(self, model: str) -> dict[str, int]:
-        return await self._call(self._store.aliases, model)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def alias_history(self, model: str, alias: str | None = None) -> list[dict]:
-        return await self._call(self._store.alias_history, model, alias)
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def as_of(self, model: str, alias: str, when: datetime | str) -> dict:
-        return await self._call(self._store.as_of, model, alias, when)
-
-    # ---- MLflow mirror
-
-    def _mirror_touch(self, model: str) -> None:
-        if self._mirror is None:
-            return
-        self._mirror_dirty.add(model)
-        if self._mirror_task is None or self._mirror_task.done():
-            self._mirror_task = asyncio.create_task(self._mirror_loop())
-
-    async def _mirror_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._mirror_dirty:
-            if "*" in self._mirror_dirty:
-                self._mirror_dirty.discard("*")
-                self._mirror_dirty.update(await self._call(self._store.model_names))
-                continue
-            model = min(self._mirror_dirty)
-            self._mirror_dirty.discard(model)
-            try:
-                await loop.run_in_executor(self._mirror_thread, self._mirror.sync_model, self._store, model)
-                self._mirror_errors.pop(model, None)
-            except Exception as err:  # reported by mirror_status; retried on the next write or flush
-                log.exception("MLflow mirror of model %r failed (the registry write itself is committed)", model)
-                self._mirror_errors[model] = f"{type(err).__name__}: {err}"
-
-    @ray.method(max_task_retries=_READ_RETRIES)
-    async def mirror_status(self) -> dict:
-        """{enabled, pending (models not yet mirrored), errors {model: message}, settings}."""
-        if self._mirror is None:
-            return {"enabled": False, "pending": [], "errors": {}, "settings": None}
-        return {"enabled": True, "pending": sorted(self._mirror_dirty), "errors": dict(self._mirror_errors),
-                "settings": self._mirror_settings}
-
-    async def mirror_flush(self) -> dict:
-        """Bring MLflow in line now (retrying models that failed) and return `mirror_status()` when done."""
-        if self._mirror is not None:
-            self._mirror_dirty.update(self._mirror_errors)
-            if self._mirror_dirty:
-                self._mirror_touch(min(self._mirror_dirty))
-            while self._mirror_task is not None and not self._mirror_task.done():
-                await asyncio.shield(self._mirror_task)
-        return await self.mirror_status()
-
-
-# ----------------------------------------------------------------------------- driver side
-
-
-def _absolute_sqlite(url: str, cwd: str | Path | None, field: str) -> str:
-    parsed = make_url(url)
-    database = parsed.database or ""
-    if database in ("", ":memory:") or "mode=memory" in database:
-        raise ValueError(
-            f"{field} {url!r} is an in-memory SQLite database, which would vanish with the actor; "
-            "it needs a file (sqlite:///path.db)"
-        )
-    if database.startswith("file:"):
-        return url
-    path = Path(database).expanduser()
-    if not path.is_absolute():
-        path = Path(cwd) / path if cwd is not None else Path.cwd() / path
-    return parsed.set(database=str(path)).render_as_string(hide_password=False)
-
-
-def resolve_db_url(db_url: str, cwd: str | Path | None = None) -> str:
-    """`db_url` with a relative SQLite path made absolute against `cwd` (default: this process's).
-
-    The actor runs with another working directory, so it must receive an absolute path. An
-    in-memory SQLite database is refused: it would vanish with the actor.
-    """
-    if make_url(db_url).get_backend_name() != "sqlite":
-        return db_url
-    return _absolute_sqlite(db_url, cwd, "registry.db_url")
-
-
-def resolve_mirror_settings(cfg: MlflowMirrorConfig, db_url: str, cwd: str | Path | None = None) -> dict | None:
-    """The MLflow mirror's settings with every default filled in and every path absolute; None when off.
-
-    Defaults sit next to a SQLite registry database: `mlflow.db` (tracking and model registry)
-    and the `mlflow-artifacts/` folder (the experiment's artifact location, so nothing lands in
-    MLflow's default `./mlruns` of whatever folder the actor runs in).
-    """
-    if not cfg.enabled:
-        return None
-    db = make_url(resolve_db_url(db_url, cwd))
-    base = None
-    if db.get_backend_name() == "sqlite" and not (db.database or "").startswith("file:"):
-        base = Path(db.database).parent
-    if base is None and (cfg.tracking_uri is None or cfg.artifact_location is None):
-        raise ValueError(
-            "registry.mlflow.tracking_uri and registry.mlflow.artifact_location must be set when "
-            "registry.db_url is not a SQLite file (there is no folder to put them next to)"
-        )
-    tracking = cfg.tracking_uri or f"sqlite:///{base / 'mlflow.db'}"
-    if tracking.startswith("sqlite:"):
-        tracking = _absolute_sqlite(tracking, cwd, "registry.mlflow.tracking_uri")
-    registry_uri = cfg.registry_uri or tracking
-    if registry_uri.startswith("sqlite:"):
-        registry_uri = _absolute_sqlite(registry_uri, cwd, "registry.mlflow.registry_uri")
-    artifacts = cfg.artifact_location or str(base / "mlflow-artifacts")
-    if not _URI_SCHEME_RE.match(artifacts):
-        path = Path(artifacts).expanduser()
-        if not path.is_absolute():
-            path = (Path(cwd) if cwd is not None else Path.cwd()) / path
-        artifacts = path.as_uri()
-    return {"tracking_uri": tracking, "registry_uri": registry_uri, "artifact_location": artifacts,
-            "experiment": cfg.experiment, "log_artifacts": cfg.log_artifacts}
-
-
-def _mask_uri(uri: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)
-
-
-def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
-    """The registry actor named `cfg.actor_name` in `cfg.namespace`, started if absent.
-
-    Needs Ray initialized. Raises ValueError when an actor of that name already serves another
-    database than `cfg.db_url`, or when `cfg.mlflow` is enabled and the running actor mirrors
-    elsewhere (or not at all). A caller with the mirror off uses whatever actor runs.
-    """
-    if not ray.is_initialized():
-        raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
-    url = resolve_db_url(cfg.db_url)
-    mirror = resolve_mirror_settings(cfg.mlflow, url)
-    options: dict[str, Any] = dict(
-        name=cfg.actor_name,
-        namespace=cfg.namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=0,  # writes are not idempotent; reads retry per method (see _READ_RETRIES)
-        num_cpus=0,
-    )
-    if mirror is not None and "MLFLOW_DISABLE_TELEMETRY" not in os.environ:
-        # A long-lived service process: MLflow's usage telemetry would otherwise block its first
-        # calls for seconds on machines without internet access. Set the variable to override.
-        options["runtime_env"] = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
-    if make_url(url).get_backend_name() == "sqlite":
-        # A SQLite file lives on this machine's disk: keep the actor (and its restarts) on this node.
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=False
-        )
-    where = f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) on {_display_url(url)}"
-    for attempt in range(3):
-        handle = ModelRegistry.options(**options).remote(url, mirror)
-        try:
-            actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
-            break
-        except ray.exceptions.RayActorError as err:
-            # Right after a `ray.kill`, the name can still resolve to the dead actor for a moment:
-            # ask again. A second death is real (e.g. its __init__ refused the database).
-            if attempt == 2:
-                raise RuntimeError(f"{where} failed to start: {err}") from err
-            time.sleep(1.0)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"{where} did not answer within {ACTOR_START_TIMEOUT_S:.0f}s") from None
-    if actual["db_url"] != _display_url(url):
-        raise ValueError(
-            f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs on database "
-            f"{actual['db_url']}, not {_display_url(url)} (registry.db_url); use another registry.actor_name "
-            "or the same registry.db_url"
-        )
-    if mirror is not None and actual["mirror"] != mirror:
-        shown = {k: _mask_uri(v) if isinstance(v, str) else v for k, v in (actual["mirror"] or {}).items()} or "off"
-        raise ValueError(
-            f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs with MLflow mirror "
-            f"{shown}, not the requested registry.mlflow settings; restart it (ray.kill) or use another "
-            "registry.actor_name"
-        )
-    return handle

@@ -1,0 +1,170 @@
+"""Driver-side access to the registry: the actor's handle, the database URL, direct store access.
+
+`get_or_create_registry(cfg)` starts or finds the `ModelRegistry` actor (needs Ray);
+`open_store(cfg)` opens the same database in this process without Ray, for read-only commands
+when no cluster runs. Both resolve a relative SQLite path against this process's working
+directory, so they open the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+from sqlalchemy.engine import make_url
+
+from actors.registry.actor import ModelRegistry
+from actors.registry.store import RegistryStore, mask_password
+from actors.registry.validation import URI_SCHEME_RE
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from app.config.registry import MlflowMirrorConfig, RegistryConfig
+
+ACTOR_START_TIMEOUT_S = 120.0
+"""How long `get_or_create_registry` waits for the actor to answer its first call."""
+
+
+def _absolute_sqlite(url: str, cwd: str | Path | None, field: str) -> str:
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if database in ("", ":memory:") or "mode=memory" in database:
+        raise ValueError(
+            f"{field} {url!r} is an in-memory SQLite database, which would vanish with the actor; "
+            "it needs a file (sqlite:///path.db)"
+        )
+    if database.startswith("file:"):
+        return url
+    path = Path(database).expanduser()
+    if not path.is_absolute():
+        path = Path(cwd) / path if cwd is not None else Path.cwd() / path
+    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+
+
+def resolve_db_url(db_url: str, cwd: str | Path | None = None) -> str:
+    """`db_url` with a relative SQLite path made absolute against `cwd` (default: this process's).
+
+    The actor runs with another working directory, so it must receive an absolute path. An
+    in-memory SQLite database is refused: it would vanish with the actor.
+    """
+    if make_url(db_url).get_backend_name() != "sqlite":
+        return db_url
+    return _absolute_sqlite(db_url, cwd, "registry.db_url")
+
+
+def resolve_mirror_settings(cfg: MlflowMirrorConfig, db_url: str, cwd: str | Path | None = None) -> dict | None:
+    """The MLflow mirror's settings with every default filled in and every path absolute; None when off.
+
+    Defaults sit next to a SQLite registry database: `mlflow.db` (tracking and model registry)
+    and the `mlflow-artifacts/` folder (the experiment's artifact location, so nothing lands in
+    MLflow's default `./mlruns` of whatever folder the actor runs in).
+    """
+    if not cfg.enabled:
+        return None
+    db = make_url(resolve_db_url(db_url, cwd))
+    base = None
+    if db.get_backend_name() == "sqlite" and not (db.database or "").startswith("file:"):
+        base = Path(db.database).parent
+    if base is None and (cfg.tracking_uri is None or cfg.artifact_location is None):
+        raise ValueError(
+            "registry.mlflow.tracking_uri and registry.mlflow.artifact_location must be set when "
+            "registry.db_url is not a SQLite file (there is no folder to put them next to)"
+        )
+    tracking = cfg.tracking_uri or f"sqlite:///{base / 'mlflow.db'}"
+    if tracking.startswith("sqlite:"):
+        tracking = _absolute_sqlite(tracking, cwd, "registry.mlflow.tracking_uri")
+    registry_uri = cfg.registry_uri or tracking
+    if registry_uri.startswith("sqlite:"):
+        registry_uri = _absolute_sqlite(registry_uri, cwd, "registry.mlflow.registry_uri")
+    artifacts = cfg.artifact_location or str(base / "mlflow-artifacts")
+    if not URI_SCHEME_RE.match(artifacts):
+        path = Path(artifacts).expanduser()
+        if not path.is_absolute():
+            path = (Path(cwd) if cwd is not None else Path.cwd()) / path
+        artifacts = path.as_uri()
+    return {"tracking_uri": tracking, "registry_uri": registry_uri, "artifact_location": artifacts,
+            "experiment": cfg.experiment, "log_artifacts": cfg.log_artifacts}
+
+
+def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
+    """The registry actor named `cfg.actor_name` in `cfg.namespace`, started if absent.
+
+    Needs Ray initialized. Raises ValueError when an actor of that name already serves another
+    database than `cfg.db_url`, or when `cfg.mlflow` is enabled and the running actor mirrors
+    elsewhere (or not at all). A caller with the mirror off uses whatever actor runs.
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
+    url = resolve_db_url(cfg.db_url)
+    mirror = resolve_mirror_settings(cfg.mlflow, url)
+    options: dict[str, Any] = dict(
+        name=cfg.actor_name,
+        namespace=cfg.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,  # writes are not idempotent; reads retry per method (see actor.py)
+        num_cpus=0,
+    )
+    if mirror is not None and "MLFLOW_DISABLE_TELEMETRY" not in os.environ:
+        # A long-lived service process: MLflow's usage telemetry would otherwise block its first
+        # calls for seconds on machines without internet access. Set the variable to override.
+        options["runtime_env"] = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
+    if make_url(url).get_backend_name() == "sqlite":
+        # A SQLite file lives on this machine's disk: keep the actor (and its restarts) on this node.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=False
+        )
+    where = f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) on {mask_password(url)}"
+    for attempt in range(3):
+        handle = ModelRegistry.options(**options).remote(url, mirror)
+        try:
+            actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
+            break
+        except ray.exceptions.RayActorError as err:
+            # Right after a `ray.kill`, the name can still resolve to the dead actor for a moment:
+            # ask again. A second death is real (e.g. its __init__ refused the database).
+            if attempt == 2:
+                raise RuntimeError(f"{where} failed to start: {err}") from err
+            time.sleep(1.0)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{where} did not answer within {ACTOR_START_TIMEOUT_S:.0f}s") from None
+    if actual["db_url"] != mask_password(url):
+        raise ValueError(
+            f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs on database "
+            f"{actual['db_url']}, not {mask_password(url)} (registry.db_url); use another registry.actor_name "
+            "or the same registry.db_url"
+        )
+    if mirror is not None and actual["mirror"] != mirror:
+        shown = {k: mask_password(v) if isinstance(v, str) else v for k, v in (actual["mirror"] or {}).items()} or "off"
+        raise ValueError(
+            f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs with MLflow mirror "
+            f"{shown}, not the requested registry.mlflow settings; restart it (ray.kill) or use another "
+            "registry.actor_name"
+        )
+    return handle
+
+
+def open_store(cfg: RegistryConfig) -> RegistryStore:
+    """The registry database of `cfg.db_url` opened in this process, without Ray or the actor.
+
+    For read-only commands when no cluster runs (no actor start-up, nothing on stdout). It opens
+    the database exactly as the actor would (creating or migrating it); SQLite's WAL mode and
+    Postgres' row locks make it safe next to a running actor. Writes through it are not
+    mirrored to MLflow until the actor's next start. Close it with `store.close()`.
+    """
+    return RegistryStore(resolve_db_url(cfg.db_url))
+
+
+def find_version_by_artifact(registry: ActorHandle, model: str, artifact_uri: str) -> dict | None:
+    """The version already registered for an artifact folder, if any (makes re-runs idempotent)."""
+    if model not in {m["name"] for m in ray.get(registry.list_models.remote())}:
+        return None
+    versions = ray.get(registry.list_versions.remote(model))
+    return next((v for v in versions if v["artifact_uri"] == artifact_uri), None)

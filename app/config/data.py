@@ -1,0 +1,110 @@
+"""The `data` section: a built-in dataset (`name: lm-code | digits`) or the user's text files
+(`kind: jsonl | csv | parquet | text`), and the check that the model and the data fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from app.config.base import Section
+
+
+class DataConfig(Section):
+    """A built-in dataset. Nothing is downloaded: both ship with Python or scikit-learn."""
+
+    name: Literal["lm-code", "digits"]
+    """`lm-code`: the Python standard library's own .py files as bytes; `digits`: scikit-learn's 8x8 digits."""
+    max_bytes: int = Field(4_000_000, ge=10_000)
+    """lm-code only: cap on corpus bytes read (files taken in sorted path order)."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """Share of files (lm-code, by path hash) or samples (digits, by index hash) held out for validation."""
+    split_seed: int = 0
+    """Salt of the deterministic train/val split hash."""
+
+
+class FileDataConfig(Section):
+    """Text examples from the user's files, tokenized with the `hf` model folder's own tokenizer."""
+
+    kind: Literal["jsonl", "csv", "parquet", "text"]
+    """File format; `text` is one example per non-blank line (field `text_field`)."""
+    path: str | None = None
+    """One file, split into train / val by a hash of each row's content (`val_fraction`, `seed`)."""
+    train_path: str | None = None
+    """Train file (with `val_path`, instead of `path`)."""
+    val_path: str | None = None
+    """Validation file (with `train_path`)."""
+    text_field: str = Field("text", min_length=1)
+    """Column (jsonl key, csv header, parquet column) holding the text."""
+    text_pair_field: str | None = None
+    """Column holding a second text (sentence pairs: tokenized as one input, the pair after a separator)."""
+    label_field: str | None = None
+    """Column holding the class label (string or integer); needed by `model.task: sequence_classification`."""
+    labels: list[str] | None = None
+    """The allowed labels, in id order; default: the sorted labels seen in train (others are bad rows)."""
+    max_length: int = Field(128, ge=2, le=65536)
+    """Tokens per example; longer examples are truncated (`python -m app data stats` counts them)."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """Share of rows held out for validation when a single `path` is given."""
+    seed: int = 0
+    """Salt of the train/val split hash."""
+    skip_bad_rows: bool = False
+    """Count and report bad rows (missing field, wrong type, empty text, unknown label) instead of failing on the first."""
+
+    @model_validator(mode="after")
+    def _files(self) -> "FileDataConfig":
+        if (self.path is None) == (self.train_path is None and self.val_path is None):
+            raise ValueError("data: give either data.path, or data.train_path and data.val_path")
+        if self.path is None and (self.train_path is None or self.val_path is None):
+            raise ValueError("data.train_path and data.val_path go together")
+        for key in ("path", "train_path", "val_path"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"data.{key}: no such file {value!r}")
+        if self.kind == "text" and (self.text_pair_field or self.label_field):
+            raise ValueError("data.kind 'text' has one text per line: no data.text_pair_field or data.label_field")
+        if self.labels is not None:
+            if not self.label_field:
+                raise ValueError("data.labels needs data.label_field")
+            if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+                raise ValueError(f"data.labels must be at least two distinct names, got {self.labels}")
+        return self
+
+
+def _data_kind(value: Any) -> str:
+    """Which data class a section is: built-in when it has `name`, a file dataset otherwise."""
+    if isinstance(value, dict):
+        return "builtin-data" if "name" in value else "file-data"
+    return "builtin-data" if isinstance(value, DataConfig) else "file-data"
+
+
+DataSection = Annotated[
+    Union[Annotated[DataConfig, Tag("builtin-data")], Annotated[FileDataConfig, Tag("file-data")]],
+    Discriminator(_data_kind),
+]
+"""The `data` section: a built-in dataset (`name`) or files (`kind`)."""
+
+# The built-in model kind each built-in dataset trains.
+BUILTIN_PAIRS = {"lm-code": "gpt", "digits": "vit"}
+
+
+def check_model_fits_data(model: Any, data: DataConfig | FileDataConfig) -> None:
+    """Raise ValueError naming the keys when the model section cannot train on the data section."""
+    if isinstance(data, DataConfig):
+        want = BUILTIN_PAIRS[data.name]
+        if model.kind != want:
+            hint = " (an hf model reads files: data.kind jsonl | csv | parquet | text)" if model.kind == "hf" else ""
+            raise ValueError(f"model.kind {model.kind!r} does not fit data.name {data.name!r} (needs {want!r}){hint}")
+        return
+    if model.kind != "hf":
+        raise ValueError(
+            f"data.kind {data.kind!r} (a file dataset) needs model.kind 'hf' (its tokenizer reads the text); "
+            f"model.kind {model.kind!r} trains on data.name {[n for n, k in BUILTIN_PAIRS.items() if k == model.kind][0]!r}"
+        )
+    if model.task == "sequence_classification" and not data.label_field:
+        raise ValueError("model.task 'sequence_classification' needs data.label_field (the column with the class)")
+    if model.task != "sequence_classification" and data.label_field:
+        raise ValueError(f"data.label_field is for model.task 'sequence_classification', not {model.task!r}")
+    if not data.text_field:
+        raise ValueError(f"model.task {model.task!r} needs data.text_field (the column with the text)")

@@ -1,0 +1,113 @@
+"""The `model` section, chosen by `kind`: the built-in architectures (`gpt`, `vit`) or a Hugging
+Face `transformers` model from a local folder (`hf`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from app.config.base import Section
+
+
+class GPTConfig(Section):
+    """A byte-level GPT-style decoder (RoPE, RMSNorm, SwiGLU, SDPA attention)."""
+
+    kind: Literal["gpt"] = "gpt"
+    """Model family; `gpt` pairs with the `lm-code` dataset."""
+    vocab_size: int = Field(256, ge=2)
+    """Vocabulary size; 256 for byte-level text."""
+    block_size: int = Field(128, ge=8, le=8192)
+    """Context length in tokens (sequence length used for training and the serving cap)."""
+    n_layer: int = Field(4, ge=1, le=64)
+    """Number of transformer blocks."""
+    n_head: int = Field(4, ge=1)
+    """Attention heads per block; must divide `d_model`."""
+    d_model: int = Field(128, ge=8)
+    """Residual stream width."""
+    ffn_mult: float = Field(2.75, gt=0)
+    """SwiGLU hidden width as a multiple of `d_model` (rounded up to a multiple of 8)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention output and MLP output during training."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """RoPE base frequency."""
+    use_flash_attn: bool = True
+    """Use flash-attn when it is importable and the model runs on CUDA in fp16/bf16; SDPA otherwise."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "GPTConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide model.d_model ({self.d_model})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("model.d_model / model.n_head must be even for RoPE")
+        return self
+
+
+class ViTConfig(Section):
+    """A small vision transformer for 8x8 single-channel images (scikit-learn digits)."""
+
+    kind: Literal["vit"] = "vit"
+    """Model family; `vit` pairs with the `digits` dataset."""
+    image_size: int = Field(8, ge=2)
+    """Side of the square input image in pixels."""
+    patch_size: int = Field(2, ge=1)
+    """Side of a square patch; must divide `image_size`."""
+    in_channels: int = Field(1, ge=1)
+    """Input channels."""
+    num_classes: int = Field(10, ge=2)
+    """Number of output classes."""
+    n_layer: int = Field(2, ge=1, le=32)
+    """Number of transformer blocks."""
+    n_head: int = Field(4, ge=1)
+    """Attention heads per block; must divide `d_model`."""
+    d_model: int = Field(64, ge=8)
+    """Token width."""
+    ffn_mult: float = Field(2.0, gt=0)
+    """MLP hidden width as a multiple of `d_model`."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout during training."""
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ViTConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.patch_size ({self.patch_size}) must divide model.image_size ({self.image_size})")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide model.d_model ({self.d_model})")
+        return self
+
+
+class HFModelConfig(Section):
+    """A `transformers` model in a local folder: safetensors weights only, no custom code, nothing downloaded."""
+
+    kind: Literal["hf"] = "hf"
+    """Model family; `hf` pairs with a file dataset (`data.kind`), tokenized with the folder's own tokenizer."""
+    path: str
+    """Local folder with config.json, *.safetensors weights and the tokenizer files (e.g. from `save_pretrained`)."""
+    task: Literal["embedding", "sequence_classification", "causal_lm"]
+    """`embedding` (encoder + pooling), `sequence_classification` (a head over the labels of the data) or `causal_lm`."""
+    pooling: Literal["mean", "cls", "max"] | None = None
+    """embedding only: pooling over tokens; default: the folder's sentence-transformers config, else mean."""
+    normalize: bool | None = None
+    """embedding only: L2-normalise the vectors; default: the folder's sentence-transformers config, else false."""
+
+    @model_validator(mode="after")
+    def _folder(self) -> "HFModelConfig":
+        # The cheap checks here; app.models.hf.check_folder (refusing pickled weights and custom
+        # code, with how to convert) runs when the model is built.
+        folder = Path(self.path)
+        if not folder.is_dir():
+            raise ValueError(f"model.path: no such folder {self.path!r}")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model.path: {self.path!r} has no config.json (not a transformers model folder)")
+        if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+            raise ValueError(
+                f"model.path: {self.path!r} has no *.safetensors weights (Temper does not unpickle *.bin; "
+                "convert with model.save_pretrained(folder, safe_serialization=True))"
+            )
+        if self.task != "embedding" and (self.pooling is not None or self.normalize is not None):
+            raise ValueError(f"model.pooling / model.normalize apply to model.task 'embedding', not {self.task!r}")
+        return self
+
+
+ModelConfig = Annotated[Union[GPTConfig, ViTConfig, HFModelConfig], Field(discriminator="kind")]

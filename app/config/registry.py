@@ -1,0 +1,49 @@
+"""The `registry` section: where the registry actor lives and persists, and its optional MLflow mirror."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from app.config.base import MODEL_NAME_PATTERN, Section
+
+
+class MlflowMirrorConfig(Section):
+    """Optional mirror of the registry into MLflow: runs, registered model versions and aliases."""
+
+    enabled: bool = False
+    """Mirror each registered version to an MLflow run (params, metrics with steps, artifacts) and a registered model version, and every alias change to the MLflow alias. The registry database stays the source of truth: a failed mirror write is logged and retried, never fails the registry call."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default `sqlite:///<folder of the registry database>/mlflow.db` (needs the full `mlflow` package). Required when `registry.db_url` is not SQLite."""
+    registry_uri: str | None = None
+    """MLflow model-registry URI; default: the tracking URI."""
+    artifact_location: str | None = None
+    """Artifact root of the MLflow experiment (a folder or object-store URI); default `<folder of the registry database>/mlflow-artifacts`, never MLflow's `./mlruns` of the current folder. Required when `registry.db_url` is not SQLite."""
+    experiment: str = Field("temper", min_length=1, max_length=200)
+    """MLflow experiment holding one run per registered version (run name `<model>-v<N>`)."""
+    log_artifacts: bool = True
+    """Copy each version's local artifact folder into its MLflow run; false records only the location."""
+
+
+class RegistryConfig(Section):
+    """Where the ModelRegistry actor lives and where it persists."""
+
+    actor_name: str = Field("temper-registry", pattern=MODEL_NAME_PATTERN)
+    """Name of the detached registry actor (get-or-create)."""
+    namespace: str = Field("temper", pattern=MODEL_NAME_PATTERN)
+    """Ray namespace of the registry actor."""
+    db_url: str = "sqlite:///temper_runs/registry.db"
+    """SQLAlchemy URL of the registry database: `sqlite:///path.db` (a relative path is resolved against the driver's working directory) or `postgresql+psycopg://user:pass@host/db` (psycopg 3, the `postgres` extra) on clusters. Older schemas are migrated on open."""
+    mlflow: MlflowMirrorConfig = Field(default_factory=MlflowMirrorConfig)
+    """Optional MLflow mirror (off by default)."""
+
+    @model_validator(mode="after")
+    def _url(self) -> "RegistryConfig":
+        if "://" not in self.db_url:
+            raise ValueError(f"registry.db_url must be a SQLAlchemy URL such as sqlite:///path.db, got {self.db_url!r}")
+        m = self.mlflow
+        if m.enabled and not self.db_url.startswith("sqlite") and (m.tracking_uri is None or m.artifact_location is None):
+            raise ValueError(
+                "registry.mlflow.tracking_uri and registry.mlflow.artifact_location must be set when "
+                "registry.mlflow.enabled is true and registry.db_url is not SQLite (their defaults sit next to a SQLite file)"
+            )
+        return self

@@ -1,0 +1,118 @@
+"""File datasets (`data.kind: jsonl | csv | parquet | text`) as training batches for an `hf` model.
+
+Each worker reads and tokenizes the files once (app/data/files.py: small files, held in memory)
+with the model folder's own tokenizer. Like the built-in datasets, a train batch is a pure
+function of (seed, step, rank), so a resumed run sees the batches it would have seen. A batch
+is padded to its own longest member, not to `max_length`, and travels packed
+(app/models/hf_task.py): x (B, 2 | 3, T) = input_ids, attention_mask[, token_type_ids].
+
+Targets: classification, the label ids (B,); causal LM, the next token at each position (B, T)
+with -100 (cross-entropy's ignore_index) after the last real token and on padding.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from app.config.data import FileDataConfig
+from app.config.model import HFModelConfig
+from app.data.files import Fields, Splits, Tokenized, load_splits, tokenize
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+IGNORE_INDEX = -100
+
+
+def read_splits(cfg: FileDataConfig) -> Splits:
+    """Train and val examples of a file-data section (bad rows raise, or are counted with skip_bad_rows)."""
+    fields = Fields(cfg.text_field, cfg.text_pair_field, cfg.label_field, tuple(cfg.labels) if cfg.labels else None)
+    return load_splits(
+        cfg.kind, fields, path=cfg.path, train_path=cfg.train_path, val_path=cfg.val_path,
+        val_fraction=cfg.val_fraction, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows,
+    )
+
+
+def pad_batch(tok: Tokenized, idx: np.ndarray | list[int], pad_id: int, task: str) -> Batch:
+    """Rows `idx` of `tok`, right-padded to their longest member -> (packed x, targets)."""
+    from app.models.hf_task import pack
+
+    rows = [int(i) for i in idx]
+    longest = max(len(tok.input_ids[i]) for i in rows)
+
+    def matrix(lists: list[list[int]], fill: int) -> torch.Tensor:
+        out = torch.full((len(rows), longest), fill, dtype=torch.long)
+        for r, i in enumerate(rows):
+            out[r, : len(lists[i])] = torch.tensor(lists[i], dtype=torch.long)
+        return out
+
+    ids = matrix(tok.input_ids, pad_id)
+    mask = matrix(tok.attention_mask, 0)
+    types = matrix(tok.token_type_ids, 0) if tok.token_type_ids is not None else None
+    x = pack(ids, mask, types)
+    if task == "sequence_classification":
+        return x, torch.tensor([tok.labels[i] for i in rows], dtype=torch.long)  # type: ignore[index]
+    # next token at each position; nothing to predict after the last real token or on padding
+    target = torch.full_like(ids, IGNORE_INDEX)
+    target[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+    return x, target
+
+
+class FileTextData:
+    """Tokenized train / val examples of the user's files (see the module docstring)."""
+
+    def __init__(self, cfg: FileDataConfig, model: HFModelConfig):
+        from app.models.hf import load_tokenizer
+
+        self.cfg, self.task = cfg, model.task
+        self.kind = "classifier" if model.task == "sequence_classification" else "lm" if model.task == "causal_lm" else "embedding"
+        splits = read_splits(cfg)
+        tokenizer = load_tokenizer(model.path)
+        self.labels = splits.labels
+        self.bad_rows, self.reasons = splits.bad_rows, splits.reasons
+        self.n_train, self.n_val = len(splits.train), len(splits.val)
+        self.train = tokenize(splits.train, tokenizer, cfg.max_length, splits.labels)
+        self.val = tokenize(splits.val, tokenizer, cfg.max_length, splits.labels)
+        # padded positions are masked out, so any id works where the tokenizer has no pad token
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def describe(self) -> dict:
+        out = {"dataset": f"{self.cfg.kind} files", "train_rows": self.n_train, "val_rows": self.n_val}
+        if self.labels is not None:
+            out["labels"] = len(self.labels)
+        if self.bad_rows:
+            out["bad_rows_skipped"] = self.bad_rows
+        return out
+
+    def _check_trainable(self) -> None:
+        if self.task == "embedding":
+            raise ValueError("model.task 'embedding' has no training loss here yet (sequence_classification and causal_lm train)")
+
+    def train_batch(self, seed: int, step: int, rank: int, batch_size: int) -> Batch:
+        self._check_trainable()
+        idx = np.random.default_rng([seed, step, rank]).integers(0, self.n_train, size=batch_size)
+        return pad_batch(self.train, idx, self.pad_id, self.task)
+
+    def val_batches(self, n_batches: int, batch_size: int) -> Iterator[Batch]:
+        """The val set in order, at most n_batches batches (fewer when the set is smaller)."""
+        self._check_trainable()
+        for start in range(0, min(self.n_val, n_batches * batch_size), batch_size):
+            yield pad_batch(self.val, range(start, min(start + batch_size, self.n_val)), self.pad_id, self.task)
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        x, _ = pad_batch(self.val, range(min(batch_size, self.n_val)), self.pad_id, "causal_lm")
+        return x
+
+
+def file_digest(cfg: FileDataConfig) -> str:
+    """sha256 (16 hex) over the bytes of the section's files: what a trained version was trained on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in (cfg.path, cfg.train_path, cfg.val_path):
+        if path is not None:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]

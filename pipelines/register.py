@@ -1,0 +1,83 @@
+"""Where training meets the registry: one function registers a trained result.
+
+`register_trained` is the only place a training run becomes a registry version: the `train`
+verb and `run` call it through `train_and_register`, and a sweep calls it for its best trial.
+It is idempotent: an artifact folder already registered is returned as it is, so re-running a
+finished job registers nothing twice. Every version it makes carries the same record: the
+resolved config and its hash, the hyperparameters as flat params (compare / MLflow show them),
+and the data's identity (its config plus where its bytes come from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+
+import ray
+
+from actors.registry.client import find_version_by_artifact
+from actors.registry.validation import flatten_dict
+from app.config.jobs import TrainJob
+from pipelines.train import fit
+
+
+def dataset_fingerprint(job: TrainJob) -> str:
+    """`<data name or kind>:<hash>` of the data config and the source of its bytes: lm-code reads
+    this Python's standard library, digits ships with scikit-learn, file datasets are their files'
+    contents."""
+    import sklearn
+
+    from app.config.data import FileDataConfig
+
+    if isinstance(job.data, FileDataConfig):
+        from app.data.text import file_digest
+
+        label, source = job.data.kind, f"files-{file_digest(job.data)}"
+    else:
+        label = job.data.name
+        source = f"python-{platform.python_version()}" if job.data.name == "lm-code" else f"sklearn-{sklearn.__version__}"
+    data_id = json.dumps({"data": job.data.model_dump(mode="json"), "source": source}, sort_keys=True)
+    return f"{label}:{hashlib.sha256(data_id.encode()).hexdigest()[:16]}"
+
+
+def register_trained(registry, job: TrainJob, artifact_path: str, *, config_hash: str, metrics: dict[str, float],
+                     transformation: str, tags: dict[str, str], parent: dict | None = None) -> tuple[dict, bool]:
+    """Register the fp32 weights in `artifact_path`, trained by `job`, as a new version of `job.name`.
+
+    Returns (the version record, whether it is new): a folder registered before is found by its
+    location and returned unchanged."""
+    existing = find_version_by_artifact(registry, job.name, artifact_path)
+    if existing is not None:
+        print(f"[register] {artifact_path} already registered as {job.name} v{existing['version']}", flush=True)
+        return existing, False
+    params = flatten_dict({"model": job.model.model_dump(mode="json"), "train": job.train.model_dump(mode="json")})
+    record = ray.get(registry.register_version.remote(
+        job.name, artifact_path, "torch_fp32",
+        config=job.model_dump(mode="json"), config_hash=config_hash,
+        metrics=metrics, transformation=transformation, parent=parent, tags=tags,
+        params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
+        dataset_fingerprint=dataset_fingerprint(job),
+    ))
+    return record, True
+
+
+def train_and_register(job: TrainJob, registry) -> dict:
+    """Train `job` (distilling from its registered teacher when `train.distill` names one) and
+    register the result as a `trained` (or `distilled`) version."""
+    teacher = None
+    if job.train.distill is not None:  # the teacher comes from the registry, by version or alias
+        d = job.train.distill
+        teacher = ray.get(registry.get_version.remote(d.teacher, d.teacher_version))
+        if teacher["format"] != "torch_fp32":
+            raise ValueError(f"train.distill: teacher {d.teacher} v{teacher['version']} is {teacher['format']!r}; "
+                             "distillation needs a torch_fp32 version")
+        print(f"[train] distilling from {d.teacher} v{teacher['version']} (alpha {d.alpha}, T {d.temperature})", flush=True)
+    result = fit(job, teacher_artifact=teacher["artifact_uri"] if teacher else None)
+    record, _ = register_trained(
+        registry, job, result.artifact_path, config_hash=result.config_hash, metrics=result.metrics,
+        transformation="distilled" if teacher else "trained",
+        parent={"model": teacher["model"], "version": teacher["version"]} if teacher else None,
+        tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
+    )
+    return record

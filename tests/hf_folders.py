@@ -1,0 +1,71 @@
+"""Tiny Hugging Face model folders built offline from configs (random weights, `save_pretrained`),
+with a word-level tokenizer, for the tests of the `hf` model kind and file datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = "the a cat dog sat on mat ran fast slow red blue big small house tree".split()
+
+
+def save_word_tokenizer(folder: Path) -> None:
+    """A word-level BERT-style tokenizer ([CLS] text [SEP]) that AutoTokenizer loads from `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    ).save_pretrained(folder)
+
+
+def tiny_bert_config():
+    """A 2-layer, 32-wide BERT config over the word-level vocabulary."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64)
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A 2-layer, 32-wide BertModel (no classification head) in `folder`."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config()).save_pretrained(folder)
+    save_word_tokenizer(folder)
+    return folder
+
+
+def tiny_llama(folder: Path, tie_word_embeddings: bool = True) -> Path:
+    """A 2-layer, 32-wide LlamaForCausalLM in `folder` (output head tied to the embedding by default)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=5 + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         tie_word_embeddings=tie_word_embeddings)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    save_word_tokenizer(folder)
+    return folder
+
+
+def sentiment_rows(n: int) -> list[dict]:
+    """Labelled sentences a tiny model can learn: 'pos' rows say fast/big things, 'neg' slow/small."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        pos = i % 2 == 0
+        words = [rng.choice(["cat", "dog", "house", "tree"]), rng.choice(["ran", "sat"])]
+        words += rng.sample(["fast", "big", "red"] if pos else ["slow", "small", "blue"], 2)
+        rows.append({"text": " ".join(["the", *words]), "label": "pos" if pos else "neg"})
+    return rows
