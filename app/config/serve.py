@@ -155,8 +155,9 @@ class ServeConfig(Section):
     """HTTP bind address of Serve's proxy."""
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port of Serve's proxy."""
-    route_prefix: str = Field("/", pattern=r"^/")
-    """Route prefix of the ingress; endpoints live under `<prefix>api/v1/`."""
+    # Ray Serve refuses a prefix with a trailing slash (other than "/" itself) at deploy time.
+    route_prefix: str = Field("/", pattern=r"^/([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?$")
+    """Route prefix of the ingress (`/` or `/a/b`, no trailing slash); endpoints live under `<prefix>/api/v1/`."""
     models: list[ServedModel] = Field(default_factory=list)
     """Models to host. In `run`, an empty list means: the best compressed variant of the run's model."""
     request_timeout_s: float = Field(30.0, gt=0)

@@ -253,3 +253,15 @@ def test_a_version_number_given_as_a_yaml_int_is_a_version_reference(tmp_path):
     assert load_config("compress", path, ["source=3"]).source == "3"
     assert load_config("run", path, ["train.distill={teacher: big, teacher_version: 4}"]).train.distill.teacher_version == "4"
     assert load_config("serve", path).serve.models[0].version == "2"
+
+
+@pytest.mark.parametrize("prefix,ok", [("/", True), ("/api-a", True), ("/a/b", True), ("/x/", False), ("x", False), ("//", False)])
+def test_route_prefix_has_no_trailing_slash(prefix, ok):
+    """Ray Serve refuses a trailing slash at deploy time; the config says so before anything runs."""
+    tree = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    apply_overrides(tree, [f"serve.route_prefix={prefix}"])
+    if ok:
+        assert parse_config("serve", tree).serve.route_prefix == prefix
+    else:
+        with pytest.raises(ConfigError, match="serve.route_prefix"):
+            parse_config("serve", tree)
