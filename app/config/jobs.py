@@ -214,15 +214,6 @@ JOB_KINDS: dict[str, type[Section]] = {
     "serve": ServeApp,
 }
 
-
-JOB_KINDS: dict[str, type[Section]] = {
-    "run": OptimizeJob,
-    "train": TrainJob,
-    "tune": TuneJob,
-    "compress": CompressJob,
-    "serve": ServeApp,
-}
-
 _JOB_FILE_KEYS = frozenset(OptimizeJob.model_fields) | frozenset(CompressJob.model_fields)
 """Top-level keys some verb reads; any other top-level key is an error for every verb."""
 
