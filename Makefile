@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.temper-installed
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit bench readme clean
+.PHONY: install run test test-unit test-bench bench readme clean
 
 install: $(STAMP)
 
@@ -30,8 +30,13 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 run: install
 	$(PY) -m app run $(CONFIG)
 
+# The benchmark smoke test (every script in --quick mode, ~12 min on 2 cores) is left out of
+# `make test` to keep CI time down; `make test-bench` runs it.
 test: install
-	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=15 -m "not bench" $(PYTEST_ARGS)
+
+test-bench: install
+	$(PY) -m pytest -ra -m bench tests/ray/test_bench_quick.py $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
