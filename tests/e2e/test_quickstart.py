@@ -50,7 +50,9 @@ def test_quickstart_run_trains_registers_quantizes_serves(quickstart):
 
     # The registry's state is in the SQLite file the config names (relative to the working folder).
     with sqlite3.connect(ws.path / "temper_runs" / "registry.db") as db:
-        rows = db.execute("SELECT version, format, parent_version_id FROM versions ORDER BY version").fetchall()
+        # the session's shared workspace registry also holds the other e2e tests' models
+        rows = db.execute("SELECT v.version, v.format, v.parent_version_id FROM versions v JOIN models m ON m.id = v.model_id"
+                          " WHERE m.name = 'quickstart-digits' ORDER BY v.version").fetchall()
     assert [r[0] for r in rows] == [1, 2, 3, 4]
     assert rows[0][2] is None and all(r[2] is not None for r in rows[1:])
 
