@@ -105,6 +105,7 @@ def build_scheduler(job: TuneJob):
         return PopulationBasedTraining(
             time_attr=TIME_ATTR, perturbation_interval=s.perturbation_interval, hyperparam_mutations=search_space(job.tune),
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+            synch=s.synch,
         )
     return FIFOScheduler()
 

@@ -70,6 +70,8 @@ class TuneScheduler(Section):
     """pbt: bottom fraction of trials that copy one of the top fraction."""
     resample_probability: float = Field(0.25, ge=0.0, le=1.0)
     """pbt: chance that a mutated value is resampled from its distribution instead of perturbed (x0.8 / x1.2)."""
+    synch: bool = False
+    """pbt: wait until every live trial reached the perturbation step before exploiting (reproducible decisions; a trial that arrives first is paused and later resumed from its checkpoint). Asynchronous by default: a trial that starts late may find the strong trial already finished and never exploit it."""
 
 
 class TuneSearcher(Section):
