@@ -82,12 +82,32 @@ def save_fp32(folder: str | Path, model: nn.Module | dict[str, torch.Tensor], jo
     return folder
 
 
+def class_labels(job: TrainJob, meta: dict[str, Any]) -> list[str] | None:
+    """The class names of an `hf` sequence_classification artifact, in id order: the meta's
+    `labels` when written there, else the data section's `labels`, else the labels the training
+    files give (read again: the same sorted labels seen in train that training used)."""
+    if job.model.kind != "hf" or job.model.task != "sequence_classification":
+        return None
+    if meta.get("labels"):
+        return list(meta["labels"])
+    if job.data.labels:
+        return list(job.data.labels)
+    from app.data.text import read_splits
+
+    return read_splits(job.data).labels
+
+
+def _build(job: TrainJob, meta: dict[str, Any]) -> nn.Module:
+    """The untrained model of an artifact (an `hf` classifier with its class labels)."""
+    return build_model(job.model, labels=class_labels(job, meta))
+
+
 def load_fp32(folder: str | Path) -> tuple[nn.Module, TrainJob]:
     """The fp32 model of a torch_fp32 artifact, in eval mode."""
     job, meta = read_meta(folder)
     if meta["format"] != "torch_fp32":
         raise ArtifactError(f"{folder} holds format {meta['format']!r}, not 'torch_fp32'")
-    model = build_model(job.model)
+    model = _build(job, meta)
     model.load_state_dict(load_file(str(local_path(str(folder)) / WEIGHT_FILES["torch_fp32"])), strict=True)
     return model.eval(), job
 
@@ -111,7 +131,7 @@ def load_half(folder: str | Path) -> tuple[nn.Module, TrainJob, torch.dtype]:
     if meta["format"] not in HALF_DTYPES:
         raise ArtifactError(f"{folder} holds format {meta['format']!r}, not torch_bf16/torch_fp16")
     dtype = HALF_DTYPES[meta["format"]]
-    model = build_model(job.model).to(dtype)
+    model = _build(job, meta).to(dtype)
     model.load_state_dict(load_file(str(local_path(str(folder)) / WEIGHT_FILES[meta["format"]])), strict=True)
     return model.eval(), job, dtype
 
@@ -171,7 +191,7 @@ def load_int8(folder: str | Path) -> tuple[nn.Module, TrainJob]:
     if meta["format"] != "torch_int8":
         raise ArtifactError(f"{folder} holds format {meta['format']!r}, not 'torch_int8'")
     tensors = load_file(str(local_path(str(folder)) / WEIGHT_FILES["torch_int8"]))
-    float_model = build_model(job.model).eval()
+    float_model = _build(job, meta).eval()
     linear_names = {n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)}
     plain = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in linear_names}
     missing, unexpected = float_model.load_state_dict(plain, strict=False)

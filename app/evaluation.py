@@ -20,6 +20,8 @@ PRIMARY = {
     "gpt": ("val_loss", "min"),
     "classifier": ("val_accuracy", "max"),
     "lm": ("val_loss", "min"),
+    # an hf embedding model: mean cosine of a variant's vectors to its fp32 source's (1.0 for the source)
+    "embedding": ("mean_cosine", "max"),
 }
 IGNORE_INDEX = -100  # cross-entropy's default ignore_index
 

@@ -8,6 +8,11 @@ and returns a `Predictor` whose `logits(x)` maps numpy inputs to numpy logits:
 Task helpers (`classify`, `score_text`, `generate_text`) turn logits into answers and are
 what the batched Serve replica calls on a whole batch.
 
+`hf` artifacts (a `transformers` model from a local folder) load as a `TextPredictor`: texts
+in, tokenized with the folder's own tokenizer, batches padded to their longest member; out
+embeddings (N, H), class probabilities (N, C) or causal-LM logits, through torch (fp32 / int8 /
+half) or ONNX Runtime (fp32 / int8) alike.
+
 Generation for serving (`generate_steps`) decodes a batch of prompts of different lengths one
 token per step for every active row, with greedy / temperature / top-k sampling per row:
 - torch backends use a KV cache (`KVCacheDecoder`): prompts are left-padded, padding keys are
@@ -81,12 +86,15 @@ def _ort_session(path: str):
     return ort.InferenceSession(path, sess_options=opts, providers=providers)
 
 
-def load_predictor(artifact_uri: str, expect_backend: str | None = None) -> Predictor:
-    """A predictor for the artifact at `artifact_uri` (its format decides the backend)."""
+def load_predictor(artifact_uri: str, expect_backend: str | None = None) -> "Predictor | TextPredictor":
+    """A predictor for the artifact at `artifact_uri` (its format decides the backend; an `hf`
+    model gives a `TextPredictor`)."""
     job, meta = read_meta(artifact_uri)
     fmt = meta["format"]
     if expect_backend is not None and fmt != expect_backend:
         raise ArtifactError(f"{artifact_uri} holds backend {fmt!r}, but {expect_backend!r} was asked for")
+    if job.model.kind == "hf":
+        return _load_text_predictor(artifact_uri, job, meta)
     task: Task = "lm" if job.model.kind == "gpt" else "classifier"
     if fmt == "torch_fp32":
         return Predictor(fmt, task, job, _torch_model=load_fp32(artifact_uri)[0])
@@ -98,6 +106,144 @@ def load_predictor(artifact_uri: str, expect_backend: str | None = None) -> Pred
     if fmt in ONNX_FORMATS:
         path = str(local_path(artifact_uri) / WEIGHT_FILES[fmt])
         return Predictor(fmt, task, job, _ort_session=_ort_session(path))
+    raise ArtifactError(f"{artifact_uri}: unknown artifact format {fmt!r}")
+
+
+# ----------------------------------------------------------------------------- hf text models
+
+
+class TokenLimitError(ValueError):
+    """A text with more tokens than the model takes, and the caller did not ask to truncate."""
+
+    def __init__(self, index: int, tokens: int, limit: int):
+        super().__init__(f"text {index} has {tokens} tokens; the limit is {limit} (or ask to truncate)")
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
+@dataclass
+class TextPredictor:
+    """An `hf` artifact as texts -> numbers (see the module docstring).
+
+    `max_tokens` is the job's `data.max_length` (special tokens included): what the model was
+    trained and measured with. A longer text is an error unless the call asks to truncate.
+    """
+
+    backend: str
+    task: str  # embedding | sequence_classification | causal_lm
+    job: TrainJob
+    tokenizer: object
+    labels: list[str] | None = None  # class names in id order (sequence_classification)
+    _torch_model: torch.nn.Module | None = None
+    _ort_session: object | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.job.data.max_length
+
+    # what a served route reports (as `Predictor` has them): one text of up to max_tokens, no KV cache
+    supports_kv_cache = False
+
+    @property
+    def block_size(self) -> int:
+        return self.max_tokens
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.max_tokens,)
+
+    def encode(self, texts: list[str], *, pairs: list[str] | None = None, truncate: bool = False) -> dict[str, list[list[int]]]:
+        """Token ids (and token types) per text, unpadded; raises TokenLimitError for a text over
+        `max_tokens` unless `truncate`."""
+        enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, padding=False,
+                             truncation=truncate, max_length=self.max_tokens if truncate else None)
+        if not truncate:
+            for i, row in enumerate(enc["input_ids"]):
+                if len(row) > self.max_tokens:
+                    raise TokenLimitError(i, len(row), self.max_tokens)
+        out = {"input_ids": enc["input_ids"]}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    def pad(self, enc: dict[str, list[list[int]]], rows) -> dict[str, np.ndarray]:
+        """Rows `rows` of `encode`'s output right-padded to their longest: int64 (B, T) arrays
+        input_ids, attention_mask, token_type_ids (zeros where the tokenizer makes none)."""
+        rows = [int(i) for i in rows]
+        width = max(len(enc["input_ids"][i]) for i in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        types = np.zeros((len(rows), width), dtype=np.int64)
+        for b, i in enumerate(rows):
+            n = len(enc["input_ids"][i])
+            ids[b, :n], mask[b, :n] = enc["input_ids"][i], 1
+            if "token_type_ids" in enc:
+                types[b, :n] = enc["token_type_ids"][i]
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """One padded batch -> the task's output: embeddings (B, H), logits (B, C) or (B, T, V)."""
+        if self._ort_session is not None:
+            names = [i.name for i in self._ort_session.get_inputs()]
+            return self._ort_session.run(None, {n: batch[n] for n in names})[0]
+        from app.models.hf_task import pack
+
+        x = pack(*(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
+        with torch.inference_mode():
+            return self._torch_model(x).float().numpy()
+
+    def forward(self, texts: list[str], *, pairs: list[str] | None = None, truncate: bool = False,
+                batch_size: int = 32) -> np.ndarray:
+        """Embeddings (N, H) or class logits (N, C) of `texts`, in order; batches of similar
+        length (padding to the longest of a batch is most of the waste otherwise)."""
+        if self.task == "causal_lm":
+            raise ValueError("forward gives one vector per text; a causal LM gives logits per token (run)")
+        if not texts:
+            raise ValueError("no texts")
+        from app.compression.hf_onnx import length_sorted_batches
+
+        enc = self.encode(texts, pairs=pairs, truncate=truncate)
+        out: np.ndarray | None = None
+        for idx in length_sorted_batches([len(r) for r in enc["input_ids"]], batch_size):
+            y = self.run(self.pad(enc, idx))
+            if out is None:
+                out = np.empty((len(texts), y.shape[1]), dtype=np.float32)
+            out[idx] = y
+        return out
+
+    def embed(self, texts: list[str], *, truncate: bool = False) -> np.ndarray:
+        """(N, H) float32 embeddings (normalised when the model's pooling normalises)."""
+        if self.task != "embedding":
+            raise ValueError(f"embed needs model.task 'embedding', this model is {self.task!r}")
+        return self.forward(texts, truncate=truncate)
+
+    def classify(self, texts: list[str], *, top_k: int = 1, truncate: bool = False) -> list[dict]:
+        """Per text: the most likely label and the top-k (label, probability), labels by name."""
+        if self.task != "sequence_classification":
+            raise ValueError(f"classify needs model.task 'sequence_classification', this model is {self.task!r}")
+        probs = softmax(self.forward(texts, truncate=truncate))
+        names = self.labels or [str(i) for i in range(probs.shape[1])]
+        out = []
+        for row in probs:
+            order = np.argsort(-row)[:top_k]
+            out.append({"label": names[order[0]], "top_k": [{"label": names[i], "probability": float(row[i])} for i in order]})
+        return out
+
+
+def _load_text_predictor(artifact_uri: str, job: TrainJob, meta: dict) -> TextPredictor:
+    from app.artifacts import class_labels
+    from app.models.hf import load_tokenizer
+
+    fmt = meta["format"]
+    common = {"backend": fmt, "task": job.model.task, "job": job, "tokenizer": load_tokenizer(job.model.path),
+              "labels": class_labels(job, meta)}
+    if fmt == "torch_fp32":
+        return TextPredictor(**common, _torch_model=load_fp32(artifact_uri)[0])
+    if fmt == "torch_int8":
+        return TextPredictor(**common, _torch_model=load_int8(artifact_uri)[0])
+    if fmt in HALF_DTYPES:
+        return TextPredictor(**common, _torch_model=load_half(artifact_uri)[0])
+    if fmt in ONNX_FORMATS:
+        return TextPredictor(**common, _ort_session=_ort_session(str(local_path(artifact_uri) / WEIGHT_FILES[fmt])))
     raise ArtifactError(f"{artifact_uri}: unknown artifact format {fmt!r}")
 
 

@@ -4,6 +4,12 @@ For the source and each variant: quality on the fixed validation batches, size o
 median batch-1 / batch-32 latency measured in this process one after another (same
 machine, same threads). Each variant is registered with `parent` = the source version and
 `transformation: quantized`, so lineage answers "where did this int8 model come from".
+
+`hf` models are measured on the texts of the job's validation split, each variant against its
+fp32 source in this one process: embedding = mean and minimum cosine to the source's vectors and
+recall@10 of the source's nearest neighbours; classification = accuracy and macro-F1; causal LM
+= perplexity (and val_loss, its log). Latency: the validation text of median token length, alone
+and as a batch of 32.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ from app.artifacts import artifact_size_bytes, local_path
 from app.compression import METHODS
 from app.config.jobs import CompressJob, TrainJob
 from app.data import build_data
-from app.evaluation import eval_sums, metrics_from_sums, primary_metric, quality_drop
-from app.inference import Predictor, load_predictor, time_batch
+from app.evaluation import eval_sums, metric_kind, metrics_from_sums, primary_metric, quality_drop
+from app.inference import Predictor, TextPredictor, load_predictor, time_batch
+
+
+# hf quality columns shown next to the primary metric in the report
+SECONDARY = {"embedding": ("min_cosine", "recall_at_10"), "classifier": ("val_macro_f1",), "lm": ("val_perplexity",)}
 
 
 @dataclass
@@ -43,6 +53,84 @@ def measure(pred: Predictor, job: CompressJob, train_job: TrainJob) -> dict[str,
     return metrics
 
 
+@dataclass
+class TextEval:
+    """The validation texts an hf model is measured on, and its fp32 source's outputs on them."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int] | None
+    reference: object = None  # the source's embeddings (N, H), for an embedding model
+
+
+def text_eval(train_job: TrainJob, cc) -> TextEval:
+    from app.data.text import read_splits
+
+    splits = read_splits(train_job.data)
+    val = splits.val[: cc.eval_batches * cc.eval_batch_size]
+    if not val:
+        raise ValueError(f"data: the validation split of {train_job.data.kind} files is empty; nothing to measure on")
+    pairs = [ex.text_pair for ex in val] if val[0].text_pair is not None else None
+    labels = [splits.labels.index(ex.label) for ex in val] if splits.labels is not None else None
+    return TextEval([ex.text for ex in val], pairs, labels)
+
+
+def measure_text(pred: TextPredictor, job: CompressJob, ev: TextEval) -> dict[str, float]:
+    """Quality (against ev.reference / the labels) and latency of one hf predictor."""
+    import numpy as np
+
+    from app.compression import hf_quality
+
+    cc = job.compress
+    metrics: dict[str, float] = {}
+    if pred.task == "embedding":
+        emb = pred.forward(ev.texts, truncate=True, batch_size=cc.eval_batch_size)
+        ref = emb if ev.reference is None else ev.reference
+        metrics["mean_cosine"], metrics["min_cosine"] = hf_quality.cosine_to_reference(emb, ref)
+        k = min(10, len(ev.texts) - 1)
+        metrics[f"recall_at_{k}"] = hf_quality.recall_at_k(emb, ref, k)
+    elif pred.task == "sequence_classification":
+        predicted = pred.forward(ev.texts, pairs=ev.pairs, truncate=True, batch_size=cc.eval_batch_size).argmax(-1)
+        metrics["val_accuracy"] = hf_quality.accuracy(predicted, np.asarray(ev.labels))
+        metrics["val_macro_f1"] = hf_quality.macro_f1(predicted, np.asarray(ev.labels), len(pred.labels or []) or None)
+    else:  # causal_lm: token-weighted mean of each batch's next-token loss
+        enc = pred.encode(ev.texts, truncate=True)
+        nll = count = 0.0
+        for start in range(0, len(ev.texts), cc.eval_batch_size):
+            batch = pred.pad(enc, range(start, min(start + cc.eval_batch_size, len(ev.texts))))
+            n = float(batch["attention_mask"][:, 1:].sum())
+            if n:
+                nll += n * np.log(hf_quality.perplexity(pred.run(batch), batch["input_ids"], batch["attention_mask"]))
+                count += n
+        if not count:
+            raise ValueError("the validation texts hold no next tokens to score (every text is one token)")
+        metrics["val_loss"] = nll / count
+        metrics["val_perplexity"] = float(np.exp(metrics["val_loss"]))
+    enc = pred.encode(ev.texts, truncate=True)
+    typical = int(np.argsort([len(r) for r in enc["input_ids"]])[len(ev.texts) // 2])
+    metrics["latency_b1_ms"] = _time_run(pred, pred.pad(enc, [typical]), cc.latency_iters)
+    metrics["latency_b32_ms"] = _time_run(pred, pred.pad(enc, [typical] * 32), max(5, cc.latency_iters // 5))
+    return metrics
+
+
+def _time_run(pred: TextPredictor, batch: dict, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of one padded batch through the model (tokenization not included)."""
+    import numpy as np
+
+    for _ in range(warmup):
+        pred.run(batch)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        pred.run(batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def _measure(pred, job: CompressJob, train_job: TrainJob, ev: TextEval | None) -> dict[str, float]:
+    return measure_text(pred, job, ev) if isinstance(pred, TextPredictor) else measure(pred, job, train_job)
+
+
 def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
     """Produce `job.compress.methods` variants of version `job.source` of model `job.name`.
 
@@ -54,11 +142,14 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
     src_path = local_path(source["artifact_uri"])
     src_pred = load_predictor(str(src_path))
     train_job = src_pred.job
-    kind = train_job.model.kind
+    kind = metric_kind(train_job.model)
     metric_name, _ = primary_metric(kind)
+    ev = text_eval(train_job, job.compress) if isinstance(src_pred, TextPredictor) else None
 
     _say(f"[compress] source v{source['version']}: measuring fp32 baseline")
-    src_metrics = {**measure(src_pred, job, train_job), "size_bytes": float(artifact_size_bytes(src_path))}
+    src_metrics = {**_measure(src_pred, job, train_job, ev), "size_bytes": float(artifact_size_bytes(src_path))}
+    if ev is not None and src_pred.task == "embedding":
+        ev.reference = src_pred.forward(ev.texts, truncate=True, batch_size=job.compress.eval_batch_size)
     ray.get(registry.log_metrics.remote(job.name, source["version"], src_metrics))
     source = {**source, "metrics": {**source["metrics"], **src_metrics}}
 
@@ -75,7 +166,7 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
             continue
         METHODS[method](src_path, dst)
         pred = load_predictor(str(dst))
-        metrics = {**measure(pred, job, train_job), "size_bytes": float(artifact_size_bytes(dst))}
+        metrics = {**_measure(pred, job, train_job, ev), "size_bytes": float(artifact_size_bytes(dst))}
         drop = quality_drop(kind, src_metrics, metrics)
         metrics["quality_drop"] = drop
         rejected = drop > job.compress.max_quality_drop
@@ -114,14 +205,16 @@ def write_report(job: CompressJob, source: dict, src_metrics: dict, reports: lis
         (r.method, r.version, r.metrics, r.rejected) for r in reports
     ]
     base_lat, base_size = src_metrics["latency_b1_ms"], src_metrics["size_bytes"]
+    extra = SECONDARY.get(kind, ())
     lines = [
         f"# Compression report: {job.name} v{source['version']}",
         "",
         f"Quality = `{metric}` ({'higher' if mode == 'max' else 'lower'} is better) on {job.compress.eval_batches} x "
         f"{job.compress.eval_batch_size} held-out samples; latency = median of {job.compress.latency_iters} calls in one process.",
         "",
-        f"| variant | version | {metric} | quality drop | size MB | size x | batch-1 ms | batch-1 x | batch-32 ms | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| variant | version | {metric} | quality drop | size MB | size x | batch-1 ms | batch-1 x | batch-32 ms | status |"
+        + "".join(f" {key} |" for key in extra),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra),
     ]
     for name, version, m, rejected in rows:
         drop = m.get("quality_drop", 0.0)
@@ -129,6 +222,7 @@ def write_report(job: CompressJob, source: dict, src_metrics: dict, reports: lis
             f"| {name} | v{version} | {m[metric]:.4f} | {drop:+.2%} | {m['size_bytes'] / 1e6:.3f} | {m['size_bytes'] / base_size:.2f} | "
             f"{m['latency_b1_ms']:.3f} | {m['latency_b1_ms'] / base_lat:.2f} | {m['latency_b32_ms']:.3f} | "
             f"{'rejected (quality)' if rejected else 'ok'} |"
+            + "".join(f" {m[key]:.4f} |" if key in m else " - |" for key in extra)
         )
     lines += ["", f"![Pareto plot]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))

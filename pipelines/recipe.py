@@ -78,6 +78,19 @@ def client_call(job: OptimizeJob, url: str) -> dict:
     from app.data import build_data
     from serve.client import TemperClient
 
+    if job.model.kind == "hf" and job.model.task in ("embedding", "sequence_classification"):
+        from app.data.text import read_splits
+
+        text = read_splits(job.data).val[0].text
+        with TemperClient(url, timeout=30.0) as client:
+            if job.model.task == "embedding":
+                res = client.embed(job.name, [text], truncate=True)
+                answer = {"endpoint": "embed", "text": text[:60], "dim": len(res.embeddings[0]),
+                          "first_values": [round(v, 4) for v in res.embeddings[0][:4]]}
+            else:
+                res = client.classify(job.name, [text], top_k=2, truncate=True)
+                answer = {"endpoint": "classify", "text": text[:60], "predicted": res.labels[0], "top_k": res.probabilities[0]}
+        return {**answer, "version": res.version, "backend": res.backend, "latency_ms": res.latency_ms}
     data = build_data(job.data, job.model)
     with TemperClient(url, timeout=30.0) as client:
         if job.model.kind == "vit":

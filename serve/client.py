@@ -119,6 +119,30 @@ class PredictResult:
 
 
 @dataclass(frozen=True)
+class EmbedResult:
+    model: str
+    version: int
+    backend: str
+    embeddings: list[list[float]]
+    """One vector per text, in the order sent."""
+    latency_ms: float
+    route: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    model: str
+    version: int
+    backend: str
+    labels: list[str]
+    """Most likely label per text."""
+    probabilities: list[list[dict]]
+    """Per text, top-k `{"label", "probability"}`, most likely first."""
+    latency_ms: float
+    route: str | None = None
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     model: str
     version: int
@@ -162,6 +186,16 @@ def image_inputs(images: Any) -> list:
 def _predict_result(model: str, body: dict, latency_ms: float | None = None) -> PredictResult:
     return PredictResult(model, body["version"], body["backend"], list(body["outputs"]), body["probabilities"],
                          body["latency_ms"] if latency_ms is None else latency_ms, body.get("route"))
+
+
+def _embed_result(model: str, body: dict, latency_ms: float | None = None) -> EmbedResult:
+    return EmbedResult(model, body["version"], body["backend"], body["embeddings"],
+                       body["latency_ms"] if latency_ms is None else latency_ms, body.get("route"))
+
+
+def _classify_result(model: str, body: dict, latency_ms: float | None = None) -> ClassifyResult:
+    return ClassifyResult(model, body["version"], body["backend"], list(body["outputs"]), body["probabilities"],
+                          body["latency_ms"] if latency_ms is None else latency_ms, body.get("route"))
 
 
 def _score_result(model: str, body: dict, latency_ms: float | None = None) -> ScoreResult:
@@ -312,6 +346,18 @@ class TemperClient:
         body = {"inputs": image_inputs(images), "top_k": top_k}
         return _predict_result(model, _json(self._send("POST", f"/models/{model}/predict", body, route, route_key)))
 
+    def embed(self, model: str, texts: list[str], *, truncate: bool = False, route: str | None = None,
+              route_key: str | None = None) -> EmbedResult:
+        """Vectors of `texts` from an hf embedding model."""
+        body = {"texts": list(texts), "truncate": truncate}
+        return _embed_result(model, _json(self._send("POST", f"/models/{model}/embed", body, route, route_key)))
+
+    def classify(self, model: str, texts: list[str], top_k: int = 1, *, truncate: bool = False,
+                 route: str | None = None, route_key: str | None = None) -> ClassifyResult:
+        """Labels (and top-k probabilities) of `texts` from an hf sequence_classification model."""
+        body = {"texts": list(texts), "top_k": top_k, "truncate": truncate}
+        return _classify_result(model, _json(self._send("POST", f"/models/{model}/classify", body, route, route_key)))
+
     def score(self, model: str, texts: list[str], top_k: int = 5, *, route: str | None = None,
               route_key: str | None = None) -> ScoreResult:
         body = {"texts": texts, "top_k": top_k}
@@ -413,6 +459,16 @@ class AsyncTemperClient:
         body = {"inputs": image_inputs(images), "top_k": top_k}
         return _predict_result(model, _json(await self._send("POST", f"/models/{model}/predict", body, route, route_key)))
 
+    async def embed(self, model: str, texts: list[str], *, truncate: bool = False, route: str | None = None,
+                    route_key: str | None = None) -> EmbedResult:
+        body = {"texts": list(texts), "truncate": truncate}
+        return _embed_result(model, _json(await self._send("POST", f"/models/{model}/embed", body, route, route_key)))
+
+    async def classify(self, model: str, texts: list[str], top_k: int = 1, *, truncate: bool = False,
+                       route: str | None = None, route_key: str | None = None) -> ClassifyResult:
+        body = {"texts": list(texts), "top_k": top_k, "truncate": truncate}
+        return _classify_result(model, _json(await self._send("POST", f"/models/{model}/classify", body, route, route_key)))
+
     async def score(self, model: str, texts: list[str], top_k: int = 5, *, route: str | None = None,
                     route_key: str | None = None) -> ScoreResult:
         body = {"texts": texts, "top_k": top_k}
@@ -482,6 +538,14 @@ class HandleClient:
     def predict(self, images: Any, top_k: int = 3) -> PredictResult:
         out, ms = self._call("classify", image_inputs(images), top_k)
         return _predict_result(self.model, out, ms)
+
+    def embed(self, texts: list[str], *, truncate: bool = False) -> EmbedResult:
+        out, ms = self._call("embed", list(texts), truncate)
+        return _embed_result(self.model, out, ms)
+
+    def classify(self, texts: list[str], top_k: int = 1, *, truncate: bool = False) -> ClassifyResult:
+        out, ms = self._call("classify_texts", list(texts), top_k, truncate)
+        return _classify_result(self.model, out, ms)
 
     def score(self, texts: list[str], top_k: int = 5) -> ScoreResult:
         out, ms = self._call("score", list(texts), top_k)

@@ -41,6 +41,8 @@ from serve.protocol import (
     API_PREFIX,
     ROUTE_HEADER,
     APIError,
+    ClassifyTextsRequest,
+    EmbedRequest,
     GenerateRequest,
     ModelRequestError,
     ModelServerError,
@@ -398,6 +400,20 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
         t0 = time.perf_counter()
         check_items(len(body.inputs), "inputs")
         out, route = await call(model, "classify", request, body.inputs, body.top_k)
+        return answer(model, route, out, t0, outputs=out["outputs"], probabilities=out["probabilities"])
+
+    @api.post(f"{API_PREFIX}/models/{{model}}/embed", name="embed")
+    async def embed(model: str, body: EmbedRequest, request: Request) -> dict:
+        t0 = time.perf_counter()
+        check_items(len(body.texts), "texts")
+        out, route = await call(model, "embed", request, body.texts, body.truncate)
+        return answer(model, route, out, t0, embeddings=out["embeddings"])
+
+    @api.post(f"{API_PREFIX}/models/{{model}}/classify", name="classify")
+    async def classify_texts(model: str, body: ClassifyTextsRequest, request: Request) -> dict:
+        t0 = time.perf_counter()
+        check_items(len(body.texts), "texts")
+        out, route = await call(model, "classify_texts", request, body.texts, body.top_k, body.truncate)
         return answer(model, route, out, t0, outputs=out["outputs"], probabilities=out["probabilities"])
 
     @api.post(f"{API_PREFIX}/models/{{model}}/score", name="score")

@@ -159,6 +159,31 @@ class ScoreRequest(APIRequest):
     """Most likely next bytes returned per text."""
 
 
+def _check_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a text must hold something besides whitespace")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_check_text)]
+
+
+class EmbedRequest(APIRequest):
+    texts: list[Text] = Field(min_length=1, max_length=MAX_ITEMS)
+    """Texts to embed (an hf embedding model), each at most the model's token limit."""
+    truncate: bool = False
+    """Cut a text over the token limit to the limit instead of answering 422."""
+
+
+class ClassifyTextsRequest(APIRequest):
+    texts: list[Text] = Field(min_length=1, max_length=MAX_ITEMS)
+    """Texts to classify (an hf sequence_classification model), each at most the model's token limit."""
+    top_k: int = Field(1, ge=1, le=100)
+    """Labels (with probabilities) returned per text, most likely first."""
+    truncate: bool = False
+    """Cut a text over the token limit to the limit instead of answering 422."""
+
+
 class GenerateRequest(APIRequest):
     prompt: str = Field(min_length=1)
     """Prompt text (UTF-8); only its last block_size bytes are seen by the model."""

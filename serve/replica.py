@@ -15,7 +15,12 @@ Read top to bottom:
    switch -> drop old, while the old version keeps answering. A batch takes one snapshot of the
    loaded version, so a swap never mixes versions within a batch.
 
-Batching: four `@serve.batch` queues: `predict` (classifiers), `lm` (scoring), `generate_full`
+`hf` text models (embedding, sequence_classification) answer `embed` / `classify_texts`: the
+replica tokenizes with the model folder's own tokenizer (refusing a text over the token limit
+unless the request asks to truncate) and the `text` queue runs every text of the batch's
+requests together, in sub-batches of similar length each padded to its longest member.
+
+Batching: five `@serve.batch` queues: `predict` (classifiers), `text` (hf embed / classify), `lm` (scoring), `generate_full`
 (generation answered in one piece: the whole decode loop in one thread hop) and
 `generate_batch` (streamed generation: an async generator yielding one decode step for every
 sequence of the batch, so tokens stream out as they are made). A request that finds its
@@ -44,6 +49,8 @@ from app.inference import (
     NonFiniteOutputError,
     Predictor,
     SamplingParams,
+    TextPredictor,
+    TokenLimitError,
     classify,
     generate_steps,
     generate_text,
@@ -86,6 +93,71 @@ class GenerateItem:
     row: np.ndarray  # (T,) int64 prompt byte ids
     params: SamplingParams
     enqueued: float = 0.0
+
+
+@dataclass
+class TextRequest:
+    """One hf text request inside a batch: its texts' token ids (unpadded, `TextPredictor.encode`)."""
+
+    op: Literal["embed", "classify"]
+    ids: dict[str, list[list[int]]]
+    top_k: int = 1
+    enqueued: float = 0.0
+
+
+TEXT_SUB_BATCH = 32  # texts per forward pass inside a text batch (grouped by length)
+
+
+def encode_texts(pred: TextPredictor, texts: list, truncate: bool) -> dict[str, list[list[int]]]:
+    """Validated texts -> token ids; raises ModelRequestError naming `texts.<i>`."""
+    if not texts:
+        raise ModelRequestError(422, "texts", "no texts: send at least one")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ModelRequestError(422, f"texts.{i}", f"a text must be a string, not {type(text).__name__}")
+        if not text.strip():
+            raise ModelRequestError(422, f"texts.{i}", "text is empty")
+    try:
+        return pred.encode(list(texts), truncate=truncate)
+    except TokenLimitError as err:
+        raise ModelRequestError(
+            422, f"texts.{err.index}",
+            f"text has {err.tokens} tokens; the limit is {err.limit}: shorten it, or send truncate: true to cut it",
+        ) from None
+
+
+def run_text_batch(pred: TextPredictor, requests: list[TextRequest]) -> list[dict]:
+    """Every text of every request through the model, in sub-batches of similar length; per
+    request {embeddings} or {outputs, probabilities}, or {"error"} for non-finite outputs."""
+    from app.compression.hf_onnx import length_sorted_batches
+    from app.inference import softmax
+
+    merged: dict[str, list[list[int]]] = {key: [row for r in requests for row in r.ids[key]] for key in requests[0].ids}
+    n = len(merged["input_ids"])
+    out: np.ndarray | None = None
+    for idx in length_sorted_batches([len(row) for row in merged["input_ids"]], TEXT_SUB_BATCH):
+        y = pred.run(pred.pad(merged, idx))
+        if out is None:
+            out = np.empty((n, y.shape[1]), dtype=np.float32)
+        out[idx] = y
+    results, start = [], 0
+    for r in requests:
+        mine = out[start:start + len(r.ids["input_ids"])]
+        start += len(mine)
+        if not np.isfinite(mine).all():
+            results.append({"error": NON_FINITE})
+        elif r.op == "embed":
+            results.append({"embeddings": mine.tolist()})
+        else:
+            probs = softmax(mine.astype(np.float64))
+            names = pred.labels or [str(i) for i in range(probs.shape[1])]
+            top = [np.argsort(-row)[:r.top_k] for row in probs]
+            results.append({
+                "outputs": [names[int(t[0])] for t in top],
+                "probabilities": [[{"label": names[int(i)], "probability": float(row[i])} for i in t]
+                                  for row, t in zip(probs, top)],
+            })
+    return results
 
 
 def images_from_inputs(inputs: list, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -293,7 +365,7 @@ class BatchedModelServer:
         self._poll_error: str | None = None
         self._swaps = 0
         self._inflight = 0
-        self._gates = {name: BatchGate() for name in ("predict", "lm", "generate", "generate_stream")}
+        self._gates = {name: BatchGate() for name in ("predict", "text", "lm", "generate", "generate_stream")}
         self._stats = BatchStats()
         self._batch_hist = telemetry.histogram(
             telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "method")
@@ -318,7 +390,7 @@ class BatchedModelServer:
         except BaseException:
             self._target_ref = previous
             raise
-        for method in (self.predict, self.lm, self.generate_full, self.generate_batch):
+        for method in (self.predict, self.text, self.lm, self.generate_full, self.generate_batch):
             method.set_max_batch_size(settings.max_batch_size)
             method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._settings = settings
@@ -436,6 +508,17 @@ class BatchedModelServer:
     async def predict(self, requests: list[ClassifyRequest]) -> list[dict]:
         return await self._predict_batch(requests)
 
+    async def _text_batch(self, requests: list[TextRequest], gated: bool = True) -> list[dict]:
+        loaded = self._current()
+        self._record_batch("text", [r.enqueued for r in requests], unqueued=not gated)
+        with self._gate("text", gated):
+            results = await asyncio.to_thread(run_text_batch, loaded.predictor, requests)
+        return [self._tag(loaded, r) for r in results]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def text(self, requests: list[TextRequest]) -> list[dict]:
+        return await self._text_batch(requests)
+
     async def _lm_batch(self, requests: list[LMRequest], gated: bool = True) -> list[dict]:
         loaded = self._current()
         self._record_batch("lm", [r.enqueued for r in requests], unqueued=not gated)
@@ -535,7 +618,8 @@ class BatchedModelServer:
     def _need_task(self, task: str, endpoint: str) -> Predictor:
         pred = self._current().predictor
         if pred.task != task:
-            other = "predict" if pred.task == "classifier" else "score or generate"
+            other = {"classifier": "predict", "embedding": "embed", "sequence_classification": "classify"}.get(
+                pred.task, "score or generate")
             raise ModelRequestError(
                 400, "model", f"model {self.model!r} is a {pred.task!r} model, {endpoint} needs a {task!r} model (use {other})"
             )
@@ -550,6 +634,27 @@ class BatchedModelServer:
             return err.as_refusal()
         request = ClassifyRequest(images, int(top_k), time.perf_counter())
         return await self._run(self._predict_batch, self.predict, "predict", request)
+
+    async def embed(self, texts: list, truncate: bool = False) -> dict:
+        """texts -> {version, backend, route, embeddings: (N, H) as lists} (an hf embedding model)."""
+        try:
+            pred = self._need_task("embedding", "embed")
+            request = TextRequest("embed", encode_texts(pred, texts, bool(truncate)), enqueued=time.perf_counter())
+        except ModelRequestError as err:
+            return err.as_refusal()
+        return await self._run(self._text_batch, self.text, "text", request)
+
+    async def classify_texts(self, texts: list, top_k: int = 1, truncate: bool = False) -> dict:
+        """texts -> {version, backend, route, outputs: [label], probabilities: [[{label, probability}]]}
+        (an hf sequence_classification model)."""
+        try:
+            pred = self._need_task("sequence_classification", "classify")
+            if not isinstance(top_k, int) or top_k < 1:
+                raise ModelRequestError(422, "top_k", "must be at least 1")
+            request = TextRequest("classify", encode_texts(pred, texts, bool(truncate)), int(top_k), time.perf_counter())
+        except ModelRequestError as err:
+            return err.as_refusal()
+        return await self._run(self._text_batch, self.text, "text", request)
 
     async def score(self, texts: list[str], top_k: int = 5) -> dict:
         """texts -> {version, backend, route, outputs: [{nll, perplexity, next: [...]}, ...]}."""

@@ -13,6 +13,13 @@ new artifact folder of another format. Evaluation and registration live in
   torch.ao's eager static int8 needs QuantStub/DeQuantStub around every non-Linear op (RMSNorm,
   SDPA, RoPE), which has no quantized kernel: the static path here is ORT's.
 - `torch_bf16` / `torch_fp16`: weights cast to half precision for GPU serving.
+
+`hf` models (app/compression/hf_onnx.py does the work): `onnx_fp32` is the export with ONNX
+Runtime's transformer fusions applied where the family is a checked one (BERT-shaped
+encoders), `onnx_int8` ORT dynamic int8 of that graph, `onnx_int8_static` ORT static int8 of
+the plain export calibrated on the user's training texts (feed-forward down-projections kept
+fp32); the torch formats work on them as on the built-ins. An `hf` classifier's class labels
+travel in each variant's meta.
 """
 
 from __future__ import annotations
@@ -23,21 +30,67 @@ from pathlib import Path
 
 import torch
 
-from app.artifacts import WEIGHT_FILES, load_fp32, quantize_dynamic_int8, save_half, save_int8, write_meta
+from app.artifacts import WEIGHT_FILES, class_labels, load_fp32, quantize_dynamic_int8, read_meta, save_half, save_int8, write_meta
 
 log = logging.getLogger(__name__)
+CALIBRATION_TEXTS = 128  # training texts the static int8 of an hf model is calibrated on
+
+
+def _source_extra(src: str | Path) -> dict:
+    """What every variant's meta carries from its source: the source path, an hf classifier's labels."""
+    job, meta = read_meta(src)
+    labels = class_labels(job, meta)
+    return {"source": str(src), **({"labels": labels} if labels else {})}
 
 
 def to_torch_int8(src: str | Path, dst: str | Path) -> Path:
     """fp32 artifact -> torch_int8 artifact."""
     model, job = load_fp32(src)
-    return save_int8(dst, quantize_dynamic_int8(model), job, {"source": str(src)})
+    return save_int8(dst, quantize_dynamic_int8(model), job, _source_extra(src))
+
+
+def _hf_to_onnx(src: str | Path, dst: str | Path, fmt: str) -> Path:
+    """fp32 `hf` artifact -> an ONNX artifact of format `fmt` (see the module docstring)."""
+    import shutil
+    import tempfile
+
+    from app.compression import hf_onnx
+    from app.data.text import read_splits
+    from app.models.hf import load_tokenizer
+
+    model, job = load_fp32(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    out = dst / WEIGHT_FILES[fmt]
+    extra = _source_extra(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = hf_onnx.export_hf_onnx(model, job.model.task, Path(tmp) / "model.onnx")
+        graph = plain
+        if fmt != "onnx_int8_static" and model.config.model_type in hf_onnx.ORT_MODEL_FAMILIES:
+            report = hf_onnx.fuse_hf_onnx(plain, Path(tmp) / "model.fused.onnx", model.config)
+            graph, extra["fusions"] = Path(tmp) / "model.fused.onnx", report.matched
+        if fmt == "onnx_fp32":
+            shutil.copyfile(graph, out)
+        elif fmt == "onnx_int8":
+            hf_onnx.quantize_dynamic_onnx(graph, out)
+        else:
+            texts = [ex.text for ex in read_splits(job.data).train[:CALIBRATION_TEXTS]]
+            calibration = hf_onnx.TokenizedCalibration(
+                load_tokenizer(job.model.path), texts, hf_onnx.onnx_input_names(model), max_length=job.data.max_length)
+            hf_onnx.quantize_static_onnx(plain, out, calibration,
+                                         nodes_to_exclude=hf_onnx.ffn_down_projections(plain, model.config))
+            extra["calibration_texts"] = len(texts)
+    write_meta(dst, job, fmt, extra)
+    return dst
 
 
 def export_onnx(src: str | Path, dst: str | Path, opset: int = 17) -> Path:
-    """fp32 artifact -> onnx_fp32 artifact (model.onnx, input `input`, output `logits`)."""
+    """fp32 artifact -> onnx_fp32 artifact (model.onnx, input `input`, output `logits`; an `hf`
+    model: its token inputs and task output, fused where ORT knows the family)."""
     from app.data import build_data  # example input of the right shape and dtype
 
+    if read_meta(src)[0].model.kind == "hf":
+        return _hf_to_onnx(src, dst, "onnx_fp32")
     model, job = load_fp32(src)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -62,8 +115,8 @@ def to_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from app.artifacts import read_meta
-
+    if read_meta(src)[0].model.kind == "hf":
+        return _hf_to_onnx(src, dst, "onnx_int8")
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".fp32-onnx")
     export_onnx(src, tmp)
@@ -88,9 +141,10 @@ def to_onnx_int8_static(src: str | Path, dst: str | Path, calibration_batches: i
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from app.artifacts import read_meta
     from app.data import build_data
 
+    if read_meta(src)[0].model.kind == "hf":
+        return _hf_to_onnx(src, dst, "onnx_int8_static")
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".fp32-onnx")
     export_onnx(src, tmp)
@@ -123,7 +177,7 @@ def to_onnx_int8_static(src: str | Path, dst: str | Path, calibration_batches: i
 def to_half(fmt: str):
     def convert(src: str | Path, dst: str | Path) -> Path:
         model, job = load_fp32(src)
-        return save_half(dst, model, job, fmt, {"source": str(src)})
+        return save_half(dst, model, job, fmt, _source_extra(src))
     convert.__doc__ = f"fp32 artifact -> {fmt} artifact"
     return convert
 
