@@ -110,7 +110,10 @@ def test_concurrent_embeds_are_batched_and_equal_the_in_process_int8_model(base_
     for r, sent in zip(results, requests):
         assert (r.version, r.backend) == (2, "onnx_int8")
         got = np.asarray(r.embeddings)
-        np.testing.assert_allclose(got, local.embed(sent), atol=1e-4)
+        # Dynamic int8 quantizes activations with one scale per tensor, i.e. per batch: the same
+        # texts batched with other requests get a slightly different scale than alone.
+        np.testing.assert_allclose(got, local.embed(sent), atol=3e-3)
+        assert (got * local.embed(sent)).sum(axis=1).min() > 0.999
         assert (got * fp32.embed(sent)).sum(axis=1).min() > 0.95  # int8 stays near fp32
 
 
