@@ -113,21 +113,21 @@ def test_optuna_suggestions_move_away_from_the_starting_points(ray_cluster, tmp_
     tree = _tree(tmp_path, "optuna", {
         "search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2},
                          "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.2}},
-        "num_samples": 4, "max_concurrent_trials": 2,
+        "num_samples": 3, "max_concurrent_trials": 2,
         "searcher": {"name": "optuna", "seed": 7, "n_startup_trials": 2, "points_to_evaluate": [start]},
-    }, steps=20)
+    }, steps=10)
     job = parse_config("tune", tree)
     result = run_sweep(job)          # no registry: results only
     assert result.version is None and result.best is not None
     configs = [r.values for r in result.trials]  # in the order the searcher proposed them
-    assert len(configs) == 4
+    assert len(configs) == 3
     assert configs[0] == pytest.approx(start)                         # the given point first
     later = configs[1:]
     for c in later:
         assert c != pytest.approx(start)
         assert 1e-4 <= c["train.lr"] <= 3e-2 and 0.0 <= c["train.weight_decay"] <= 0.2
     assert len({round(c["train.lr"], 12) for c in later}) == len(later)  # no suggestion repeated
-    assert all(r.steps == 20 for r in result.trials)                  # fifo: all trials to the end
+    assert all(r.steps == 10 for r in result.trials)                  # fifo: all trials to the end
     # The searcher is Optuna's TPE with the configured seed: its first suggestion after the given
     # point is a start-up draw that only that sampler and seed produce (asked of Optuna directly
     # here). Random search, even with the same seed, proposes other values.
@@ -146,7 +146,7 @@ def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, 
     tree = _tree(tmp_path, "resumable", {
         "search_space": {"train.lr": {"type": "grid", "values": [0.001, 0.003, 0.01, 0.03]}},
         "num_samples": 1, "max_concurrent_trials": 2, "searcher": {"name": "grid"},
-    }, steps=30)
+    }, steps=10)
     parse_config("tune", tree)
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(yaml.safe_dump(tree))
@@ -184,7 +184,7 @@ def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, 
     for trial in set(attempts) - finished_first:
         assert [a["event"] for a in attempts[trial]][-1] == "finished"
     table = json.loads(paths.reports.joinpath("tune-resumable.json").read_text())
-    assert len(table["trials"]) == 4 and all(t["status"] == "TERMINATED" and t["steps"] == 30 for t in table["trials"])
+    assert len(table["trials"]) == 4 and all(t["status"] == "TERMINATED" and t["steps"] == 10 for t in table["trials"])
     assert sorted(t["values"]["train.lr"] for t in table["trials"]) == [0.001, 0.003, 0.01, 0.03]
     assert summary["version"]["transformation"] == "tuned"
     registry = ray.get_actor(tree["registry"]["actor_name"], namespace="temper")  # detached: started by the CLI
