@@ -8,6 +8,8 @@ the weights' ranges, which training shapes within a few hundred steps.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,18 @@ def test_classify_and_lm_helpers(digits_artifacts, tmp_path):
     assert np.array_equal(new, ref.numpy())
     scored = score_text(lm, prompt, top_k=5)[0]
     assert scored["nll"] > 0 and len(scored["next"]) == 5
+
+
+def test_onnx_int8_uses_7_bit_weights_where_the_cpu_int8_matmul_can_saturate(digits_artifacts):
+    """x86 without VNNI (this CI machine: AVX2 only) gets `reduce_range`, recorded in the artifact;
+    the quickstart ViT lost 6.7 accuracy points to saturation without it."""
+    from app.artifacts import read_meta
+    from app.compression import ort_int8_needs_reduce_range
+
+    root, _ = digits_artifacts
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    if "avx2" in flags and "vnni" not in flags:
+        assert ort_int8_needs_reduce_range()
+    _, meta = read_meta(root / "onnx_int8")
+    assert meta["reduce_range"] is ort_int8_needs_reduce_range()
