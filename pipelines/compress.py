@@ -69,7 +69,7 @@ def text_eval(train_job: TrainJob, cc) -> TextEval:
     splits = read_splits(train_job.data)
     val = splits.val[: cc.eval_batches * cc.eval_batch_size]
     if not val:
-        raise ValueError(f"data: the validation split of {train_job.data.kind} files is empty; nothing to measure on")
+        raise ValueError(f"data: the validation split of data.kind {train_job.data.kind!r} is empty; nothing to measure on")
     pairs = [ex.text_pair for ex in val] if val[0].text_pair is not None else None
     labels = [splits.labels.index(ex.label) for ex in val] if splits.labels is not None else None
     return TextEval([ex.text for ex in val], pairs, labels)

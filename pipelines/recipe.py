@@ -1,4 +1,4 @@
-"""The end-to-end recipe behind `python -m app run`: [tune ->] train -> register -> compress -> serve -> call.
+"""The end-to-end recipe behind `python -m app run`: [tune ->] train (or import) -> register -> compress -> serve -> call.
 
 The only module of `pipelines/` that imports `tune/` and `serve/`, and only the CLI imports it:
 training, compression and registration live in their own modules and know nothing of the stages
@@ -117,11 +117,17 @@ def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
         print(f"[1/4 tune] {job.name}: {job.tune.num_samples} trials of {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
         trained = stage_tune(job, registry)
         summary.seconds["tune"] = time.perf_counter() - t0
+    elif job.train.steps == 0:
+        print(f"[1/4 import] {job.name}: {job.model.path} as it is (train.steps 0)", flush=True)
+        trained = train_and_register(job.train_job(), registry)
+        summary.seconds["import"] = time.perf_counter() - t0
     else:
         print(f"[1/4 train] {job.name}: {job.train.num_workers} workers x {job.train.steps} steps", flush=True)
         trained = train_and_register(job.train_job(), registry)
         summary.seconds["train"] = time.perf_counter() - t0
-    print(f"[2/4 register] v{trained['version']} {trained['transformation']}: {metric} {trained['metrics'][metric]:.4f}", flush=True)
+    # an imported model has no val metrics of its own yet: compression measures its source first
+    score = f"{metric} {trained['metrics'][metric]:.4f}" if metric in trained["metrics"] else "not measured yet"
+    print(f"[2/4 register] v{trained['version']} {trained['transformation']}: {score}", flush=True)
 
     t0 = time.perf_counter()
     print(f"[3/4 compress] {', '.join(job.compress.methods)}", flush=True)

@@ -2,6 +2,8 @@
 
 `register_trained` is the only place a training run becomes a registry version: the `train`
 verb and `run` call it through `train_and_register`, and a sweep calls it for its best trial.
+A job with `train.steps: 0` trains nothing: its pretrained `hf` model is registered as it is
+(transformation `imported`), through the same function.
 It is idempotent: an artifact folder already registered is returned as it is, so re-running a
 finished job registers nothing twice. Every version it makes carries the same record: the
 resolved config and its hash, the hyperparameters as flat params (compare / MLflow show them),
@@ -19,21 +21,23 @@ import ray
 from actors.registry.client import find_version_by_artifact
 from actors.registry.validation import flatten_dict
 from app.config.jobs import TrainJob
-from pipelines.train import fit
+from pipelines.train import fit, import_pretrained
 
 
 def dataset_fingerprint(job: TrainJob) -> str:
-    """`<data name or kind>:<hash>` of the data config and the source of its bytes: lm-code reads
-    this Python's standard library, digits ships with scikit-learn, file datasets are their files'
-    contents."""
+    """`<data name or kind>:<hash>` of the data config and the source of its bytes: lm-code and
+    docstrings read this Python's standard library, digits ships with scikit-learn, file datasets
+    are their files' contents."""
     import sklearn
 
-    from app.config.data import FileDataConfig
+    from app.config.data import DocstringsDataConfig, FileDataConfig
 
     if isinstance(job.data, FileDataConfig):
         from app.data.text import file_digest
 
         label, source = job.data.kind, f"files-{file_digest(job.data)}"
+    elif isinstance(job.data, DocstringsDataConfig):
+        label, source = job.data.kind, f"python-{platform.python_version()}"
     else:
         label = job.data.name
         source = f"python-{platform.python_version()}" if job.data.name == "lm-code" else f"sklearn-{sklearn.__version__}"
@@ -64,7 +68,15 @@ def register_trained(registry, job: TrainJob, artifact_path: str, *, config_hash
 
 def train_and_register(job: TrainJob, registry) -> dict:
     """Train `job` (distilling from its registered teacher when `train.distill` names one) and
-    register the result as a `trained` (or `distilled`) version."""
+    register the result as a `trained` (or `distilled`) version; with `train.steps: 0`, register
+    the model as it is (`imported`)."""
+    if job.train.steps == 0:
+        result = import_pretrained(job)
+        record, _ = register_trained(
+            registry, job, result.artifact_path, config_hash=result.config_hash, metrics=result.metrics,
+            transformation="imported", tags={"run": job.name, "step": "0", "source": job.model.path},
+        )
+        return record
     teacher = None
     if job.train.distill is not None:  # the teacher comes from the registry, by version or alias
         d = job.train.distill

@@ -368,6 +368,31 @@ class ForwardReports(UserCallback):
                         "controller": ray.get_runtime_context().current_actor})
 
 
+def import_pretrained(job: TrainJob) -> TrainResult:
+    """`train.steps: 0`: the `hf` model as it is, written as the fp32 artifact a finished training
+    run leaves (save_fp32's layout, so compression and serving treat both alike). Nothing trains,
+    so nothing runs on Ray Train workers; no val metrics are measured (compression measures the
+    source it starts from)."""
+    chash = config_hash(job)
+    artifact = Path(job.storage_path).resolve() / job.name / "artifacts" / f"imported-{chash}"
+    if not artifact.exists():
+        labels = None
+        if job.model.task == "sequence_classification":
+            from app.data.text import read_splits
+            from app.models.hf import HFModelError, has_classification_head, load_hf_config
+
+            if not has_classification_head(load_hf_config(job.model.path)):
+                raise HFModelError(f"train.steps 0: {job.model.path} has no classification head to import; "
+                                   "train one on the labelled data (train.steps >= 1)")
+            labels = read_splits(job.data).labels
+        tmp = artifact.with_name(artifact.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_fp32(tmp, build_model(job.model, labels=labels), job, {"step": 0, "metrics": {}, "imported_from": job.model.path})
+        os.replace(tmp, artifact)
+    print(f"[import] {job.model.path} as it is: {artifact}", flush=True)  # the driver: no Ray Train print patch here
+    return TrainResult(metrics={}, checkpoint_path="", artifact_path=str(artifact), step=0, config_hash=chash)
+
+
 def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, resume_from: str | None = None) -> TrainResult:
     """Run the job on the connected Ray cluster; returns metrics and a durable fp32 artifact.
 

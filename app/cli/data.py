@@ -1,6 +1,6 @@
 """The `data` verb: `python -m app data stats CONFIG [key.sub=value ...] [--json]`.
 
-Reads a train config's file dataset as training would (same split, same checks, the model
+Reads a train config's text dataset (files, or the standard library's docstrings) as training would (same split, same checks, the model
 folder's own tokenizer) and prints rows, token-length percentiles and how many examples
 exceed `data.max_length`, label counts, exact duplicates and the train/val overlap. No Ray.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
+from app.cli.jobs import load_job
 from app.config.base import ConfigError
-from app.config.data import FileDataConfig
-from app.config.jobs import load_config
+from app.config.data import TEXT_DATA
 
 
 def cmd_data(args) -> int:
@@ -19,9 +19,9 @@ def cmd_data(args) -> int:
     from app.data.text import read_splits
     from app.models.hf import load_tokenizer
 
-    job = load_config("train", args.config, args.overrides)
-    if not isinstance(job.data, FileDataConfig):
-        raise ConfigError(f"data: `data stats` reads file datasets (data.kind), not the built-in {job.data.name!r}")
+    job = load_job("train", args)
+    if not isinstance(job.data, TEXT_DATA):
+        raise ConfigError(f"data: `data stats` reads text datasets (data.kind), not the built-in {job.data.name!r}")
     splits = read_splits(job.data)
     stats = data_stats(splits.train, splits.val, load_tokenizer(job.model.path), job.data.max_length)
     stats["bad_rows_skipped"] = splits.bad_rows

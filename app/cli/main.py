@@ -8,7 +8,7 @@ Verbs:
   tune --resume NAME   continue an interrupted sweep by its name
   serve ACTION CONFIG   Ray Serve (ServeApp): deploy | status | shutdown | advise | config (`serve CONFIG` deploys)
   registry ACTION   the model registry: list | show | compare | alias | rollback | history | delete
-  data stats CONFIG   rows, token lengths, labels, duplicates and train/val overlap of a file dataset
+  data stats CONFIG   rows, token lengths, labels, duplicates and train/val overlap of a text dataset
   validate KIND CONFIG   check a config without running it
   schema            print the configuration reference (Markdown) generated from the pydantic models
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "compare":
             a.add_argument("overrides", nargs="*", metavar="registry.key=value", help="override registry config keys")
 
-    p = sub.add_parser("data", help="look at a file dataset before training: data stats CONFIG")
+    p = sub.add_parser("data", help="look at a text dataset before training: data stats CONFIG")
     data_actions = p.add_subparsers(dest="action", required=True)
     a = data_actions.add_parser("stats", help="rows, token lengths, over max_length, labels, duplicates, train/val overlap")
     _add_config_args(a)

@@ -96,7 +96,7 @@ def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         # Discriminated unions put the tag in the path (model.gpt.n_head): drop it.
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("gpt", "vit", "hf", "builtin-data", "file-data", "magnitude_pruning", "early_stopping")) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("gpt", "vit", "hf", "builtin-data", "file-data", "docstrings-data", "magnitude_pruning", "early_stopping")) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not part of the schema)"

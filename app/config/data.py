@@ -1,5 +1,6 @@
-"""The `data` section: a built-in dataset (`name: lm-code | digits`) or the user's text files
-(`kind: jsonl | csv | parquet | text`), and the check that the model and the data fit."""
+"""The `data` section: a built-in dataset of the built-in models (`name: lm-code | digits`), or text
+for an `hf` model (`kind`): the user's files (`jsonl | csv | parquet | text`) or the standard
+library's docstrings (`docstrings`); and the check that the model and the data fit."""
 
 from __future__ import annotations
 
@@ -72,36 +73,65 @@ class FileDataConfig(Section):
         return self
 
 
+class DocstringsDataConfig(Section):
+    """Unlabeled text that ships with Python: the docstrings of its standard library, for an `hf` model."""
+
+    kind: Literal["docstrings"]
+    """Text source: module, class and function docstrings of this Python's standard library (40+ characters, whitespace collapsed, each distinct text once)."""
+    max_texts: int = Field(2000, ge=10)
+    """How many docstrings to take: a fixed sample (files in the order of a hash of their path), so the same Python gives the same texts."""
+    max_length: int = Field(128, ge=2, le=65536)
+    """Tokens per example; longer docstrings are truncated (`python -m app data stats` counts them)."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """Share of the texts held out for validation, by a hash of each text's content."""
+    seed: int = 0
+    """Salt of the train/val split hash."""
+
+
+TextDataConfig = FileDataConfig | DocstringsDataConfig
+"""Text read with an `hf` model folder's own tokenizer."""
+TEXT_DATA = (FileDataConfig, DocstringsDataConfig)
+
+
 def _data_kind(value: Any) -> str:
-    """Which data class a section is: built-in when it has `name`, a file dataset otherwise."""
+    """Which data class a section is: built-in when it has `name`, docstrings or files by `kind`."""
     if isinstance(value, dict):
-        return "builtin-data" if "name" in value else "file-data"
-    return "builtin-data" if isinstance(value, DataConfig) else "file-data"
+        return "builtin-data" if "name" in value else "docstrings-data" if value.get("kind") == "docstrings" else "file-data"
+    return {DataConfig: "builtin-data", DocstringsDataConfig: "docstrings-data"}.get(type(value), "file-data")
 
 
 DataSection = Annotated[
-    Union[Annotated[DataConfig, Tag("builtin-data")], Annotated[FileDataConfig, Tag("file-data")]],
+    Union[
+        Annotated[DataConfig, Tag("builtin-data")],
+        Annotated[FileDataConfig, Tag("file-data")],
+        Annotated[DocstringsDataConfig, Tag("docstrings-data")],
+    ],
     Discriminator(_data_kind),
 ]
-"""The `data` section: a built-in dataset (`name`) or files (`kind`)."""
+"""The `data` section: a built-in dataset (`name`), files or docstrings (`kind`)."""
 
 # The built-in model kind each built-in dataset trains.
 BUILTIN_PAIRS = {"lm-code": "gpt", "digits": "vit"}
 
 
-def check_model_fits_data(model: Any, data: DataConfig | FileDataConfig) -> None:
+def check_model_fits_data(model: Any, data: DataConfig | TextDataConfig) -> None:
     """Raise ValueError naming the keys when the model section cannot train on the data section."""
     if isinstance(data, DataConfig):
         want = BUILTIN_PAIRS[data.name]
         if model.kind != want:
-            hint = " (an hf model reads files: data.kind jsonl | csv | parquet | text)" if model.kind == "hf" else ""
+            hint = " (an hf model reads text: data.kind jsonl | csv | parquet | text | docstrings)" if model.kind == "hf" else ""
             raise ValueError(f"model.kind {model.kind!r} does not fit data.name {data.name!r} (needs {want!r}){hint}")
         return
     if model.kind != "hf":
+        what = "standard-library docstrings" if isinstance(data, DocstringsDataConfig) else "a file dataset"
         raise ValueError(
-            f"data.kind {data.kind!r} (a file dataset) needs model.kind 'hf' (its tokenizer reads the text); "
+            f"data.kind {data.kind!r} ({what}) needs model.kind 'hf' (its tokenizer reads the text); "
             f"model.kind {model.kind!r} trains on data.name {[n for n, k in BUILTIN_PAIRS.items() if k == model.kind][0]!r}"
         )
+    if isinstance(data, DocstringsDataConfig):
+        if model.task == "sequence_classification":
+            raise ValueError("model.task 'sequence_classification' needs labelled data; data.kind 'docstrings' has no labels")
+        return
     if model.task == "sequence_classification" and not data.label_field:
         raise ValueError("model.task 'sequence_classification' needs data.label_field (the column with the class)")
     if model.task != "sequence_classification" and data.label_field:

@@ -54,6 +54,8 @@ class TrainJob(JobBase):
     @model_validator(mode="after")
     def _pairing(self) -> "TrainJob":
         check_model_fits_data(self.model, self.data)
+        if self.train.steps == 0:
+            check_import(self)
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision 'fp16' needs CUDA (train.use_gpu: true); use bf16 on CPU")
         for i, cb in enumerate(self.train.callbacks):
@@ -73,6 +75,20 @@ class TrainJob(JobBase):
                 "under `name`, so the teacher must be another registered model"
             )
         return self
+
+
+def check_import(job: TrainJob) -> None:
+    """`train.steps: 0` registers a pretrained `hf` model as it is: nothing else of `train` applies."""
+    if job.model.kind != "hf":
+        raise ValueError(
+            f"train.steps 0 registers a pretrained model as it is, which needs model.kind 'hf'; "
+            f"a {job.model.kind!r} model starts from random weights and must be trained (train.steps >= 1)"
+        )
+    for key in ("distill", "pause_at_step"):
+        if getattr(job.train, key) is not None:
+            raise ValueError(f"train.{key} needs training; train.steps 0 registers the model as it is")
+    if job.train.callbacks:
+        raise ValueError("train.callbacks run during training; train.steps 0 registers the model as it is")
 
 
 class CompressJob(JobBase):
@@ -187,6 +203,8 @@ def check_tune_section(job: TrainJob, tune: "TuneConfig") -> None:
 
     Raises a ValueError naming `tune.search_space.<key>`: a typo'd path or an out-of-range bound is
     caught before any trial starts, not as N errored trials."""
+    if job.train.steps == 0:
+        raise ValueError("tune: a sweep compares training runs; train.steps 0 registers the model as it is, without one")
     base = job.model_dump(mode="json", include=set(TrainJob.model_fields))
     for key, dim in tune.search_space.items():
         node: Any = base

@@ -81,9 +81,9 @@ class HFModelConfig(Section):
     """A `transformers` model in a local folder: safetensors weights only, no custom code, nothing downloaded."""
 
     kind: Literal["hf"] = "hf"
-    """Model family; `hf` pairs with a file dataset (`data.kind`), tokenized with the folder's own tokenizer."""
+    """Model family; `hf` pairs with a text dataset (`data.kind`: files or docstrings), tokenized with the folder's own tokenizer."""
     path: str
-    """Local folder with config.json, *.safetensors weights and the tokenizer files (e.g. from `save_pretrained`)."""
+    """Local folder with config.json, *.safetensors weights and the tokenizer files (e.g. from `save_pretrained`); or `package:<import_name>`, an installed package whose `extract_model(dir)` ships the folder (extracted once into `<storage_path>/models/<import_name>/`)."""
     task: Literal["embedding", "sequence_classification", "causal_lm"]
     """`embedding` (encoder + pooling), `sequence_classification` (a head over the labels of the data) or `causal_lm`."""
     pooling: Literal["mean", "cls", "max"] | None = None
@@ -95,6 +95,15 @@ class HFModelConfig(Section):
     def _folder(self) -> "HFModelConfig":
         # The cheap checks here; app.models.hf.check_folder (refusing pickled weights and custom
         # code, with how to convert) runs when the model is built.
+        if self.task != "embedding" and (self.pooling is not None or self.normalize is not None):
+            raise ValueError(f"model.pooling / model.normalize apply to model.task 'embedding', not {self.task!r}")
+        if self.path.startswith("package:"):
+            # the folder is extracted when a job first uses it (app/models/sources.py); here only
+            # that the package is installed and can extract one
+            from app.models.sources import import_model_package
+
+            import_model_package(self.path.removeprefix("package:"))
+            return self
         folder = Path(self.path)
         if not folder.is_dir():
             raise ValueError(f"model.path: no such folder {self.path!r}")
@@ -105,8 +114,6 @@ class HFModelConfig(Section):
                 f"model.path: {self.path!r} has no *.safetensors weights (Temper does not unpickle *.bin; "
                 "convert with model.save_pretrained(folder, safe_serialization=True))"
             )
-        if self.task != "embedding" and (self.pooling is not None or self.normalize is not None):
-            raise ValueError(f"model.pooling / model.normalize apply to model.task 'embedding', not {self.task!r}")
         return self
 
 

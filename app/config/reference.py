@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from app.config.compress import CompressConfig
-from app.config.data import DataConfig, FileDataConfig
+from app.config.data import DataConfig, DocstringsDataConfig, FileDataConfig
 from app.config.jobs import CompressJob, OptimizeJob, ServeApp, TrainJob, TuneJob
 from app.config.model import GPTConfig, HFModelConfig, ViTConfig
 from app.config.registry import MlflowMirrorConfig, RegistryConfig
@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`model` (kind: hf)", HFModelConfig),
     ("`data` (built-in: name)", DataConfig),
     ("`data` (files: kind jsonl | csv | parquet | text)", FileDataConfig),
+    ("`data` (kind: docstrings)", DocstringsDataConfig),
     ("`train`", TrainConfig),
     ("`train.callbacks[]` (name: magnitude_pruning)", MagnitudePruningConfig),
     ("`train.callbacks[]` (name: early_stopping)", EarlyStoppingConfig),

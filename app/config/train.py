@@ -96,8 +96,8 @@ class TrainConfig(Section):
     """One GPU per worker with NCCL; gloo on CPU otherwise."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype. bf16 works on CPU and CUDA; fp16 (with GradScaler) needs CUDA."""
-    steps: int = Field(200, ge=1)
-    """Total optimizer steps of the run (a resumed run continues up to this count)."""
+    steps: int = Field(200, ge=0)
+    """Total optimizer steps of the run (a resumed run continues up to this count). 0: nothing to train, the `hf` model is registered as it is (transformation `imported`); only without `distill`, `callbacks`, `pause_at_step` and `tune`."""
     batch_size: int = Field(32, ge=1)
     """Samples per worker per micro-batch (global batch = batch_size x grad_accum_steps x num_workers)."""
     grad_accum_steps: int = Field(1, ge=1, le=1024)

@@ -1,4 +1,5 @@
-"""Datasets: the built-ins here (nothing is downloaded) and the user's files (app/data/text.py).
+"""Datasets: the built-ins here (nothing is downloaded) and text for `hf` models (app/data/text.py:
+the user's files, or the standard library's docstrings from app/data/docstrings.py).
 
 - `lm-code`: the Python standard library's own `.py` files as a byte stream. Files are read
   in sorted path order up to `max_bytes`; each file goes to train or val by a hash of its
@@ -22,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from app.config.data import DataConfig, FileDataConfig
+from app.config.data import TEXT_DATA, DataConfig, TextDataConfig
 from app.config.model import GPTConfig, HFModelConfig, ViTConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -133,9 +134,9 @@ class DigitsData:
         return torch.from_numpy(self.x_val[:batch_size])
 
 
-def build_data(data: DataConfig | FileDataConfig, model: GPTConfig | ViTConfig | HFModelConfig):
-    """The dataset of a data section: a built-in one, or the user's files (app/data/text.py)."""
-    if isinstance(data, FileDataConfig):
+def build_data(data: DataConfig | TextDataConfig, model: GPTConfig | ViTConfig | HFModelConfig):
+    """The dataset of a data section: a built-in one, or text for an `hf` model (app/data/text.py)."""
+    if isinstance(data, TEXT_DATA):
         from app.data.text import FileTextData
 
         return FileTextData(data, model)

@@ -1,7 +1,7 @@
-"""File datasets (`data.kind: jsonl | csv | parquet | text`) as training batches for an `hf` model.
+"""Text datasets (`data.kind: jsonl | csv | parquet | text | docstrings`) as training batches for an `hf` model.
 
-Each worker reads and tokenizes the files once (app/data/files.py: small files, held in memory)
-with the model folder's own tokenizer. Like the built-in datasets, a train batch is a pure
+Each worker reads and tokenizes the text once (app/data/files.py: small files, held in memory;
+app/data/docstrings.py: the standard library's docstrings) with the model folder's own tokenizer. Like the built-in datasets, a train batch is a pure
 function of (seed, step, rank), so a resumed run sees the batches it would have seen. A batch
 is padded to its own longest member, not to `max_length`, and travels packed
 (app/models/hf_task.py): x (B, 2 | 3, T) = input_ids, attention_mask[, token_type_ids].
@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from app.config.data import FileDataConfig
+from app.config.data import DocstringsDataConfig, FileDataConfig, TextDataConfig
 from app.config.model import HFModelConfig
 from app.data.files import Fields, Splits, Tokenized, load_splits, tokenize
 
@@ -25,8 +25,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 IGNORE_INDEX = -100
 
 
-def read_splits(cfg: FileDataConfig) -> Splits:
-    """Train and val examples of a file-data section (bad rows raise, or are counted with skip_bad_rows)."""
+def read_splits(cfg: TextDataConfig) -> Splits:
+    """Train and val examples of a text data section (file rows: bad ones raise, or are counted with skip_bad_rows)."""
+    if isinstance(cfg, DocstringsDataConfig):
+        from app.data.docstrings import docstring_splits
+
+        return docstring_splits(cfg)
     fields = Fields(cfg.text_field, cfg.text_pair_field, cfg.label_field, tuple(cfg.labels) if cfg.labels else None)
     return load_splits(
         cfg.kind, fields, path=cfg.path, train_path=cfg.train_path, val_path=cfg.val_path,
@@ -60,9 +64,9 @@ def pad_batch(tok: Tokenized, idx: np.ndarray | list[int], pad_id: int, task: st
 
 
 class FileTextData:
-    """Tokenized train / val examples of the user's files (see the module docstring)."""
+    """Tokenized train / val examples of the user's files or the docstrings (see the module docstring)."""
 
-    def __init__(self, cfg: FileDataConfig, model: HFModelConfig):
+    def __init__(self, cfg: TextDataConfig, model: HFModelConfig):
         from app.models.hf import load_tokenizer
 
         self.cfg, self.task = cfg, model.task
@@ -78,7 +82,8 @@ class FileTextData:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def describe(self) -> dict:
-        out = {"dataset": f"{self.cfg.kind} files", "train_rows": self.n_train, "val_rows": self.n_val}
+        source = "standard-library docstrings" if self.cfg.kind == "docstrings" else f"{self.cfg.kind} files"
+        out = {"dataset": source, "train_rows": self.n_train, "val_rows": self.n_val}
         if self.labels is not None:
             out["labels"] = len(self.labels)
         if self.bad_rows:

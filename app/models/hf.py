@@ -96,6 +96,11 @@ def _read_json(path: Path) -> dict | list:
 
 def check_folder(path: str | Path, *, trust_remote_code: bool = False) -> Path:
     """The folder as a Path, after refusing what must not be loaded (see the module docstring)."""
+    if str(path).startswith("package:"):
+        raise HFModelError(
+            f"{path}: a package, not a folder yet; app.models.sources.with_model_folder(job) extracts it "
+            "(the CLI does so for every verb that reads a model section)"
+        )
     folder = Path(path)
     if trust_remote_code:
         raise HFModelError(
@@ -322,6 +327,13 @@ def _check_missing(folder: Path, task: str, info: dict, fresh: tuple[str, ...]) 
             f"{folder}: cannot load as {task}: weights not in the folder: {shown} "
             "(was it saved for another task?)"
         )
+
+
+def load_hf_config(path: str | Path):
+    """The folder's transformers config (checked folder, local files only)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(check_folder(path), local_files_only=True, trust_remote_code=False)
 
 
 def has_classification_head(config) -> bool:

@@ -31,7 +31,7 @@ def with_(patch: dict) -> dict:
 
 MALFORMED = [
     (with_({"train.lrr": 0.1}), "train.lrr", "unknown key"),
-    (with_({"train.steps": -5}), "train.steps", "greater than or equal to 1"),
+    (with_({"train.steps": -5}), "train.steps", "greater than or equal to 0"),
     (with_({"model.n_head": 5}), "model.n_head", "must divide"),
     (with_({"train.precision": "fp8"}), "train.precision", "fp32"),
     (with_({"train.precision": "fp16"}), "train.precision", "needs CUDA"),
