@@ -80,6 +80,22 @@ def running_two_at_a_time(tasks: dict):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def serving(app_cfg):
+    """Deploy `app_cfg` for a test module; yields its base URL. Afterwards the app is removed and
+    Serve stopped: its HTTP host and port are fixed when Serve starts, so a later module can only
+    pick its own once it is gone."""
+    from ray import serve
+
+    from serve.deploy import deploy, shutdown
+
+    url = deploy(app_cfg)
+    try:
+        yield url
+    finally:
+        shutdown(app_cfg.serve.app_name)
+        serve.shutdown()
+
+
 def metric_total(text: str, name: str, **labels: str) -> float | None:
     """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
     total, found = 0.0, False

@@ -25,10 +25,9 @@ from app.config.serve import ServeConfig, ServedModel
 from app.data.text import read_splits
 from app.inference import load_predictor
 from app.models import build_model
-from conftest import free_port
+from conftest import free_port, serving
 from hf_folders import WORDS, sentiment_rows, tiny_bert
 from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
-from serve.deploy import deploy, shutdown
 
 pytestmark = pytest.mark.ray
 
@@ -83,12 +82,7 @@ def app_cfg(ray_cluster, artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(app_cfg):
-    from ray import serve
-
-    url = deploy(app_cfg)
-    yield url
-    shutdown(app_cfg.serve.app_name)
-    serve.shutdown()
+    yield from serving(app_cfg)
 
 
 def test_concurrent_embeds_are_batched_and_equal_the_in_process_int8_model(base_url, app_cfg, artifacts):

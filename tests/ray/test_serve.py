@@ -25,9 +25,9 @@ from app.data import DigitsData
 from app.inference import classify, generate_text, load_predictor, score_text
 from app.models import build_model
 from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
-from serve.deploy import build_app, deploy, shutdown
+from serve.deploy import build_app
 from serve.protocol import API_PREFIX, ModelRequestError
-from conftest import free_port, metric_total, wait_for
+from conftest import free_port, metric_total, serving, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -112,13 +112,7 @@ def app_cfg(registry_cfg) -> ServeApp:
 
 @pytest.fixture(scope="module")
 def base_url(app_cfg):
-    from ray import serve
-
-    url = deploy(app_cfg)
-    yield url
-    shutdown(app_cfg.serve.app_name)
-    # HTTP host/port are fixed when Serve starts: stop it so a later module can pick its own.
-    serve.shutdown()
+    yield from serving(app_cfg)
 
 
 @pytest.fixture(scope="module")
