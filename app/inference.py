@@ -465,13 +465,18 @@ def generate_tokens(
     return out
 
 
-def time_batch(pred: Predictor, x: np.ndarray, iters: int, warmup: int = 5) -> float:
-    """Median milliseconds of one `logits(x)` call."""
+def median_ms(call, iters: int, warmup: int = 5) -> float:
+    """Median milliseconds of `call()` over `iters` runs, after `warmup` untimed ones."""
     for _ in range(warmup):
-        pred.logits(x)
+        call()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        pred.logits(x)
+        call()
         times.append((time.perf_counter() - t0) * 1000)
     return float(np.median(times))
+
+
+def time_batch(pred: Predictor, x: np.ndarray, iters: int, warmup: int = 5) -> float:
+    """Median milliseconds of one `logits(x)` call."""
+    return median_ms(lambda: pred.logits(x), iters, warmup)

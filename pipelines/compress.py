@@ -26,7 +26,7 @@ from app.compression import METHODS
 from app.config.jobs import CompressJob, TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metric_kind, metrics_from_sums, primary_metric, quality_drop
-from app.inference import Predictor, TextPredictor, load_predictor, time_batch
+from app.inference import Predictor, TextPredictor, load_predictor, median_ms, time_batch
 
 
 # hf quality columns shown next to the primary metric in the report
@@ -115,16 +115,7 @@ def measure_text(pred: TextPredictor, job: CompressJob, ev: TextEval) -> dict[st
 
 def _time_run(pred: TextPredictor, batch: dict, iters: int, warmup: int = 3) -> float:
     """Median milliseconds of one padded batch through the model (tokenization not included)."""
-    import numpy as np
-
-    for _ in range(warmup):
-        pred.run(batch)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        pred.run(batch)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    return median_ms(lambda: pred.run(batch), iters, warmup)
 
 
 def _measure(pred, job: CompressJob, train_job: TrainJob, ev: TextEval | None) -> dict[str, float]:
