@@ -495,13 +495,18 @@ class BatchedModelServer:
 
     # ---- batched methods: a list of requests in, a list of results out (same order)
 
-    async def _predict_batch(self, requests: list[ClassifyRequest], gated: bool = True) -> list[dict]:
+    async def _compute(self, method: str, run_batch, requests: list, gated: bool):
+        """(the loaded version, `run_batch(predictor, requests)`), recorded as one batch of
+        `method`. Off the event loop: the replica keeps taking requests (and answering health
+        checks) while a batch computes."""
         loaded = self._current()
-        self._record_batch("predict", [r.enqueued for r in requests], unqueued=not gated)
-        # Off the event loop: the replica keeps taking requests (and answering health checks)
-        # while a batch computes.
-        with self._gate("predict", gated):
-            results = await asyncio.to_thread(run_classify_batch, loaded.predictor, requests)
+        self._record_batch(method, [r.enqueued for r in requests], unqueued=not gated)
+        with self._gate(method, gated):
+            results = await asyncio.to_thread(run_batch, loaded.predictor, requests)
+        return loaded, results
+
+    async def _predict_batch(self, requests: list[ClassifyRequest], gated: bool = True) -> list[dict]:
+        loaded, results = await self._compute("predict", run_classify_batch, requests, gated)
         return [self._tag(loaded, r) for r in results]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -509,10 +514,7 @@ class BatchedModelServer:
         return await self._predict_batch(requests)
 
     async def _text_batch(self, requests: list[TextRequest], gated: bool = True) -> list[dict]:
-        loaded = self._current()
-        self._record_batch("text", [r.enqueued for r in requests], unqueued=not gated)
-        with self._gate("text", gated):
-            results = await asyncio.to_thread(run_text_batch, loaded.predictor, requests)
+        loaded, results = await self._compute("text", run_text_batch, requests, gated)
         return [self._tag(loaded, r) for r in results]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -520,10 +522,7 @@ class BatchedModelServer:
         return await self._text_batch(requests)
 
     async def _lm_batch(self, requests: list[LMRequest], gated: bool = True) -> list[dict]:
-        loaded = self._current()
-        self._record_batch("lm", [r.enqueued for r in requests], unqueued=not gated)
-        with self._gate("lm", gated):
-            results = await asyncio.to_thread(run_lm_batch, loaded.predictor, requests)
+        loaded, results = await self._compute("lm", run_lm_batch, requests, gated)
         out = []
         for r in results:
             bad = next((x["error"] for x in r if isinstance(x, dict) and "error" in x), None)
