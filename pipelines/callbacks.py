@@ -21,6 +21,7 @@ import torch
 from app.compression import pruning
 from app.config.train import EarlyStoppingConfig, MagnitudePruningConfig
 from app.config.jobs import TrainJob
+from app.models import block_linear_weights
 
 
 @dataclass
@@ -58,10 +59,13 @@ class MagnitudePruning:
         self.cfg = cfg
         self.end = cfg.end_step or max(1, int(0.75 * job.train.steps))
         self.n_head = getattr(job.model, "n_head", 0)
-        pattern = re.compile(cfg.targets)
-        # ZeRO-3 replaces partitioned parameters by empty placeholders; their real shape is ds_shape.
-        self.targets = [n for n, p in module.named_parameters()
-                        if pattern.fullmatch(n) and len(getattr(p, "ds_shape", p.shape)) == 2]
+        if cfg.targets is None:
+            self.targets = block_linear_weights(module)
+        else:
+            pattern = re.compile(cfg.targets)
+            # ZeRO-3 replaces partitioned parameters by empty placeholders; their real shape is ds_shape.
+            self.targets = [n for n, p in module.named_parameters()
+                            if pattern.fullmatch(n) and len(getattr(p, "ds_shape", p.shape)) == 2]
         if not self.targets:
             raise ValueError(f"train.callbacks: magnitude_pruning.targets {cfg.targets!r} matches no 2-D weight")
         if cfg.kind == "heads":

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from app.compression.pruning import Reduce, RowView
 from app.config.jobs import TrainJob
+from app.models import transformer_blocks
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DCP_DIR = "dcp"
@@ -126,10 +127,10 @@ class TorchStrategy:
         if tc.strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            # Shard each block, then the root (embeddings, head, norms). Params are computed in
+            # Shard each transformer block, then the root (embeddings, head, norms). Params are computed in
             # `precision` and gradients reduced in fp32 so the update matches the fp32 math.
             mp = MixedPrecisionPolicy(param_dtype=_DTYPES[tc.precision], reduce_dtype=torch.float32)
-            for block in model.blocks:
+            for _, block in transformer_blocks(model):
                 fully_shard(block, mp_policy=mp)
             fully_shard(model, mp_policy=mp)
             self.engine = model

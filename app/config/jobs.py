@@ -63,6 +63,11 @@ class TrainJob(JobBase):
                 end = cb.end_step or max(1, int(0.75 * self.train.steps))
                 if not cb.start_step < end <= self.train.steps:
                     raise ValueError(f"train.callbacks.{i}: need start_step ({cb.start_step}) < end_step ({end}) <= train.steps ({self.train.steps})")
+                if cb.kind == "heads" and self.model.kind == "hf":
+                    # head pruning zeroes a head's slice of the fused qkv weight and of the output
+                    # projection, which is the built-in models' layout; transformers models differ per family
+                    raise ValueError(f"train.callbacks.{i}.kind 'heads' works on the built-in gpt / vit attention; "
+                                     "for model.kind 'hf' use unstructured, rows or 2:4")
                 if cb.kind == "2:4" and getattr(self.model, "d_model", 0) % 4:
                     raise ValueError(f"train.callbacks.{i}.kind '2:4' needs model.d_model divisible by 4")
         if isinstance(self.model, GPTConfig) and self.model.vocab_size != 256:

@@ -29,8 +29,8 @@ class MagnitudePruningConfig(Section):
     """Step at which `final_sparsity` is reached (default: 75% of train.steps)."""
     update_every: int = Field(10, ge=1)
     """Masks are recomputed every N steps between start and end (re-applied after every step)."""
-    targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down))\.weight"
-    """Regex over parameter names selecting the weights to prune (default: every Linear inside the transformer blocks)."""
+    targets: str | None = None
+    """Regex over parameter names selecting the 2-D weights to prune; default: every Linear weight inside the transformer blocks (attention and MLP projections; never the embeddings or the output head). An `hf` model's blocks are the layer classes it lists in `_no_split_modules` (e.g. BertLayer, LlamaDecoderLayer)."""
 
     @model_validator(mode="after")
     def _checks(self) -> "MagnitudePruningConfig":
@@ -39,7 +39,7 @@ class MagnitudePruningConfig(Section):
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError("train.callbacks[].initial_sparsity must be <= final_sparsity")
         try:
-            re.compile(self.targets)
+            re.compile(self.targets or "")
         except re.error as err:
             raise ValueError(f"train.callbacks[].targets is not a valid regex: {err}") from None
         return self

@@ -70,6 +70,8 @@ BAD = [
     (lambda f: cls_tree(f, labels=["pos"]), "data.labels must be at least two distinct names"),
     (lambda f: cls_tree(f, kind="xml"), "data.kind"),
     (lambda f: cls_tree(f, text_fields="t"), "data.text_fields: unknown key"),
+    (lambda f: {**cls_tree(f), "train": {"steps": 20, "callbacks": [{"name": "magnitude_pruning", "kind": "heads"}]}},
+     "train.callbacks.0.kind 'heads' works on the built-in gpt / vit attention"),
 ]
 
 
@@ -208,3 +210,22 @@ def test_packed_model_still_answers_keyword_calls_and_keeps_its_signature(files)
         out = model(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2])
         torch.testing.assert_close(out.logits, model(x))
         assert model(x[:, 0]).logits.shape == (4, 2)  # a plain positional call is transformers' own
+
+
+def test_layers_and_default_pruning_targets_are_found_from_the_model(files):
+    """FSDP shards each layer the model lists in `_no_split_modules`; pruning's default targets are
+    the Linear weights inside those layers, never embeddings, pooler or head."""
+    from app.config.model import GPTConfig
+    from app.models import block_linear_weights, transformer_blocks
+
+    bert = build_model(HFModelConfig(kind="hf", path=files["bert"], task="sequence_classification"), labels=["neg", "pos"])
+    assert [n for n, _ in transformer_blocks(bert)] == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"]
+    targets = block_linear_weights(bert)
+    assert len(targets) == 12 and all(n.startswith("bert.encoder.layer.") for n in targets)
+    llama = build_model(HFModelConfig(kind="hf", path=files["llama"], task="causal_lm"))
+    assert {n.split(".")[-2] for n in block_linear_weights(llama)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # the built-in GPT: the same set its earlier regex default named
+    gpt = build_model(GPTConfig(kind="gpt", n_layer=2, d_model=64, n_head=4, block_size=32))
+    assert block_linear_weights(gpt) == [f"blocks.{i}.{m}.weight" for i in range(2)
+                                         for m in ("attn.qkv", "attn.proj", "mlp.gate", "mlp.up", "mlp.down")]
