@@ -4,6 +4,7 @@ library's docstrings (`docstrings`); and the check that the model and the data f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -63,6 +64,9 @@ class FileDataConfig(Section):
             value = getattr(self, key)
             if value is not None and not Path(value).is_file():
                 raise ValueError(f"data.{key}: no such file {value!r}")
+            if value is not None:
+                # absolute from where the job was given: Ray workers run in other folders
+                setattr(self, key, os.path.abspath(value))
         if self.kind == "text" and (self.text_pair_field or self.label_field):
             raise ValueError("data.kind 'text' has one text per line: no data.text_pair_field or data.label_field")
         if self.labels is not None:

@@ -3,6 +3,7 @@ Face `transformers` model from a local folder (`hf`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -114,6 +115,7 @@ class HFModelConfig(Section):
                 f"model.path: {self.path!r} has no *.safetensors weights (Temper does not unpickle *.bin; "
                 "convert with model.save_pretrained(folder, safe_serialization=True))"
             )
+        self.path = os.path.abspath(self.path)  # absolute from where the job was given: Ray workers run in other folders
         return self
 
 
