@@ -23,7 +23,7 @@ token per step for every active row, with greedy / temperature / top-k sampling 
   length): the exported graph has no cache inputs.
 An `hf` causal LM decodes the same way with its folder's tokens: through the model's own
 `transformers` cache on torch backends (`HFCacheDecoder`, left padding, attention mask and
-per-row positions), by recomputing right-padded contexts on ONNX (`HFRecomputeDecoder`); a row
+per-row positions), by recomputing right-padded contexts on ONNX (`RecomputeDecoder`); a row
 ends early at one of its end-of-sequence ids (`stop_ids`).
 """
 
@@ -153,6 +153,8 @@ class TextPredictor:
 
     stop_ids: frozenset[int] = frozenset()
     """Token ids that end a generation (causal_lm: the folder config's `eos_token_id`)."""
+    max_positions: int | None = None
+    """Longest sequence (prompt + generated tokens) a causal LM takes: its `max_position_embeddings`."""
 
     @property
     def supports_kv_cache(self) -> bool:
@@ -280,13 +282,14 @@ def eos_ids(path: str) -> frozenset[int]:
 
 def _load_text_predictor(artifact_uri: str, job: TrainJob, meta: dict) -> TextPredictor:
     from app.artifacts import class_labels
-    from app.models.hf import load_tokenizer
+    from app.models.hf import load_hf_config, load_tokenizer
 
     fmt = meta["format"]
     common = {"backend": fmt, "task": job.model.task, "job": job, "tokenizer": load_tokenizer(job.model.path),
               "labels": class_labels(job, meta)}
     if job.model.task == "causal_lm":
         common["stop_ids"] = eos_ids(job.model.path)
+        common["max_positions"] = getattr(load_hf_config(job.model.path), "max_position_embeddings", None)
     if fmt == "torch_fp32":
         return TextPredictor(**common, _torch_model=load_fp32(artifact_uri)[0])
     if fmt == "torch_int8":
@@ -445,9 +448,11 @@ class KVCacheDecoder:
 
 
 class RecomputeDecoder:
-    """Decoding by re-running the cropped context each step (any backend, e.g. ONNX Runtime)."""
+    """Decoding by re-running the context each step (any backend, e.g. ONNX Runtime): the GPT's
+    contexts cropped to block_size and grouped by length (its graph takes no padding mask); an
+    `hf` causal LM's whole contexts right-padded together with their attention mask."""
 
-    def __init__(self, pred: "Predictor"):
+    def __init__(self, pred: "Predictor | TextPredictor"):
         self.pred = pred
 
     def start(self, rows: list[np.ndarray]) -> np.ndarray:
@@ -462,6 +467,9 @@ class RecomputeDecoder:
         return self._logits()
 
     def _logits(self) -> np.ndarray:
+        if isinstance(self.pred, TextPredictor):
+            logits = self.pred.run(self.pred.pad({"input_ids": self.ctx}, range(len(self.ctx))))  # (B, T, V)
+            return logits[np.arange(len(self.ctx)), [len(c) - 1 for c in self.ctx]]
         n = self.pred.block_size
         windows = [c[-n:] for c in self.ctx]
         out = np.empty((len(windows), self.pred.job.model.vocab_size), dtype=np.float32)
@@ -523,31 +531,6 @@ class HFCacheDecoder:
         return out.logits[:, -1].float().numpy()
 
 
-class HFRecomputeDecoder:
-    """Decoding an `hf` causal LM by re-running every row's whole context each step, right-padded
-    with its attention mask (any backend, e.g. an ONNX graph without cache inputs)."""
-
-    def __init__(self, pred: "TextPredictor"):
-        self.pred = pred
-
-    def start(self, rows: list[np.ndarray]) -> np.ndarray:
-        self.ctx = [list(map(int, r)) for r in rows]
-        return self._logits()
-
-    def step(self, tokens: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        if keep is not None:
-            self.ctx = [self.ctx[i] for i in keep]
-        for c, t in zip(self.ctx, tokens):
-            c.append(int(t))
-        return self._logits()
-
-    def _logits(self) -> np.ndarray:
-        batch = self.pred.pad({"input_ids": self.ctx}, range(len(self.ctx)))
-        logits = self.pred.run(batch)  # (B, T, V)
-        last = np.asarray([len(c) - 1 for c in self.ctx])
-        return logits[np.arange(len(self.ctx)), last]
-
-
 def make_decoder(pred: "Predictor | TextPredictor", use_kv_cache: bool | None = None):
     """KV cache for torch backends (default), recompute otherwise or when `use_kv_cache=False`."""
     if use_kv_cache is None:
@@ -557,7 +540,7 @@ def make_decoder(pred: "Predictor | TextPredictor", use_kv_cache: bool | None = 
     if isinstance(pred, TextPredictor):
         if pred.task != "causal_lm":
             raise ValueError(f"generation needs model.task 'causal_lm', this model is {pred.task!r}")
-        return HFCacheDecoder(pred) if use_kv_cache else HFRecomputeDecoder(pred)
+        return HFCacheDecoder(pred) if use_kv_cache else RecomputeDecoder(pred)
     return KVCacheDecoder(pred._torch_model, pred.block_size) if use_kv_cache else RecomputeDecoder(pred)
 
 

@@ -25,8 +25,8 @@ PROMPTS = ["the cat", "a dog ran fast on the mat", "red", "the big house sat on 
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    """(TextPredictor of the torch_fp32 artifact, the transformers model it was saved from)."""
+def artifact(tmp_path_factory):
+    """(torch_fp32 artifact folder, the transformers model it was saved from)."""
     root = tmp_path_factory.mktemp("hf-generate")
     text = root / "lines.txt"
     text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(40)))
@@ -35,7 +35,13 @@ def lm(tmp_path_factory):
         "data": {"kind": "text", "path": str(text), "max_length": 16, "val_fraction": 0.3}})
     torch.manual_seed(0)
     model = build_model(job.model).eval()
-    return load_predictor(str(save_fp32(root / "fp32", model, job))), model
+    return str(save_fp32(root / "fp32", model, job)), model
+
+
+@pytest.fixture(scope="module")
+def lm(artifact):
+    """(TextPredictor of the torch_fp32 artifact, the transformers model it was saved from)."""
+    return load_predictor(artifact[0]), artifact[1]
 
 
 def reference(model, pred, prompt: str, max_new: int) -> list[int]:
@@ -98,3 +104,31 @@ def test_score_log_probs_equal_a_direct_forward_pass(lm):
         assert res["nll"] == pytest.approx(-want.mean(), abs=1e-5)
         top = torch.topk(logp[-1], k).indices.tolist()
         assert [n["token"] for n in res["next"]] == top
+
+
+def test_onnx_artifact_generates_the_torch_tokens_by_recomputing(artifact, lm, tmp_path):
+    from app.compression import METHODS
+
+    pred, _ = lm
+    onnx = load_predictor(str(METHODS["onnx_fp32"](artifact[0], tmp_path / "onnx-fp32")))
+    assert onnx.backend == "onnx_fp32" and not onnx.supports_kv_cache and onnx.stop_ids == pred.stop_ids
+    rows = [np.asarray(pred.tokenize(p)) for p in PROMPTS]
+    params = [SamplingParams(10) for _ in rows]
+    assert generate_tokens(onnx, rows, params) == generate_tokens(pred, rows, params)
+
+
+def test_replica_rows_refuse_a_text_over_the_token_limit_and_stream_pieces_add_up(lm):
+    from serve.protocol import ModelRequestError
+    from serve.replica import TokenPieces, finish_reason, lm_row
+
+    pred, _ = lm
+    with pytest.raises(ModelRequestError) as err:
+        lm_row(pred, " ".join(["cat"] * 30), "prompt")
+    assert err.value.field == "prompt" and "32 tokens; the limit is 16" in err.value.message
+    rows = [lm_row(pred, p, "prompt") for p in PROMPTS]
+    for tokens in generate_tokens(pred, rows, [SamplingParams(12) for _ in rows]):
+        pieces = TokenPieces(pred)
+        events = [pieces.add(t) for t in tokens]
+        assert "".join(e["text"] for e in events) == pred.token_text(tokens)
+        assert [e["stop"] for e in events] == [t in pred.stop_ids for t in tokens]
+        assert finish_reason(pred, tokens) == ("stop" if events[-1]["stop"] else "length")
