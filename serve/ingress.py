@@ -434,12 +434,14 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
         if body.stream:
             return await stream_generation(model, request, args, t0)
         out, route = await call(model, "generate", request, *args)
-        return answer(model, route, out, t0, text=out["text"], tokens=out["tokens"])
+        return answer(model, route, out, t0, text=out["text"], tokens=out["tokens"], finish_reason=out["finish_reason"])
 
     async def stream_generation(model: str, request: Request, args: tuple, t0: float) -> StreamingResponse:
         """Server-sent events: `start` {model, route, version, backend, request_id}, one `token`
-        {index, token, text} per byte (text: the UTF-8 characters completed by it), then `done`
-        {tokens, text, latency_ms, finish_reason} or `error` (the JSON error body)."""
+        {index, token, text} per token (built-in GPT: a byte, text the UTF-8 characters it
+        completes; hf causal LM: a tokenizer id, text what it adds to the decoded text), then
+        `done` {tokens, text, latency_ms, finish_reason: stop (end-of-sequence token) | length}
+        or `error` (the JSON error body)."""
         handle, route = pick(model, request)
         deadline = t0 + cfg.request_timeout_s
         gen = handle.options(stream=True).generate_stream.remote(*args)
@@ -454,6 +456,8 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
 
         async def events():
             tokens: list[int] = []
+            pieces: list[str] = []
+            finish = "length"
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             yield _sse("start", {"model": model, "route": route, "version": head["version"],
                                  "backend": head["backend"], "request_id": request_id})
@@ -461,13 +465,19 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
                 while True:
                     item = await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001))
                     raise_if_refused(item)
-                    tokens.append(item)
-                    yield _sse("token", {"index": len(tokens) - 1, "token": item, "text": utf8.decode(bytes([item]))})
+                    if isinstance(item, dict):  # hf causal LM: {token, text, stop}
+                        token, piece = item["token"], item["text"]
+                        finish = "stop" if item["stop"] else finish
+                    else:  # built-in GPT: a byte id
+                        token, piece = item, utf8.decode(bytes([item]))
+                    tokens.append(token)
+                    pieces.append(piece)
+                    yield _sse("token", {"index": len(tokens) - 1, "token": token, "text": piece})
             except StopAsyncIteration:
                 ms = (time.perf_counter() - t0) * 1000
                 record(model, route, head["version"], "ok", ms)
-                yield _sse("done", {"tokens": tokens, "text": bytes(tokens).decode("utf-8", errors="replace"),
-                                    "latency_ms": round(ms, 3), "finish_reason": "length"})
+                text = "".join(pieces) + utf8.decode(b"", final=True)
+                yield _sse("done", {"tokens": tokens, "text": text, "latency_ms": round(ms, 3), "finish_reason": finish})
             except (ModelServerError, asyncio.TimeoutError) as err:
                 gen.cancel()
                 api_err = translate(model, route, err, t0)

@@ -154,9 +154,10 @@ class PredictRequest(APIRequest):
 
 class ScoreRequest(APIRequest):
     texts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_ITEMS)
-    """Texts to score (UTF-8 bytes, at most the model's block_size each)."""
+    """Texts to score: for the built-in GPT UTF-8 bytes, at most its block_size each; for an hf
+    causal LM its tokenizer's tokens, at most its token limit (data.max_length) each."""
     top_k: int = Field(5, ge=1, le=256)
-    """Most likely next bytes returned per text."""
+    """Most likely next tokens (bytes for the built-in GPT) returned per text."""
 
 
 def _check_text(value: str) -> str:
@@ -186,14 +187,16 @@ class ClassifyTextsRequest(APIRequest):
 
 class GenerateRequest(APIRequest):
     prompt: str = Field(min_length=1)
-    """Prompt text (UTF-8); only its last block_size bytes are seen by the model."""
+    """Prompt text (UTF-8). The built-in GPT sees its last block_size bytes; an hf causal LM
+    refuses (422) a prompt of more tokens than its token limit (data.max_length)."""
     max_new_tokens: int = Field(16, ge=1)
-    """Bytes to generate; capped by the served model's `max_new_tokens` (422 above it)."""
+    """Tokens (bytes for the built-in GPT) to generate at most; capped by the served model's
+    `max_new_tokens` (422 above it). An hf causal LM stops earlier at its end-of-sequence token."""
     temperature: float = Field(0.0, ge=0.0, le=10.0)
     """0 = greedy; otherwise sample from softmax(logits / temperature)."""
     top_k: int = Field(0, ge=0, le=256)
-    """Sample among the k most likely bytes only (0 = all); ignored when greedy."""
+    """Sample among the k most likely tokens only (0 = all); ignored when greedy."""
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     """Seed of this request's sampler (same seed, same text, whatever it was batched with)."""
     stream: bool = False
-    """Answer with server-sent events (`start`, one `token` per byte, `done`) instead of one JSON body."""
+    """Answer with server-sent events (`start`, one `token` per token, `done`) instead of one JSON body."""

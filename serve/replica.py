@@ -19,6 +19,10 @@ Read top to bottom:
 replica tokenizes with the model folder's own tokenizer (refusing a text over the token limit
 unless the request asks to truncate) and the `text` queue runs every text of the batch's
 requests together, in sub-batches of similar length each padded to its longest member.
+An `hf` causal LM answers `score` / `generate` / `generate_stream` as the built-in GPT does,
+through the same queues and decode loop (`app.inference.generate_steps`), on its tokenizer's
+ids: a prompt over the token limit is refused, a generation ends at an end-of-sequence id, and
+streamed events carry each token's text (`TokenPieces`) instead of a bare byte id.
 
 Batching: five `@serve.batch` queues: `predict` (classifiers), `text` (hf embed / classify), `lm` (scoring), `generate_full`
 (generation answered in one piece: the whole decode loop in one thread hop) and
@@ -187,6 +191,44 @@ def tokens_from_text(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
+def lm_row(pred: Predictor | TextPredictor, text: str, field: str) -> np.ndarray:
+    """A text as the (T,) int64 token ids the language model reads: UTF-8 bytes for the built-in
+    GPT (at most block_size), the folder tokenizer's ids for an hf causal LM (at most its token
+    limit, special tokens included). Raises ModelRequestError naming `field`."""
+    if not text:
+        raise ModelRequestError(422, field, "text is empty")
+    if isinstance(pred, TextPredictor):
+        row = np.asarray(pred.tokenize(text), dtype=np.int64)
+        if len(row) > pred.max_tokens:
+            raise ModelRequestError(422, field, f"text has {len(row)} tokens; the limit is {pred.max_tokens}")
+        return row
+    row = tokens_from_text(text)
+    if len(row) > pred.block_size:
+        raise ModelRequestError(422, field, f"text is {len(row)} bytes; 1 to {pred.block_size} (block_size) are accepted")
+    return row
+
+
+def finish_reason(pred: Predictor | TextPredictor, tokens: list[int]) -> str:
+    """'stop' when a generation ended at an end-of-sequence token, else 'length'."""
+    return "stop" if tokens and tokens[-1] in pred.stop_ids else "length"
+
+
+class TokenPieces:
+    """The text each new token of one generated row adds (an hf causal LM streams these): the
+    decoded text of all tokens so far minus what was handed out; a trailing incomplete character
+    (decoded as U+FFFD) is held back until the token that completes it."""
+
+    def __init__(self, pred: TextPredictor):
+        self.pred, self.tokens, self.text = pred, [], ""
+
+    def add(self, token: int) -> dict:
+        self.tokens.append(token)
+        text = self.pred.token_text(self.tokens)
+        piece = "" if text.endswith("\ufffd") else text[len(self.text):]
+        self.text += piece
+        return {"token": token, "text": piece, "stop": token in self.pred.stop_ids}
+
+
 NON_FINITE = "the model produced non-finite outputs (NaN/inf): this version is broken"
 
 
@@ -208,6 +250,8 @@ def run_classify_batch(pred: Predictor, requests: list[ClassifyRequest]) -> list
         })
     return out
 
+
+LM_TASKS = ("lm", "causal_lm")  # the built-in GPT, an hf causal LM: what score / generate serve
 
 LMGroupKey = tuple[str, int, int]  # (op, prompt length, max_new_tokens)
 
@@ -539,14 +583,19 @@ class BatchedModelServer:
         loaded = self._current()
         self._record_batch("generate_stream", [i.enqueued for i in items], unqueued=not gated)
         yield [{"version": loaded.version, "backend": loaded.backend, "route": self._route}] * len(items)
-        steps = generate_steps(loaded.predictor, [i.row for i in items], [i.params for i in items])
+        pred = loaded.predictor
+        steps = generate_steps(pred, [i.row for i in items], [i.params for i in items])
+        # the built-in GPT streams byte ids (the ingress decodes UTF-8); an hf causal LM streams
+        # {token, text, stop}, decoded here with the folder's tokenizer
+        pieces = [TokenPieces(pred) for _ in items] if isinstance(pred, TextPredictor) else None
         with self._gate("generate_stream", gated):
             while True:
                 step = await asyncio.to_thread(next, steps, None)  # one decode step for every active row
                 if step is None:
                     return
                 self._tokens.inc(sum(t is not None for t in step), tags={"model": self.model, "route": self._route})
-                yield [StopIteration if t is None else t for t in step]
+                yield [StopIteration if t is None else t if pieces is None else pieces[i].add(t)
+                       for i, t in enumerate(step)]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list[GenerateItem]) -> AsyncIterator[list]:
@@ -566,8 +615,9 @@ class BatchedModelServer:
         except NonFiniteOutputError:
             return [ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()] * len(items)
         self._tokens.inc(sum(map(len, tokens)), tags={"model": self.model, "route": self._route})
+        pred = loaded.predictor
         return [{"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": t,
-                 "text": bytes(t).decode("utf-8", errors="replace")} for t in tokens]
+                 "text": pred.token_text(t), "finish_reason": finish_reason(pred, t)} for t in tokens]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_full(self, items: list[GenerateItem]) -> list[dict]:
@@ -614,13 +664,15 @@ class BatchedModelServer:
     # comes back as {"refused": {status, field, message}} and a failed one as {"failed": {...}}
     # rather than as an exception (see serve.protocol).
 
-    def _need_task(self, task: str, endpoint: str) -> Predictor:
+    def _need_task(self, task: str | tuple[str, ...], endpoint: str) -> Predictor | TextPredictor:
         pred = self._current().predictor
-        if pred.task != task:
+        tasks = (task,) if isinstance(task, str) else task
+        if pred.task not in tasks:
             other = {"classifier": "predict", "embedding": "embed", "sequence_classification": "classify"}.get(
                 pred.task, "score or generate")
+            wanted = " or ".join(repr(t) for t in tasks)
             raise ModelRequestError(
-                400, "model", f"model {self.model!r} is a {pred.task!r} model, {endpoint} needs a {task!r} model (use {other})"
+                400, "model", f"model {self.model!r} is a {pred.task!r} model, {endpoint} needs a {wanted} model (use {other})"
             )
         return pred
 
@@ -656,15 +708,13 @@ class BatchedModelServer:
         return await self._run(self._text_batch, self.text, "text", request)
 
     async def score(self, texts: list[str], top_k: int = 5) -> dict:
-        """texts -> {version, backend, route, outputs: [{nll, perplexity, next: [...]}, ...]}."""
+        """texts -> {version, backend, route, outputs: [{nll, perplexity, next: [...]}, ...]}
+        (an hf causal LM adds per-token `logprobs`; see `app.inference.score_text`)."""
         try:
-            pred = self._need_task("lm", "score")
-            rows = []
-            for i, text in enumerate(texts):
-                row = tokens_from_text(text)
-                if not 1 <= len(row) <= pred.block_size:
-                    raise ModelRequestError(422, f"texts.{i}", f"text is {len(row)} bytes; 1 to {pred.block_size} (block_size) are accepted")
-                rows.append(row)
+            pred = self._need_task(LM_TASKS, "score")
+            if not texts:
+                raise ModelRequestError(422, "texts", "no texts: send at least one")
+            rows = [lm_row(pred, text, f"texts.{i}") for i, text in enumerate(texts)]
         except ModelRequestError as err:
             return err.as_refusal()
         out = await self._run(self._lm_batch, self.lm, "lm", LMRequest("score", rows, top_k=int(top_k), enqueued=time.perf_counter()))
@@ -674,16 +724,25 @@ class BatchedModelServer:
 
     def _generation_item(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                          seed: int | None) -> GenerateItem:
-        self._need_task("lm", "generate")
+        pred = self._need_task(LM_TASKS, "generate")
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
             raise ModelRequestError(422, "max_new_tokens", f"must be between 1 and {self.max_new_tokens} for model {self.model!r}")
         if not 0 <= float(temperature) <= 10:
             raise ModelRequestError(422, "temperature", "must be between 0 and 10")
         if not isinstance(top_k, int) or not 0 <= top_k <= 256:
             raise ModelRequestError(422, "top_k", "must be between 0 and 256")
-        row = tokens_from_text(prompt)
-        if not len(row):
+        if not prompt:
             raise ModelRequestError(422, "prompt", "prompt is empty")
+        if isinstance(pred, TextPredictor):
+            row = lm_row(pred, prompt, "prompt")
+            positions = pred.max_positions
+            if positions is not None and len(row) + max_new_tokens > positions:
+                raise ModelRequestError(
+                    422, "max_new_tokens",
+                    f"the prompt has {len(row)} tokens: with {max_new_tokens} new ones it would pass the model's "
+                    f"{positions} positions (max_position_embeddings); at most {positions - len(row)}")
+        else:
+            row = tokens_from_text(prompt)  # the GPT sees the last block_size bytes of a longer prompt
         params = SamplingParams(int(max_new_tokens), float(temperature), int(top_k), seed)
         return GenerateItem(row, params, time.perf_counter())
 

@@ -44,14 +44,17 @@ def tiny_bert(folder: Path) -> Path:
     return folder
 
 
-def tiny_llama(folder: Path, tie_word_embeddings: bool = True) -> Path:
-    """A 2-layer, 32-wide LlamaForCausalLM in `folder` (output head tied to the embedding by default)."""
+def tiny_llama(folder: Path, tie_word_embeddings: bool = True, initializer_range: float = 0.02) -> Path:
+    """A 2-layer, 32-wide LlamaForCausalLM in `folder` (output head tied to the embedding by default).
+
+    At the default `initializer_range` its next-token distribution is near uniform and greedy
+    decoding repeats one token; a larger one (0.5) gives peaked logits that vary with the context."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=5 + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         tie_word_embeddings=tie_word_embeddings)
+                         tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(folder)
     save_word_tokenizer(folder)
     return folder

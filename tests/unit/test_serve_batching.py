@@ -193,7 +193,8 @@ class FakeServer:
                 "probabilities": [[{"label": 7, "probability": 1.0}]] * len(inputs)}
 
     async def _generate(self, prompt, max_new_tokens, temperature=0.0, top_k=0, seed=None):
-        return {"version": 1, "backend": "torch_fp32", "tokens": [65] * max_new_tokens, "text": "A" * max_new_tokens}
+        return {"version": 1, "backend": "torch_fp32", "tokens": [65] * max_new_tokens, "text": "A" * max_new_tokens,
+                "finish_reason": "length"}
 
     async def _score(self, texts, top_k):
         return {"version": 1, "backend": "torch_fp32", "outputs": [{"nll": 1.0, "perplexity": 2.7, "next": []} for _ in texts]}

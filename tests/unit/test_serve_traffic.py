@@ -317,7 +317,7 @@ class FakeRoute:
         return {**self._head(), "model": "m", "task": "classifier", "ref": self.route}
 
     async def _generate(self, prompt, max_new_tokens, temperature, top_k, seed):
-        return {**self._head(), "tokens": [104, 105], "text": "hi"}
+        return {**self._head(), "tokens": [104, 105], "text": "hi", "finish_reason": "length"}
 
     async def _generate_stream(self, prompt, max_new_tokens, temperature, top_k, seed):
         if prompt == "refuse":
