@@ -26,20 +26,20 @@ def save_word_tokenizer(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
-def tiny_bert_config():
-    """A 2-layer, 32-wide BERT config over the word-level vocabulary."""
+def tiny_bert_config(layers: int = 2):
+    """A `layers`-layer, 32-wide BERT config over the word-level vocabulary."""
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    return BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=64)
 
 
-def tiny_bert(folder: Path) -> Path:
-    """A 2-layer, 32-wide BertModel (no classification head) in `folder`."""
+def tiny_bert(folder: Path, layers: int = 2) -> Path:
+    """A `layers`-layer (default 2), 32-wide BertModel (no classification head) in `folder`."""
     from transformers import BertModel
 
     torch.manual_seed(0)
-    BertModel(tiny_bert_config()).save_pretrained(folder)
+    BertModel(tiny_bert_config(layers)).save_pretrained(folder)
     save_word_tokenizer(folder)
     return folder
 
