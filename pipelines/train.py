@@ -95,6 +95,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data = build_data(job.data, job.model)  # first: an hf classifier's head takes its labels from the data
     model = build_model(job.model, labels=getattr(data, "labels", None))
 
+    pooler = getattr(model, "encoder", None) and getattr(model.encoder, "pooler", None)
+    if metric_kind(job.model) == "embedding" and pooler is not None:
+        # BERT's pooler (tanh over [CLS]) is not part of the pooled vector: no gradient reaches
+        # it, and DDP refuses parameters that get none. Frozen, it is saved as loaded.
+        pooler.requires_grad_(False)
+
     def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(param_groups(m, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
 
