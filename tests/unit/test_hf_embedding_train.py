@@ -16,21 +16,13 @@ from app.config.base import ConfigError
 from app.config.jobs import parse_config
 from app.data import build_data
 from app.models.hf import HFModelError, keep_layers, load_hf_model, save_student_folder
-from hf_folders import sentiment_rows, tiny_bert
+from hf_folders import sentiment_rows, tiny_bert, with_sentence_transformers_files
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A 4-layer tiny BERT with sentence-transformers files (mean pooling, Normalize)."""
-    folder = tiny_bert(tmp_path_factory.mktemp("teacher") / "m", layers=4)
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    return folder
+    return with_sentence_transformers_files(tiny_bert(tmp_path_factory.mktemp("teacher") / "m", layers=4))
 
 
 def test_student_folder_keeps_exactly_the_chosen_layers(tmp_path, teacher_dir):
