@@ -7,7 +7,10 @@ configs/minilm-distill.yaml: 808 standard-library docstrings the student never t
 Timed passes alternate teacher and student, so load from other processes falls on both alike;
 the best pass of each is kept.
 
-    .venv/bin/python benchmarks/distilled_student.py [--teacher ARTIFACT] [--student ARTIFACT] [--repeats 3]
+    .venv/bin/python benchmarks/students/minilm_student.py [--teacher ARTIFACT] [--student ARTIFACT] [--repeats 3]
+
+Not one of `make bench`'s scripts (benchmarks/*.py): it measures what the two configs trained
+and registered, so it runs after them, not on its own.
 
 Defaults: the artifacts `python -m app train configs/minilm.yaml` and
 `python -m app run configs/minilm-distill.yaml` leave under temper_runs/ (minilm's imported v1,
