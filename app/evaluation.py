@@ -4,6 +4,13 @@ The primary metric of each task decides "better": digits (classifier) -> val_acc
 lm-code (lm) -> val_loss (min; perplexity = exp(val_loss)). Metrics are keyed by `metric_kind`:
 the built-in model kinds (`vit`, `gpt`) and, for `hf` models, the task (`classifier`, `lm`).
 Targets equal to -100 (padding in a causal LM batch) are not scored.
+
+An `hf` embedding model's PRIMARY metric, `mean_cosine`, is measured by compression: a variant's
+vectors against its fp32 source's. Its training runs (distillation to a teacher's vectors, or
+in-batch contrastive) report `val_loss` (their objective on the val texts, the metric training
+selects on: TRAINING), `val_mean_cosine` (of each text's vector to its target: the teacher's, or
+its pair's) and `val_accuracy` (in-batch retrieval: the target of text i is the most similar of
+the batch's targets).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ PRIMARY = {
     # an hf embedding model: mean cosine of a variant's vectors to its fp32 source's (1.0 for the source)
     "embedding": ("mean_cosine", "max"),
 }
+# What training runs report and select on (early stopping, sweeps): PRIMARY, but val_loss for
+# an embedding model (mean_cosine is compression's, to the fp32 source).
+TRAINING = {**PRIMARY, "embedding": ("val_loss", "min")}
 IGNORE_INDEX = -100  # cross-entropy's default ignore_index
 
 
@@ -36,6 +46,11 @@ def metric_kind(model_cfg) -> str:
 def primary_metric(model_kind: str) -> tuple[str, str]:
     """(metric name, 'max' or 'min') of a model family."""
     return PRIMARY[model_kind]
+
+
+def training_metric(model_kind: str) -> tuple[str, str]:
+    """(metric name, 'max' or 'min') that training runs of a model family report and select on."""
+    return TRAINING[model_kind]
 
 
 def task_loss(model_kind: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,7 +77,24 @@ def eval_sums(model_kind: str, logits_fn: Callable, batches: Iterable) -> np.nda
     return np.array([loss_sum, correct, count], dtype=np.float64)
 
 
+def embedding_sums(pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, scale: float) -> np.ndarray:
+    """[loss_sum, cosine_sum, correct, count] of one batch of embeddings pred, target (B, H) and
+    its mean loss; correct: rows whose own target is the most similar of the batch's."""
+    from app.compression.distillation import similarity_logits
+
+    pred, target = pred.float(), target.float()
+    n = pred.size(0)
+    cosine = F.cosine_similarity(pred, target, dim=-1).sum().item()
+    hits = (similarity_logits(pred, target, scale).argmax(-1) == torch.arange(n)).sum().item()
+    return np.array([loss.item() * n, cosine, hits, n], dtype=np.float64)
+
+
 def metrics_from_sums(model_kind: str, sums: np.ndarray) -> dict[str, float]:
+    if model_kind == "embedding":
+        loss_sum, cosine_sum, hits, count = (float(v) for v in sums)
+        if count == 0:
+            raise ValueError("evaluation saw no samples")
+        return {"val_loss": loss_sum / count, "val_mean_cosine": cosine_sum / count, "val_accuracy": hits / count}
     loss_sum, correct, count = (float(v) for v in sums)
     if count == 0:
         raise ValueError("evaluation saw no samples")

@@ -136,10 +136,10 @@ class EarlyStopping:
     mutates_model = False
 
     def __init__(self, cfg: EarlyStoppingConfig, job: TrainJob, module: torch.nn.Module):
-        from app.evaluation import metric_kind, primary_metric
+        from app.evaluation import metric_kind, training_metric
 
         self.cfg = cfg
-        default_metric, default_mode = primary_metric(metric_kind(job.model))
+        default_metric, default_mode = training_metric(metric_kind(job.model))
         self.metric = cfg.metric or default_metric
         self.mode = cfg.mode or default_mode
         self.best: float | None = None

@@ -19,7 +19,7 @@ import ray
 
 from app.config.jobs import OptimizeJob, ServeApp
 from app.config.serve import ServedModel
-from app.evaluation import metric_kind, primary_metric
+from app.evaluation import metric_kind, primary_metric, training_metric
 from pipelines.register import train_and_register
 
 
@@ -126,7 +126,9 @@ def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
         trained = train_and_register(job.train_job(), registry)
         summary.seconds["train"] = time.perf_counter() - t0
     # an imported model has no val metrics of its own yet: compression measures its source first
-    score = f"{metric} {trained['metrics'][metric]:.4f}" if metric in trained["metrics"] else "not measured yet"
+    # an embedding model's training reports its training metric; compression measures mean_cosine
+    shown = next((m for m in (metric, training_metric(metric_kind(job.model))[0]) if m in trained["metrics"]), None)
+    score = f"{shown} {trained['metrics'][shown]:.4f}" if shown else "not measured yet"
     print(f"[2/4 register] v{trained['version']} {trained['transformation']}: {score}", flush=True)
 
     t0 = time.perf_counter()

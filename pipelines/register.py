@@ -22,7 +22,7 @@ from actors.registry.client import find_version_by_artifact
 from actors.registry.validation import flatten_dict
 from app.config.jobs import TrainJob
 from app.models.sources import folder_provenance
-from pipelines.train import fit, import_pretrained
+from pipelines.train import cut_student, fit, import_pretrained
 
 
 def dataset_fingerprint(job: TrainJob) -> str:
@@ -86,7 +86,10 @@ def train_and_register(job: TrainJob, registry) -> dict:
         if teacher["format"] != "torch_fp32":
             raise ValueError(f"train.distill: teacher {d.teacher} v{teacher['version']} is {teacher['format']!r}; "
                              "distillation needs a torch_fp32 version")
-        print(f"[train] distilling from {d.teacher} v{teacher['version']} (alpha {d.alpha}, T {d.temperature})", flush=True)
+        how = f"alpha {d.alpha}, T {d.temperature}" if d.loss == "kl" else f"{d.loss} loss on the embeddings"
+        print(f"[train] distilling from {d.teacher} v{teacher['version']} ({how})", flush=True)
+        if d.student_layers is not None:
+            job = cut_student(job, teacher["artifact_uri"])
     result = fit(job, teacher_artifact=teacher["artifact_uri"] if teacher else None)
     record, _ = register_trained(
         registry, job, result.artifact_path, config_hash=result.config_hash, metrics=result.metrics,

@@ -31,8 +31,8 @@ from app.artifacts import save_fp32
 from app.config.jobs import TrainJob
 from app.config.base import config_hash
 from app.data import build_data
-from app.compression.distillation import distillation_loss
-from app.evaluation import eval_sums, metric_kind, metrics_from_sums, primary_metric, task_loss
+from app.compression.distillation import distillation_loss, embedding_distillation_loss, in_batch_contrastive_loss
+from app.evaluation import eval_sums, embedding_sums, metric_kind, metrics_from_sums, task_loss, training_metric
 from app.models import build_model
 from app import telemetry
 
@@ -95,6 +95,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data = build_data(job.data, job.model)  # first: an hf classifier's head takes its labels from the data
     model = build_model(job.model, labels=getattr(data, "labels", None))
 
+    pooler = getattr(model, "encoder", None) and getattr(model.encoder, "pooler", None)
+    if metric_kind(job.model) == "embedding" and pooler is not None:
+        # BERT's pooler (tanh over [CLS]) is not part of the pooled vector: no gradient reaches
+        # it, and DDP refuses parameters that get none. Frozen, it is saved as loaded.
+        pooler.requires_grad_(False)
+
     def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(param_groups(m, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
 
@@ -132,7 +138,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cb.on_setup(state)
 
     kind = metric_kind(job.model)
-    metric_name, _ = primary_metric(kind)
+    metric_name, _ = training_metric(kind)
     tags = {"run": job.name, "rank": str(rank)}
     m_loss = telemetry.gauge(telemetry.TRAIN_LOSS, ("run", "rank"))
     m_rate = telemetry.gauge(telemetry.TRAIN_SAMPLES_PER_S, ("run", "rank"))
@@ -140,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     m_eval = telemetry.gauge(telemetry.EVAL_METRIC, ("run", "metric"))
 
     if start_step >= tc.steps or state.should_stop:  # finished (or stopped early): report the final evaluation once more
-        metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world),
+        metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world, teacher),
                    **_memory_metrics(strategy, world)}
         if seeded:  # started from another run's final checkpoint: this run still ends with one of its own
             _report_checkpoint(job, strategy, scheduler, callbacks, start_step, metrics, rank)
@@ -157,10 +163,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for micro in range(tc.grad_accum_steps):
             # Batches are a function of (seed, micro-batch index, rank): the step count is the data position.
             x, y = (t.to(device) for t in data.train_batch(tc.seed, step * tc.grad_accum_steps + micro, rank, tc.batch_size))
-            logits = strategy.forward(x)
-            if teacher is None:
-                loss = task_loss(kind, logits, y)
+            if kind == "embedding":
+                loss = embedding_loss(job, *embedding_targets(strategy.forward, teacher, x, y))
+            elif teacher is None:
+                loss = task_loss(kind, strategy.forward(x), y)
             else:
+                logits = strategy.forward(x)
                 with torch.no_grad():
                     soft = teacher(x)
                 loss = distillation_loss(logits, soft, y, tc.distill.alpha, tc.distill.temperature)
@@ -193,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pausing = done == tc.pause_at_step
         if done % tc.eval_every == 0 or done == tc.steps or pausing:
             metrics = {"step": done, "start_step": start_step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": info.grad_norm, **callback_metrics, **_evaluate(job, strategy, data, rank, world)}
+                       "grad_norm": info.grad_norm, **callback_metrics, **_evaluate(job, strategy, data, rank, world, teacher)}
             for cb in callbacks:
                 metrics.update(cb.on_eval_end(state, metrics))
             metrics.update(_memory_metrics(strategy, world))
@@ -212,6 +220,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _say(f"[train] paused at step {done} (train.pause_at_step); re-run the job to continue to {tc.steps}")
             return
+
+
+def embedding_targets(forward, teacher, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vectors of the texts x, what they are pulled to) of an embedding batch, each (B, H):
+    the teacher's vectors of the same texts when distilling, else the vectors of their pairs y
+    (texts and pairs in one forward: (2B, ...) in, split in two)."""
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(x)
+        return forward(x), target
+    if x.shape != y.shape:  # the data pads texts and their pairs to one length
+        raise ValueError(f"an embedding batch holds texts {tuple(x.shape)} and pairs {tuple(y.shape)} of different shapes")
+    return forward(torch.cat([x, y])).chunk(2)
+
+
+def embedding_loss(job: TrainJob, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """train.distill.loss (mse | cosine) to the teacher's vectors, else in-batch contrastive."""
+    if job.train.distill is not None:
+        return embedding_distillation_loss(pred, target, job.train.distill.loss)
+    return in_batch_contrastive_loss(pred, target, job.train.contrastive_scale)
 
 
 def _report_checkpoint(job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:
@@ -235,11 +263,30 @@ def _load_teacher(job: TrainJob, artifact: str | None, device):
     from app.artifacts import load_fp32
 
     teacher, teacher_job = load_fp32(artifact)
-    if teacher_job.data.name != job.data.name:
+    if job.model.kind == "hf" and job.model.task == "embedding":
+        check_embedding_teacher(teacher_job, job)
+    elif teacher_job.data.name != job.data.name:
         raise ValueError(f"train.distill.teacher was trained on {teacher_job.data.name!r}, the student on {job.data.name!r}")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()
+
+
+def check_embedding_teacher(teacher_job: TrainJob, job: TrainJob) -> None:
+    """An embedding teacher reads the student's token ids and its vectors are the student's
+    targets: the same task, vocabulary and vector width."""
+    from app.models.hf import load_hf_config, load_tokenizer
+
+    name = job.train.distill.teacher
+    if teacher_job.model.kind != "hf" or teacher_job.model.task != "embedding":
+        raise ValueError(f"train.distill.teacher {name!r} is not an hf embedding model; an embedding student needs one")
+    if load_tokenizer(teacher_job.model.path).get_vocab() != load_tokenizer(job.model.path).get_vocab():
+        raise ValueError(f"train.distill.teacher {name!r} ({teacher_job.model.path}) and model.path {job.model.path} "
+                         "have different tokenizers; the teacher embeds the student's token ids")
+    widths = load_hf_config(teacher_job.model.path).hidden_size, load_hf_config(job.model.path).hidden_size
+    if widths[0] != widths[1]:
+        raise ValueError(f"train.distill.teacher {name!r} has {widths[0]}-wide vectors, the student {widths[1]}; "
+                         "mse / cosine distillation compares them one to one")
 
 
 def _write_pid(job: TrainJob, rank: int) -> None:
@@ -266,7 +313,7 @@ def _memory_metrics(strategy, world: int) -> dict[str, float]:
     return out
 
 
-def _evaluate(job: TrainJob, strategy, data, rank: int, world: int) -> dict[str, float]:
+def _evaluate(job: TrainJob, strategy, data, rank: int, world: int, teacher=None) -> dict[str, float]:
     """Each rank scores its share of the fixed val batches; sums are all-reduced.
 
     Sharded strategies need every rank in every forward (FSDP all-gathers, ZeRO-3 gathers),
@@ -274,20 +321,27 @@ def _evaluate(job: TrainJob, strategy, data, rank: int, world: int) -> dict[str,
     with none left runs a dummy forward on batch 0 and ignores it.
     """
     strategy.train(False)
+    kind = metric_kind(job.model)
     batches = list(data.val_batches(job.train.eval_batches, job.train.batch_size))
     per_rank = math.ceil(len(batches) / world)
-    sums = np.zeros(3)
+    sums = np.zeros(4 if kind == "embedding" else 3)  # embedding_sums / eval_sums
     with torch.no_grad():
         for i in range(per_rank):
             idx = i * world + rank
             x, y = batches[idx] if idx < len(batches) else batches[0]
-            logits = strategy.forward(x.to(strategy.device)).float().cpu()
+            x, y = x.to(strategy.device), y.to(strategy.device)
+            if kind == "embedding":
+                pred, target = (t.float().cpu() for t in embedding_targets(strategy.forward, teacher, x, y))
+                batch_sums = embedding_sums(pred, target, embedding_loss(job, pred, target), job.train.contrastive_scale)
+            else:
+                logits = strategy.forward(x).float().cpu()
+                batch_sums = eval_sums(kind, lambda _: logits, [(x.cpu(), y.cpu())])
             if idx < len(batches):
-                sums += eval_sums(metric_kind(job.model), lambda _: logits, [(x, y)])
+                sums += batch_sums
     sums = torch.from_numpy(sums)
     if world > 1:
         dist.all_reduce(sums)
-    return metrics_from_sums(metric_kind(job.model), sums.numpy())
+    return metrics_from_sums(kind, sums.numpy())
 
 
 def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:
@@ -391,6 +445,35 @@ def import_pretrained(job: TrainJob) -> TrainResult:
         os.replace(tmp, artifact)
     print(f"[import] {job.model.path} as it is: {artifact}", flush=True)  # the driver: no Ray Train print patch here
     return TrainResult(metrics={}, checkpoint_path="", artifact_path=str(artifact), step=0, config_hash=chash)
+
+
+def cut_student(job: TrainJob, teacher_artifact: str) -> TrainJob:
+    """`train.distill.student_layers`: the job with model.path set to a new hf folder holding the
+    registered teacher cut to those layers (app.models.hf.save_student_folder), written once into
+    `<storage_path>/<name>/students/` (named after the teacher artifact and the layers, so a
+    re-run finds it and resumes under the same config)."""
+    import hashlib
+    import json
+
+    from app.artifacts import load_fp32, local_path, read_meta
+    from app.models.hf import save_student_folder
+
+    layers = job.train.distill.student_layers
+    teacher_job, _ = read_meta(teacher_artifact)
+    same_model = [json.loads((Path(m.path) / "config.json").read_text()) for m in (teacher_job.model, job.model)]
+    if same_model[0] != same_model[1]:
+        raise ValueError(f"train.distill.student_layers cuts the teacher, so model.path ({job.model.path}) must hold the "
+                         f"teacher's model ({teacher_job.model.path}); to distill into another folder, leave student_layers out")
+    tag = hashlib.sha256(str(local_path(teacher_artifact).resolve()).encode()).hexdigest()[:12]
+    folder = Path(job.storage_path).resolve() / job.name / "students" / f"{tag}-layers{'-'.join(map(str, layers))}"
+    if not folder.exists():
+        teacher, _ = load_fp32(teacher_artifact)
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_student_folder(teacher, teacher_job.model.path, layers, tmp)
+        os.replace(tmp, folder)
+    print(f"[train] student: layers {layers} of the teacher in {folder}", flush=True)  # the driver
+    return job.model_copy(update={"model": job.model.model_copy(update={"path": str(folder)})})
 
 
 def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, resume_from: str | None = None) -> TrainResult:

@@ -26,21 +26,37 @@ def save_word_tokenizer(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
-def tiny_bert_config():
-    """A 2-layer, 32-wide BERT config over the word-level vocabulary."""
+def tiny_bert_config(layers: int = 2, initializer_range: float = 0.02):
+    """A `layers`-layer, 32-wide BERT config over the word-level vocabulary."""
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=64)
+    return BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, initializer_range=initializer_range)
 
 
-def tiny_bert(folder: Path) -> Path:
-    """A 2-layer, 32-wide BertModel (no classification head) in `folder`."""
+def tiny_bert(folder: Path, layers: int = 2, initializer_range: float = 0.02) -> Path:
+    """A `layers`-layer (default 2), 32-wide BertModel (no classification head) in `folder`.
+    A larger `initializer_range` makes each layer change the vectors more (at BERT's 0.02 a
+    random encoder's output is mostly its embeddings, whatever its layers)."""
     from transformers import BertModel
 
     torch.manual_seed(0)
-    BertModel(tiny_bert_config()).save_pretrained(folder)
+    BertModel(tiny_bert_config(layers, initializer_range)).save_pretrained(folder)
     save_word_tokenizer(folder)
+    return folder
+
+
+def with_sentence_transformers_files(folder: Path) -> Path:
+    """`folder` with sentence-transformers' module files added: mean pooling, then Normalize."""
+    import json
+
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     return folder
 
 

@@ -39,7 +39,7 @@ import ray
 from app.config.jobs import TrainJob, TuneJob, trial_tree
 from app.config.tune import TuneConfig
 from app.config.base import config_hash
-from app.evaluation import metric_kind, primary_metric
+from app.evaluation import metric_kind, training_metric
 
 JOB_FILE = "temper_tune_job.json"
 """The resolved TuneJob, saved in the experiment folder so `--resume NAME` needs no config."""
@@ -65,7 +65,7 @@ class SweepPaths:
 
 def objective(job: TuneJob) -> tuple[str, str]:
     """(metric, mode) the sweep optimises."""
-    metric, mode = primary_metric(metric_kind(job.model))
+    metric, mode = training_metric(metric_kind(job.model))
     return job.tune.metric or metric, job.tune.mode or mode
 
 

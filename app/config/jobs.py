@@ -72,6 +72,8 @@ class TrainJob(JobBase):
                     raise ValueError(f"train.callbacks.{i}.kind '2:4' needs model.d_model divisible by 4")
         if isinstance(self.model, GPTConfig) and self.model.vocab_size != 256:
             raise ValueError("model.vocab_size must be 256 for the byte-level lm-code data")
+        if self.train.distill is not None:
+            check_distill(self)
         if self.train.distill is not None and self.train.distill.teacher == self.name:
             # Whether the teacher exists, is torch_fp32 and fits the data is asked of the registry
             # when training starts; this file alone cannot tell.
@@ -80,6 +82,21 @@ class TrainJob(JobBase):
                 "under `name`, so the teacher must be another registered model"
             )
         return self
+
+
+def check_distill(job: TrainJob) -> None:
+    """The distillation loss fits the model: embeddings (mse / cosine) for an hf embedding model,
+    logits (kl) for every other; `student_layers` cuts an hf embedding teacher only. Whether the
+    indices exist in the teacher is checked when the teacher is loaded from the registry."""
+    d = job.train.distill
+    embedding = job.model.kind == "hf" and job.model.task == "embedding"
+    if embedding and d.loss == "kl":
+        raise ValueError("train.distill.loss: an hf embedding model has no logits to distill; use 'mse' or 'cosine'")
+    if not embedding and d.loss != "kl":
+        what = f"model.task {job.model.task!r}" if job.model.kind == "hf" else f"model.kind {job.model.kind!r}"
+        raise ValueError(f"train.distill.loss {d.loss!r} compares embeddings (hf task 'embedding'); {what} distills logits with 'kl'")
+    if d.student_layers is not None and not embedding:
+        raise ValueError("train.distill.student_layers cuts an hf embedding teacher (model.kind 'hf', model.task 'embedding') to a student")
 
 
 def check_import(job: TrainJob) -> None:

@@ -64,16 +64,39 @@ CallbackConfig = Annotated[Union[MagnitudePruningConfig, EarlyStoppingConfig], F
 
 
 class DistillConfig(Section):
-    """Knowledge distillation from a registered teacher: loss = alpha*CE + (1-alpha)*T^2*KL."""
+    """Knowledge distillation from a registered teacher.
+
+    `loss: kl` (built-in models, hf classifiers and causal LMs): alpha*CE + (1-alpha)*T^2*KL of the
+    logits. `loss: mse | cosine` (hf embedding models): the student's pooled embeddings are pulled
+    to the teacher's on unlabeled text (no labels, so alpha and temperature do not apply)."""
 
     teacher: str = Field(pattern=MODEL_NAME_PATTERN)
-    """Registry model name of the teacher (same dataset as the student)."""
+    """Registry model name of the teacher (same dataset as the student; for an hf embedding teacher, the same tokenizer)."""
     teacher_version: VersionRef = "production"
     """Teacher version number, alias, or `latest`."""
+    loss: Literal["kl", "mse", "cosine"] = "kl"
+    """`kl`: soft-target logits (classifiers, LMs); `mse` or `cosine` (1 - cosine similarity): embeddings, hf `embedding` models only."""
     alpha: float = Field(0.5, ge=0.0, le=1.0)
-    """Weight of the hard-label cross-entropy; 1 - alpha goes to the soft-target KL term."""
+    """loss kl only: weight of the hard-label cross-entropy; 1 - alpha goes to the soft-target KL term."""
     temperature: float = Field(2.0, gt=0.0, le=20.0)
-    """Softmax temperature T applied to both student and teacher logits in the KL term."""
+    """loss kl only: softmax temperature T applied to both student and teacher logits in the KL term."""
+    student_layers: list[int] | None = None
+    """hf `embedding` only: the student is the teacher cut to these encoder layers (0-based, sorted, unique), e.g. `[0, 2, 4]` of 6; its embeddings, those layers and the pooling are copied from the teacher (DistilBERT-style) into a new hf folder. Unset: the student is `model.path` as it is."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> "DistillConfig":
+        # by value, not by `model_fields_set`: a dumped config is validated again in the workers
+        if self.loss != "kl" and (self.alpha, self.temperature) != (0.5, 2.0):
+            raise ValueError(f"train.distill.alpha / temperature apply to train.distill.loss 'kl', not {self.loss!r}")
+        if self.student_layers is not None:
+            layers = self.student_layers
+            if not layers:
+                raise ValueError("train.distill.student_layers: give at least one layer index")
+            if min(layers) < 0:
+                raise ValueError(f"train.distill.student_layers {layers}: indices are 0-based, none negative")
+            if layers != sorted(set(layers)):
+                raise ValueError(f"train.distill.student_layers {layers}: must be sorted and unique, e.g. {sorted(set(layers))}")
+        return self
 
 
 # ----------------------------------------------------------------------------- train
@@ -122,6 +145,8 @@ class TrainConfig(Section):
     """Checkpoints kept by Ray Train."""
     distill: DistillConfig | None = None
     """Train this model as a student of a registered teacher (knowledge distillation); unset = plain training."""
+    contrastive_scale: float = Field(20.0, gt=0.0, le=100.0)
+    """hf `embedding` models trained without `distill`: in-batch contrastive loss, cross-entropy over scale x the cosine-similarity matrix of texts and their pairs (the same text again without a pair field)."""
     callbacks: list[CallbackConfig] = Field(default_factory=list)
     """Training callbacks by name, e.g. `[{name: magnitude_pruning, final_sparsity: 0.5}]`; model-mutating ones run before observers."""
     pause_at_step: int | None = Field(None, ge=1)

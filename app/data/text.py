@@ -7,11 +7,16 @@ is padded to its own longest member, not to `max_length`, and travels packed
 (app/models/hf_task.py): x (B, 2 | 3, T) = input_ids, attention_mask[, token_type_ids].
 
 Targets: classification, the label ids (B,); causal LM, the next token at each position (B, T)
-with -100 (cross-entropy's ignore_index) after the last real token and on padding.
+with -100 (cross-entropy's ignore_index) after the last real token and on padding; embedding,
+the packed pairs of the texts (B, 2 | 3, T), padded to the same T as x: the `text_pair` field
+when the data has one, else the same text again (two dropout views of one text, as in
+unsupervised SimCSE), for the in-batch contrastive loss. Texts and pairs are tokenized apart:
+each is embedded on its own.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -38,12 +43,13 @@ def read_splits(cfg: TextDataConfig) -> Splits:
     )
 
 
-def pad_batch(tok: Tokenized, idx: np.ndarray | list[int], pad_id: int, task: str) -> Batch:
-    """Rows `idx` of `tok`, right-padded to their longest member -> (packed x, targets)."""
+def pad_batch(tok: Tokenized, idx: np.ndarray | list[int], pad_id: int, task: str, pairs: Tokenized | None = None) -> Batch:
+    """Rows `idx` of `tok`, right-padded to their longest member -> (packed x, targets).
+    `pairs` (embedding): the pair of each text; x and the targets are padded to one length."""
     from app.models.hf_task import pack
 
     rows = [int(i) for i in idx]
-    longest = max(len(tok.input_ids[i]) for i in rows)
+    longest = max(len(t.input_ids[i]) for t in (tok, pairs) if t is not None for i in rows)
 
     def matrix(lists: list[list[int]], fill: int) -> torch.Tensor:
         out = torch.full((len(rows), longest), fill, dtype=torch.long)
@@ -51,12 +57,18 @@ def pad_batch(tok: Tokenized, idx: np.ndarray | list[int], pad_id: int, task: st
             out[r, : len(lists[i])] = torch.tensor(lists[i], dtype=torch.long)
         return out
 
-    ids = matrix(tok.input_ids, pad_id)
-    mask = matrix(tok.attention_mask, 0)
-    types = matrix(tok.token_type_ids, 0) if tok.token_type_ids is not None else None
-    x = pack(ids, mask, types)
+    def packed(t: Tokenized) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        types = matrix(t.token_type_ids, 0) if t.token_type_ids is not None else None
+        ids, mask = matrix(t.input_ids, pad_id), matrix(t.attention_mask, 0)
+        return pack(ids, mask, types), ids, mask
+
+    x, ids, mask = packed(tok)
     if task == "sequence_classification":
         return x, torch.tensor([tok.labels[i] for i in rows], dtype=torch.long)  # type: ignore[index]
+    if task == "embedding":
+        if pairs is None:
+            raise ValueError("an embedding batch needs the pairs of its texts")
+        return x, packed(pairs)[0]
     # next token at each position; nothing to predict after the last real token or on padding
     target = torch.full_like(ids, IGNORE_INDEX)
     target[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
@@ -76,8 +88,13 @@ class FileTextData:
         self.labels = splits.labels
         self.bad_rows, self.reasons = splits.bad_rows, splits.reasons
         self.n_train, self.n_val = len(splits.train), len(splits.val)
-        self.train = tokenize(splits.train, tokenizer, cfg.max_length, splits.labels)
-        self.val = tokenize(splits.val, tokenizer, cfg.max_length, splits.labels)
+        self.train_pairs = self.val_pairs = None
+        if model.task == "embedding":  # texts and pairs apart (see the module docstring)
+            self.train, self.train_pairs = (tokenize(part, tokenizer, cfg.max_length) for part in _texts_and_pairs(splits.train))
+            self.val, self.val_pairs = (tokenize(part, tokenizer, cfg.max_length) for part in _texts_and_pairs(splits.val))
+        else:
+            self.train = tokenize(splits.train, tokenizer, cfg.max_length, splits.labels)
+            self.val = tokenize(splits.val, tokenizer, cfg.max_length, splits.labels)
         # padded positions are masked out, so any id works where the tokenizer has no pad token
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -90,24 +107,25 @@ class FileTextData:
             out["bad_rows_skipped"] = self.bad_rows
         return out
 
-    def _check_trainable(self) -> None:
-        if self.task == "embedding":
-            raise ValueError("model.task 'embedding' has no training loss here yet (sequence_classification and causal_lm train)")
-
     def train_batch(self, seed: int, step: int, rank: int, batch_size: int) -> Batch:
-        self._check_trainable()
         idx = np.random.default_rng([seed, step, rank]).integers(0, self.n_train, size=batch_size)
-        return pad_batch(self.train, idx, self.pad_id, self.task)
+        return pad_batch(self.train, idx, self.pad_id, self.task, self.train_pairs)
 
     def val_batches(self, n_batches: int, batch_size: int) -> Iterator[Batch]:
         """The val set in order, at most n_batches batches (fewer when the set is smaller)."""
-        self._check_trainable()
         for start in range(0, min(self.n_val, n_batches * batch_size), batch_size):
-            yield pad_batch(self.val, range(start, min(start + batch_size, self.n_val)), self.pad_id, self.task)
+            yield pad_batch(self.val, range(start, min(start + batch_size, self.n_val)), self.pad_id, self.task, self.val_pairs)
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         x, _ = pad_batch(self.val, range(min(batch_size, self.n_val)), self.pad_id, "causal_lm")
         return x
+
+
+def _texts_and_pairs(examples: list) -> tuple[list, list]:
+    """(the texts alone, their pairs alone: the text_pair field, or the same text without one)."""
+    texts = [replace(ex, text_pair=None) for ex in examples]
+    pairs = [replace(ex, text=ex.text_pair if ex.text_pair is not None else ex.text, text_pair=None) for ex in examples]
+    return texts, pairs
 
 
 def file_digest(cfg: FileDataConfig) -> str:

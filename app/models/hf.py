@@ -399,3 +399,66 @@ def embed_texts(
         )
         out.append(model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}))
     return torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# A student cut from a teacher's layers
+
+
+def _layer_list_prefix(encoder: nn.Module) -> str:
+    """The state-dict prefix of the encoder's stack of layers ("encoder.layer." for BERT), found
+    as the one ModuleList as long as config.num_hidden_layers."""
+    n = encoder.config.num_hidden_layers
+    found = [name for name, m in encoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise HFModelError(
+            f"{type(encoder).__name__}: cannot tell its stack of {n} layers (ModuleLists of that length: {found or 'none'})"
+        )
+    return found[0] + "."
+
+
+def keep_layers(encoder: nn.Module, layers: list[int]) -> nn.Module:
+    """A new encoder of the same class and config with only `layers` of `encoder` (in order):
+    embeddings and everything outside the layer stack copied, layer i of `layers` becomes layer
+    j = its position (DistilBERT's initialisation of a student from every other teacher layer)."""
+    import copy
+
+    n = encoder.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise HFModelError(f"train.distill.student_layers {layers}: {bad} not among the teacher's {n} layers (0..{n - 1})")
+    prefix = _layer_list_prefix(encoder)
+    config = copy.deepcopy(encoder.config)
+    config.num_hidden_layers = len(layers)
+    student = type(encoder)(config)
+    new_index = {str(old): str(new) for new, old in enumerate(layers)}
+    state = {}
+    for key, value in encoder.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = value
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if index in new_index:
+            state[f"{prefix}{new_index[index]}.{rest}"] = value
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def save_student_folder(teacher: SentenceEmbedder, teacher_folder: str | Path, layers: list[int], out: str | Path) -> Path:
+    """A normal hf folder in `out`: `teacher`'s encoder cut to `layers` (safetensors, config.json
+    with the reduced num_hidden_layers), with the tokenizer and sentence-transformers pooling files
+    of `teacher_folder`, so the student tokenizes and pools as the teacher does."""
+    import shutil
+
+    source, out = check_folder(teacher_folder), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep_layers(teacher.encoder, layers).save_pretrained(out, safe_serialization=True)
+    weights = {"config.json", "model.safetensors.index.json"}
+    for item in source.iterdir():
+        if item.is_file() and item.name not in weights and item.suffix != ".safetensors" and item.suffix not in _PICKLED_SUFFIXES:
+            shutil.copy2(item, out / item.name)
+    if (source / "modules.json").is_file():  # the pooling module's folder (1_Pooling/config.json)
+        for module in _read_json(source / "modules.json"):
+            if module.get("path") and (source / module["path"]).is_dir():
+                shutil.copytree(source / module["path"], out / module["path"], dirs_exist_ok=True)
+    return out

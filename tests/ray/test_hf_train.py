@@ -6,15 +6,18 @@ under zero3 (resume under ddp and fsdp is the same code path as the built-in GPT
 test_strategies.py); the classifier is pruned to its target sparsity under fsdp (unstructured) and
 zero3 (2:4) with the default targets, the Linear weights inside the layers, while embeddings and
 the head keep every weight; the consolidated `model.safetensors` loads into the transformers
-Auto class with the logits of the Temper model holding the same weights.
+Auto class with the logits of the Temper model holding the same weights. And a 2-layer embedding
+student cut from a registered 4-layer BERT teacher, distilled on the text file (ddp), moves
+towards the teacher's vectors and is registered with the teacher as its parent.
 
-Seven fits of a few seconds of compute each, run two at a time.
+Eight fits of a few seconds of compute each (and one import), run two at a time.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +31,8 @@ from app.data import build_data
 from app.evaluation import eval_sums, metric_kind, metrics_from_sums
 from app.models import build_model
 from conftest import running_two_at_a_time
-from hf_folders import sentiment_rows, tiny_bert, tiny_llama
+from hf_folders import sentiment_rows, tiny_bert, tiny_llama, with_sentence_transformers_files
+from pipelines.register import train_and_register
 from pipelines.train import fit
 
 pytestmark = pytest.mark.ray
@@ -51,7 +55,37 @@ def _jobs(root: Path) -> dict[str, TrainJob]:
         "lm": TrainJob.model_validate({
             "name": "hf-lm", **common, "model": {"kind": "hf", "path": str(llama), "task": "causal_lm"},
             "data": {"kind": "text", "path": str(root / "lines.txt"), "max_length": 16, "val_fraction": 0.25}}),
+        **_embedding_jobs(root, common),
     }
+
+
+def _embedding_jobs(root: Path, common: dict) -> dict[str, TrainJob]:
+    """A 4-layer BERT teacher (mean pooling + Normalize) registered as it is, and its student of layers [0, 2].
+    Initialised at std 0.2, the teacher's dropped layers matter: the cut student starts far from
+    its vectors (at BERT's 0.02 it would start at cosine ~0.99)."""
+    teacher = with_sentence_transformers_files(tiny_bert(root / "bert4", layers=4, initializer_range=0.2))
+    registry = {"actor_name": f"hf-train-{uuid.uuid4().hex[:6]}", "db_url": f"sqlite:///{root}/registry.db"}
+    shared = {**common, "registry": registry, "model": {"kind": "hf", "path": str(teacher), "task": "embedding"},
+              "data": {"kind": "text", "path": str(root / "lines.txt"), "max_length": 16, "val_fraction": 0.25}}
+    return {
+        "emb-teacher": TrainJob.model_validate({**shared, "name": "emb-teacher", "train": {"steps": 0}}),
+        "emb": TrainJob.model_validate({**shared, "name": "emb-student", "train": {
+            **TRAIN, "steps": 20, "eval_every": 20, "checkpoint_every": 20, "log_every": 10,
+            "distill": {"teacher": "emb-teacher", "teacher_version": "latest", "loss": "cosine", "student_layers": [0, 2]}}}),
+    }
+
+
+def _distilled(teacher_job: TrainJob, job: TrainJob) -> tuple[dict, dict]:
+    """(teacher record, student record): the teacher imported, then the student distilled from it."""
+    import ray
+
+    from actors.registry.client import get_or_create_registry
+
+    registry = get_or_create_registry(job.registry)
+    try:
+        return train_and_register(teacher_job, registry), train_and_register(job, registry)
+    finally:
+        ray.kill(registry)
 
 
 def _val_metrics(job: TrainJob, weights: dict | None) -> tuple[dict, torch.nn.Module, object]:
@@ -95,6 +129,7 @@ def runs(ray_cluster, tmp_path_factory):
 
     tasks = {("cls", s): partial(fit, jobs["cls", s]) for s in STRATEGIES}
     tasks.update({("lm", s): partial(paused_then_resumed if s in RESUMED_LM else fit, jobs["lm", s]) for s in STRATEGIES})
+    tasks["emb"] = partial(_distilled, base["emb-teacher"], base["emb"])
     with running_two_at_a_time(tasks) as result:
         return jobs, {key: result(key) for key in tasks}
 
@@ -165,3 +200,29 @@ def test_causal_lm_learns_and_reloads_with_tied_weights(runs, strategy):
     x, _ = next(data.val_batches(1, 8))
     with torch.no_grad():
         torch.testing.assert_close(auto(input_ids=x[:, 0], attention_mask=x[:, 1]).logits, model(x))
+
+
+def test_embedding_student_distils_towards_its_registered_teacher(runs):
+    from app.artifacts import load_fp32
+    from app.compression.distillation import embedding_distillation_loss
+
+    jobs, results = runs
+    teacher_record, student = results["emb"]
+    assert student["transformation"] == "distilled"
+    assert student["parent"] == {"model": "emb-teacher", "version": teacher_record["version"]}
+    # the registered student is a 2-layer hf folder of its own, cut from the teacher
+    student_job = TrainJob.model_validate(student["config"])
+    assert json.loads((Path(student_job.model.path) / "config.json").read_text())["num_hidden_layers"] == 2
+
+    teacher, _ = load_fp32(teacher_record["artifact_uri"])
+    start = build_model(student_job.model).eval()  # as cut, before training
+    trained, _ = load_fp32(student["artifact_uri"])
+    data = build_data(student_job.data, student_job.model)
+    x, _ = next(data.val_batches(1, 64))
+    with torch.no_grad():
+        target = teacher(x)
+        cos_before, cos_after = (torch.nn.functional.cosine_similarity(m(x), target).mean().item() for m in (start, trained))
+        loss_before = embedding_distillation_loss(start(x), target, "cosine").item()
+    metrics = student["metrics"]
+    assert metrics["val_loss"] < loss_before and cos_after > cos_before, (cos_before, cos_after, metrics)
+    assert metrics["val_mean_cosine"] == pytest.approx(cos_after, abs=1e-3)  # the workers' eval of the same weights
