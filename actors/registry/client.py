@@ -151,15 +151,16 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
     return handle
 
 
-def open_store(cfg: RegistryConfig) -> RegistryStore:
+def open_store(cfg: RegistryConfig, *, key_secret: bytes | None = None, auth_enabled: bool = False) -> RegistryStore:
     """The registry database of `cfg.db_url` opened in this process, without Ray or the actor.
 
     For read-only commands when no cluster runs (no actor start-up, nothing on stdout). It opens
     the database exactly as the actor would (creating or migrating it); SQLite's WAL mode and
     Postgres' row locks make it safe next to a running actor. Writes through it are not
     mirrored to MLflow until the actor's next start. Close it with `store.close()`.
+    `key_secret` and `auth_enabled` are passed to the store (API keys, permission checks).
     """
-    return RegistryStore(resolve_db_url(cfg.db_url))
+    return RegistryStore(resolve_db_url(cfg.db_url), key_secret=key_secret, auth_enabled=auth_enabled)
 
 
 def find_version_by_artifact(registry: ActorHandle, model: str, artifact_uri: str) -> dict | None:

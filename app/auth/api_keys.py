@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from datetime import timedelta
@@ -56,6 +57,14 @@ def check_server_secret(secret: str | bytes, where: str) -> bytes:
     if len(raw) < MIN_SERVER_SECRET_LEN:
         raise ValueError(f"{where} must hold at least {MIN_SERVER_SECRET_LEN} characters, got {len(raw)}")
     return raw
+
+
+def read_server_secret(env_name: str) -> bytes | None:
+    """The server secret from environment variable `env_name` (None when unset); ValueError when too short."""
+    value = os.environ.get(env_name)
+    if not value:
+        return None
+    return check_server_secret(value, f"environment variable {env_name}")
 
 
 def parse_duration(text: str) -> timedelta:
