@@ -408,7 +408,7 @@ class RegistryStore:
             check_text("dataset_fingerprint", dataset_fingerprint, max_len=MAX_KEY_LEN)
         check_label(label)
         check_parent(parent)
-        self._guard(principal, "register", model, model, request_id)
+        self.authorize(principal, "register", model, model, request_id)
 
         with self._write() as conn:
             parent_id = None
@@ -483,14 +483,14 @@ class RegistryStore:
         Checked as `register` when auth is enabled; only refusals are audited (a training curve
         would otherwise write an audit row per step).
         """
-        self._guard(principal, "register", model, f"{model}/{version}", None)
+        self.authorize(principal, "register", model, f"{model}/{version}", None)
         return self._one_write(MetricWrite.single(model, version, metrics, step))
 
     def log_metrics_batch(
         self, model: str, version: int | str, points: list[dict], *, principal: Principal | None = None
     ) -> int:
         """Append many steps at once: `points` = [{"metrics": {...}, "step": n}, ...]; one transaction."""
-        self._guard(principal, "register", model, f"{model}/{version}", None)
+        self.authorize(principal, "register", model, f"{model}/{version}", None)
         return self._one_write(MetricWrite.batch(model, version, points))
 
     def _one_write(self, write: MetricWrite) -> int:
@@ -514,7 +514,7 @@ class RegistryStore:
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
         operation = alias_operation(alias)
-        self._guard(principal, operation, model, f"{model}@{alias}", request_id)
+        self.authorize(principal, operation, model, f"{model}@{alias}", request_id)
         with self._write() as conn:
             model_id, to_id = self._resolve(conn, model, version, lock=True)
             moved = self._move_alias(conn, model, model_id, alias, to_id, "set", reason, actor)
@@ -557,7 +557,7 @@ class RegistryStore:
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
         operation = alias_operation(alias)
-        self._guard(principal, operation, model, f"{model}@{alias}", request_id)
+        self.authorize(principal, operation, model, f"{model}@{alias}", request_id)
         with self._write() as conn:
             model_id = self._model_id(conn, model, lock=True)
             from_id = conn.execute(
@@ -587,7 +587,7 @@ class RegistryStore:
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
         operation = alias_operation(alias, rollback=True)
-        self._guard(principal, operation, model, f"{model}@{alias}", request_id)
+        self.authorize(principal, operation, model, f"{model}@{alias}", request_id)
         with self._write() as conn:
             model_id = self._model_id(conn, model, lock=True)
             rows = self._history_rows(conn, model_id, alias)
@@ -623,7 +623,7 @@ class RegistryStore:
         """
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
-        self._guard(principal, "delete_version", model, f"{model}/{ref}", request_id)
+        self.authorize(principal, "delete_version", model, f"{model}/{ref}", request_id)
         with self._write() as conn:
             model_id, version_id = self._resolve(conn, model, ref, lock=True)
             number = self._version_numbers(conn, {version_id})[version_id]
@@ -652,7 +652,7 @@ class RegistryStore:
 
     # ---- identities, permissions and the audit log
 
-    def _guard(
+    def authorize(
         self, principal: Principal | None, operation: str, model: str | None, target: str, request_id: str | None
     ) -> None:
         """With auth enabled: return if `principal` may do `operation`, else record the refusal
@@ -708,7 +708,7 @@ class RegistryStore:
         """
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int, got {limit!r}")
-        self._guard(principal, "audit_read", model, f"audit log{f' of {model}' if model else ''}", None)
+        self.authorize(principal, "audit_read", model, f"audit log{f' of {model}' if model else ''}", None)
         a = audit_log_table.c
         query = select(audit_log_table).order_by(a.id.desc())
         if model is not None:
@@ -752,7 +752,7 @@ class RegistryStore:
         if expires_in is not None and (not isinstance(expires_in, timedelta) or expires_in <= timedelta(0)):
             raise ValueError(f"expires_in must be a positive timedelta or None, got {expires_in!r}")
         secret = self._need_key_secret()
-        self._guard(principal, "manage_keys", None, f"key:{name}", request_id)
+        self.authorize(principal, "manage_keys", None, f"key:{name}", request_id)
         key_id, plaintext = api_keys.new_key()
         now = _now()
         expires_at = None if expires_in is None else now + expires_in
@@ -774,7 +774,7 @@ class RegistryStore:
     def list_keys(self, *, principal: Principal | None = None) -> list[dict]:
         """Every API key, by name: {name, key_id, role, status (active | expired | revoked),
         created_at, created_by, expires_at, revoked_at, revoked_by}; never a hash or a key."""
-        self._guard(principal, "manage_keys", None, "keys", None)
+        self.authorize(principal, "manage_keys", None, "keys", None)
         k = api_keys_table.c
         now = _now()
         with self._read() as conn:
@@ -799,7 +799,7 @@ class RegistryStore:
         Returns {name, key_id, revoked_at}. Revoking a revoked key is a RegistryConflict.
         """
         check_text("name_or_id", name_or_id, max_len=MAX_KEY_LEN)
-        self._guard(principal, "manage_keys", None, f"key:{name_or_id}", request_id)
+        self.authorize(principal, "manage_keys", None, f"key:{name_or_id}", request_id)
         k = api_keys_table.c
         with self._write() as conn:
             row = conn.execute(select(api_keys_table).where(k.name == name_or_id)).first() or conn.execute(

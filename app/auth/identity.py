@@ -37,6 +37,9 @@ class AuthError(TemperError, PermissionError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickled with both arguments, so it crosses Ray (actor -> caller) intact
+        return type(self), (self.reason, str(self))
+
 
 class PermissionDenied(TemperError, PermissionError):
     """A known caller whose role may not perform the operation (HTTP 403); the message names both."""

@@ -34,14 +34,17 @@ def verification_key(cfg: JwtConfig) -> str | bytes:
         raise AuthError("not_configured", str(err)) from None
 
 
-def verify_token(token: str, cfg: AuthConfig) -> Principal:
-    """The principal a valid token names (subject, role claim); AuthError saying why otherwise."""
+def verify_token(token: str, cfg: AuthConfig, key: str | bytes | None = None) -> Principal:
+    """The principal a valid token names (subject, role claim); AuthError saying why otherwise.
+
+    `key`: the verification key when the caller already holds it (a process that received it
+    at start, such as the registry actor); otherwise it is read as `verification_key` says."""
     if cfg.jwt is None:
         raise AuthError("not_configured", "JWT bearer tokens are not accepted here (auth.jwt is not set)")
     j = cfg.jwt
     try:
         claims = jwt.decode(
-            token, verification_key(j), algorithms=[j.algorithm], audience=j.audience, issuer=j.issuer,
+            token, verification_key(j) if key is None else key, algorithms=[j.algorithm], audience=j.audience, issuer=j.issuer,
             leeway=j.leeway_s, options={"require": ["exp", "aud", "iss", "sub"]},
         )
     except jwt.ExpiredSignatureError:
@@ -67,3 +70,8 @@ def verify_token(token: str, cfg: AuthConfig) -> Principal:
     if not isinstance(subject, str) or not subject:
         raise AuthError("bad_claims", "token claim 'sub' must be a non-empty string")
     return Principal(name=subject, role=role, kind="jwt")
+
+
+def token_expiry(token: str) -> float:
+    """The `exp` claim (Unix time) of a token that `verify_token` accepted (not verified again here)."""
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
