@@ -5,7 +5,9 @@ not connected to Ray and RAY_ADDRESS is unset, which spares the few seconds a Ra
 (the actor commits every write before answering, so the database is always current). With a
 cluster, and for every change, they go through the registry actor: on a cluster the database
 may live where only the actor reaches it, and the actor mirrors changes to MLflow. `audit` always
-reads the database itself (the audit log is for whoever administers that database).
+reads the database itself (the audit log is for whoever administers that database). Changes
+send the credentials in TEMPER_API_KEY to the actor, which refuses them when its auth is on and
+the key's role may not make the change.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def _open_registry(cfg, read_only: bool) -> tuple[Callable[..., Any], Callable[[
 def cmd_registry(args) -> int:
     import getpass
 
+    from actors.registry.client import caller_credentials
+
     if args.action == "compare":
         args.overrides = [x for x in args.refs if "=" in x]  # version refs never contain "="
         args.refs = [x for x in args.refs if "=" not in x]
@@ -154,15 +158,16 @@ def cmd_registry(args) -> int:
             text = format_compare(result)
         elif action == "alias":
             if args.remove:
-                result = call("remove_alias", args.model, args.alias, args.reason, by)
+                result = call("remove_alias", args.model, args.alias, args.reason, by, credentials=caller_credentials())
                 text = f"{args.model}: alias {args.alias!r} removed (was v{result['from_version']})"
             else:
-                result = call("set_alias", args.model, args.alias, args.version, args.reason, by)
+                result = call("set_alias", args.model, args.alias, args.version, args.reason, by,
+                              credentials=caller_credentials())
                 text = (f"{args.model}: alias {args.alias!r} -> v{result['version']}"
                         + (f" (was v{result['from_version']})" if result["from_version"] else " (new)")
                         if result["changed"] else f"{args.model}: alias {args.alias!r} already points at v{result['version']}")
         elif action == "rollback":
-            result = call("rollback_alias", args.model, args.alias, args.reason, by)
+            result = call("rollback_alias", args.model, args.alias, args.reason, by, credentials=caller_credentials())
             text = f"{args.model}: alias {args.alias!r} rolled back v{result['from_version']} -> v{result['version']}"
         elif action == "history":
             if args.as_of:
@@ -180,7 +185,8 @@ def cmd_registry(args) -> int:
                 [r["time"], r["principal"], r["operation"], r["target"], r["result"], r["reason"]] for r in result
             ]) if result else "(no audit rows)"
         elif action == "delete":
-            result = call("delete_version", args.model, args.version, force=args.force, reason=args.reason, actor=by)
+            result = call("delete_version", args.model, args.version, force=args.force, reason=args.reason, actor=by,
+                          credentials=caller_credentials())
             text = f"{args.model}: deleted v{result['version']}" + (
                 f" (forced; aliases removed: {', '.join(result['aliases_removed'])})" if result["forced"] else "")
         else:  # argparse only lets the choices through
