@@ -257,7 +257,9 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
                           "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in d.replica_states.items()},
                           "message": d.message}
                    for name, d in app.deployments.items()}
-    registry = registry_for(app_cfg)
+    from actors.registry.client import get_or_create_registry
+
+    registry = get_or_create_registry(app_cfg.registry)  # reads only: whatever actor runs, no secrets needed
     models = []
     for m in cfg.models:
         aliases = ray.get(registry.aliases.remote(m.model))

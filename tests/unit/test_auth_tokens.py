@@ -106,3 +106,18 @@ def test_auth_is_on_by_default_only_off_loopback():
     assert [default.enabled_for(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.1.2.3", "example.org")] == [
         False, False, False, True, True, True]
     assert AuthConfig(enabled=True).enabled_for("127.0.0.1") and not AuthConfig(enabled=False).enabled_for("0.0.0.0")
+
+
+def test_registry_auth_reads_the_secrets_here_and_refuses_auth_that_checks_nothing(monkeypatch):
+    from actors.registry.client import registry_auth
+    from app.config.auth import JwtConfig
+
+    monkeypatch.delenv("TEMPER_KEY_SECRET", raising=False)
+    monkeypatch.delenv("TEMPER_JWT_SECRET", raising=False)
+    with pytest.raises(ValueError, match="nothing could authenticate a caller: set the environment variable TEMPER_KEY_SECRET"):
+        registry_auth(AuthConfig(), enabled=True)
+    assert registry_auth(AuthConfig(), enabled=False) == {"enabled": False, "key_secret": None, "jwt": None, "jwt_key": None}
+    monkeypatch.setenv("TEMPER_KEY_SECRET", HS_SECRET)
+    monkeypatch.setenv("TEMPER_JWT_SECRET", HS_SECRET)
+    got = registry_auth(AuthConfig(jwt=JwtConfig(audience="a", issuer="i")), enabled=True)
+    assert (got["enabled"], got["key_secret"], got["jwt_key"], got["jwt"]["audience"]) == (True, HS_SECRET, HS_SECRET, "a")
