@@ -29,10 +29,11 @@ from typing import Any, Callable
 import ray
 
 from actors.mlflow_mirror import MlflowMirror
+from actors.registry.permissions import alias_operation
 from actors.registry.schema import SCHEMA_VERSION
 from actors.registry.store import MetricWrite, RegistryStore, mask_password
 from app.auth.api_keys import KEY_PREFIX
-from app.auth.identity import Principal
+from app.auth.identity import AuthError, Principal
 from app.auth.tokens import token_expiry, verify_token
 from app.config.auth import AuthConfig
 
@@ -97,14 +98,21 @@ class ModelRegistry:
         self._mirror_touch(model)
         return result
 
-    async def _principal(self, credentials: str | None) -> Principal | None:
+    async def _principal(self, credentials: str | None, operation: str, model: str, target: str) -> Principal | None:
         """Who `credentials` (an API key or a JWT) belong to; None (anonymous) without any or with auth off.
 
         With auth off nothing is checked, credentials included, exactly as before auth existed.
+        Credentials that are not accepted raise AuthError after a `refused` audit row for the
+        attempted `operation` on `target` (a wrong role is recorded by the store).
         """
         if not self._auth_enabled or credentials is None:
             return None
-        return await self._identify(credentials)
+        try:
+            return await self._identify(credentials)
+        except AuthError as err:
+            await self._call(self._store.append_audit, None, operation, target, result="refused", model=model,
+                             reason=f"credentials not accepted: {err}")
+            raise
 
     async def _identify(self, credentials: str) -> Principal:
         if not isinstance(credentials, str):
@@ -171,7 +179,7 @@ class ModelRegistry:
             model, self._store.register_version, model, artifact_uri, format, config=config,
             config_hash=config_hash, metrics=metrics, parent=parent, transformation=transformation, tags=tags,
             params=params, dataset_fingerprint=dataset_fingerprint, label=label,
-            principal=await self._principal(credentials),
+            principal=await self._principal(credentials, "register", model, model),
         )
 
     async def log_metrics(
@@ -189,9 +197,9 @@ class ModelRegistry:
 
     async def _log(self, write: MetricWrite, credentials: str | None) -> int:
         if self._auth_enabled:  # checked as `register`, like the store's own log_metrics
-            principal = await self._principal(credentials)
-            await self._call(self._store.authorize, principal, "register", write.model,
-                             f"{write.model}/{write.ref}", None)
+            target = f"{write.model}/{write.ref}"
+            principal = await self._principal(credentials, "register", write.model, target)
+            await self._call(self._store.authorize, principal, "register", write.model, target, None)
         if not write.rows:
             return 0
         future = asyncio.get_running_loop().create_future()
@@ -228,26 +236,26 @@ class ModelRegistry:
         self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli",
         *, credentials: str | None = None,
     ) -> dict:
-        principal = await self._principal(credentials)
+        principal = await self._principal(credentials, alias_operation(alias), model, f"{model}@{alias}")
         return await self._write(model, self._store.set_alias, model, alias, version, reason, actor, principal=principal)
 
     async def remove_alias(
         self, model: str, alias: str, reason: str = "", actor: str = "cli", *, credentials: str | None = None
     ) -> dict:
-        principal = await self._principal(credentials)
+        principal = await self._principal(credentials, alias_operation(alias), model, f"{model}@{alias}")
         return await self._write(model, self._store.remove_alias, model, alias, reason, actor, principal=principal)
 
     async def rollback_alias(
         self, model: str, alias: str, reason: str = "", actor: str = "cli", *, credentials: str | None = None
     ) -> dict:
-        principal = await self._principal(credentials)
+        principal = await self._principal(credentials, alias_operation(alias, rollback=True), model, f"{model}@{alias}")
         return await self._write(model, self._store.rollback_alias, model, alias, reason, actor, principal=principal)
 
     async def delete_version(
         self, model: str, version: int | str, *, force: bool = False, reason: str = "", actor: str = "cli",
         credentials: str | None = None,
     ) -> dict:
-        principal = await self._principal(credentials)
+        principal = await self._principal(credentials, "delete_version", model, f"{model}/{version}")
         return await self._write(
             model, self._store.delete_version, model, version, force=force, reason=reason, actor=actor,
             principal=principal,

@@ -129,8 +129,12 @@ def test_callers_without_valid_credentials_are_refused(ray_cluster, secured):
             "another-secret-of-at-least-32-characters", "HS256")))
     assert ray.get(handle.aliases.remote(model)) == {"staging": 2, "production": 2}
     refused = [r for r in _audit(cfg, model) if r["result"] == "refused"]
-    assert [(r["principal"], r["operation"]) for r in refused] == [
-        ("anonymous", "set_alias_production"), ("anonymous", "register")]
+    assert [(r["principal"], r["operation"], r["target"]) for r in refused] == [
+        ("anonymous", "set_alias_production", f"{model}@production"), ("anonymous", "register", f"{model}/1"),
+        ("anonymous", "delete_version", f"{model}/1"), ("anonymous", "delete_version", f"{model}/1")]
+    assert [r["reason"] for r in refused[2:]] == [
+        "credentials not accepted: unknown API key: it was not issued by this registry (or was mistyped)",
+        "credentials not accepted: token signature does not verify: it was forged, altered, or signed with another key"]
     assert ray.get(handle.settings.remote())["auth"] == {"enabled": True, "api_keys": True, "jwt": True}
     assert ray.get(handle.authenticate.remote(keys["viewer"])) == {
         "name": "viewer-key", "role": "viewer", "kind": "key", "expires": None}
