@@ -32,7 +32,7 @@ ACTOR_CALLS = {  # operation -> a call of the registry actor that performs it on
     "rollback_production": lambda h, m, c: h.rollback_alias.remote(m, "production", credentials=c),
     "delete_version": lambda h, m, c: h.delete_version.remote(m, 2, force=True, credentials=c),
 }
-"""Operations the actor performs; predict is checked over HTTP (tests/ray/test_auth_http.py),
+"""Operations the actor performs; read and predict are checked over HTTP too (tests/ray/test_serve.py),
 the others (train, tune, compress, keys, audit) by the store's own tests."""
 
 
