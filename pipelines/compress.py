@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ray
 
-from actors.registry.client import find_version_by_artifact
+from actors.registry.client import caller_credentials, find_version_by_artifact
 from app.artifacts import artifact_size_bytes, local_path
 from app.compression import METHODS
 from app.config.jobs import CompressJob, TrainJob
@@ -141,7 +141,7 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
     src_metrics = {**_measure(src_pred, job, train_job, ev), "size_bytes": float(artifact_size_bytes(src_path))}
     if ev is not None and src_pred.task == "embedding":
         ev.reference = src_pred.forward(ev.texts, truncate=True, batch_size=job.compress.eval_batch_size)
-    ray.get(registry.log_metrics.remote(job.name, source["version"], src_metrics))
+    ray.get(registry.log_metrics.remote(job.name, source["version"], src_metrics, credentials=caller_credentials()))
     source = {**source, "metrics": {**source["metrics"], **src_metrics}}
 
     reports = []
@@ -166,7 +166,7 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
             config=train_job.model_dump(mode="json"), config_hash=source["config_hash"],
             metrics=metrics, parent={"model": job.name, "version": source["version"]},
             transformation="quantized",
-            tags={"method": method, "rejected": str(rejected).lower()},
+            tags={"method": method, "rejected": str(rejected).lower()}, credentials=caller_credentials(),
         ))
         _say(
             f"[compress] {method}: v{record['version']} {metric_name} {metrics[metric_name]:.4f} "

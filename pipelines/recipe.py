@@ -62,27 +62,30 @@ def pick_for_serving(job: OptimizeJob, trained: dict, variants: list[dict]) -> d
 
 
 def stage_serve(job: OptimizeJob, registry, chosen: dict) -> tuple[str, ServeApp]:
+    from actors.registry.client import caller_credentials
     from serve.deploy import deploy
 
     ray.get(registry.set_alias.remote(
         job.name, "production", chosen["version"],
         reason=f"run {job.name}: fastest {chosen['format']} variant within quality budget", actor="app run",
+        credentials=caller_credentials(),
     ))
     models = job.serve.models or [ServedModel(model=job.name, version="production")]
-    app_cfg = ServeApp(registry=job.registry, serve=job.serve.model_copy(update={"models": models}))
+    app_cfg = ServeApp(registry=job.registry, serve=job.serve.model_copy(update={"models": models}), auth=job.auth)
     return deploy(app_cfg), app_cfg
 
 
 def client_call(job: OptimizeJob, url: str) -> dict:
     """One real HTTP call through the Python client, on a held-out sample."""
     from app.data import build_data
+    from actors.registry.client import caller_credentials
     from serve.client import TemperClient
 
     if job.model.kind == "hf" and job.model.task in ("embedding", "sequence_classification"):
         from app.data.text import read_splits
 
         text = read_splits(job.data).val[0].text
-        with TemperClient(url, timeout=30.0) as client:
+        with TemperClient(url, timeout=30.0, api_key=caller_credentials()) as client:
             if job.model.task == "embedding":
                 res = client.embed(job.name, [text], truncate=True)
                 answer = {"endpoint": "embed", "text": text[:60], "dim": len(res.embeddings[0]),
@@ -92,7 +95,7 @@ def client_call(job: OptimizeJob, url: str) -> dict:
                 answer = {"endpoint": "classify", "text": text[:60], "predicted": res.labels[0], "top_k": res.probabilities[0]}
         return {**answer, "version": res.version, "backend": res.backend, "latency_ms": res.latency_ms}
     data = build_data(job.data, job.model)
-    with TemperClient(url, timeout=30.0) as client:
+    with TemperClient(url, timeout=30.0, api_key=caller_credentials()) as client:
         if job.model.kind == "vit":
             x, y = next(data.val_batches(1, 1))
             res = client.predict(job.name, x.numpy().tolist(), top_k=3)
@@ -106,10 +109,11 @@ def client_call(job: OptimizeJob, url: str) -> dict:
 
 
 def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
-    from actors.registry.client import get_or_create_registry
+    from actors.registry.client import get_or_create_registry, registry_auth
 
     summary = RunSummary(model=job.name)
-    registry = get_or_create_registry(job.registry)
+    # Auth as the app it serves will have: on when serving beyond loopback unless `auth.enabled: false`.
+    registry = get_or_create_registry(job.registry, auth=registry_auth(job.auth, job.auth.enabled_for(job.serve.host)))
 
     t0 = time.perf_counter()
     metric, _ = primary_metric(metric_kind(job.model))

@@ -18,7 +18,7 @@ import platform
 
 import ray
 
-from actors.registry.client import find_version_by_artifact
+from actors.registry.client import caller_credentials, find_version_by_artifact
 from actors.registry.validation import flatten_dict
 from app.config.jobs import TrainJob
 from app.models.sources import folder_provenance
@@ -62,7 +62,7 @@ def register_trained(registry, job: TrainJob, artifact_path: str, *, config_hash
         config=job.model_dump(mode="json"), config_hash=config_hash,
         metrics=metrics, transformation=transformation, parent=parent, tags=tags,
         params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
-        dataset_fingerprint=dataset_fingerprint(job),
+        dataset_fingerprint=dataset_fingerprint(job), credentials=caller_credentials(),
     ))
     return record, True
 

@@ -112,9 +112,10 @@ def advise(app_cfg: ServeApp, model: str, slo_p99_ms: float, *, concurrency: int
     cfg = app_cfg.serve
     was_running = cfg.app_name in serve.status().applications
     url = deploy(app_cfg) if not was_running else base_url(cfg)
+    from actors.registry.client import caller_credentials
     from serve.client import TemperClient
 
-    with TemperClient(url, timeout=60.0) as client:
+    with TemperClient(url, timeout=60.0, api_key=caller_credentials()) as client:
         info = next(m for m in client.models() if m["model"] == model)
     endpoint = "predict" if info["task"] == "classifier" else "generate"
     advice = Advice(model, endpoint, slo_p99_ms, concurrency)

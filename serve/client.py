@@ -12,6 +12,7 @@ share the result types, the retry policy and the stream parsing, so they live to
 wire names come from `serve.protocol`, and nothing here imports Ray Serve or torch at import time.
 
     client = TemperClient("http://127.0.0.1:8000", route_key="user-42")   # sticky traffic route
+    client = TemperClient(url, api_key=os.environ["TEMPER_API_KEY"])       # or token=<JWT>, when auth is on
     result = client.predict("digits", images)          # images (N, 8, 8), (N, 1, 8, 8) or (N, 64)
     result.labels, result.version, result.route
 
@@ -219,6 +220,15 @@ def _json(resp: httpx.Response) -> Any:
     return resp.json()
 
 
+def auth_headers(api_key: str | None, token: str | None) -> dict[str, str]:
+    """The credential header of every request: `X-API-Key: <key>` or `Authorization: Bearer <token>`."""
+    if api_key and token:
+        raise ValueError("pass api_key or token, not both")
+    if api_key:
+        return {"X-API-Key": api_key}
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _headers(route_key: str | None, route: str | None, sticky_header: str) -> dict[str, str]:
     out = {}
     if route_key:
@@ -302,11 +312,14 @@ class TemperClient:
 
     `route_key` pins every call to one traffic route (sent as `sticky_header`); `retry` governs
     retries of 503 and connection errors. `transport` is for tests (httpx.MockTransport).
+    `api_key` (an API key) or `token` (a JWT) is sent with every request when the app requires auth.
     """
 
     def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
-                 retry: RetryPolicy | None = None, route_key: str | None = None, sticky_header: str = STICKY_HEADER):
-        self._http = httpx.Client(base_url=base_url.rstrip("/") + API_PREFIX, timeout=timeout, transport=transport)
+                 retry: RetryPolicy | None = None, route_key: str | None = None, sticky_header: str = STICKY_HEADER,
+                 api_key: str | None = None, token: str | None = None):
+        self._http = httpx.Client(base_url=base_url.rstrip("/") + API_PREFIX, timeout=timeout, transport=transport,
+                                  headers=auth_headers(api_key, token))
         self.retry = retry or RetryPolicy()
         self.route_key, self.sticky_header = route_key, sticky_header
         self.attempts = 0
@@ -417,10 +430,10 @@ class AsyncTemperClient:
 
     def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
                  retry: RetryPolicy | None = None, route_key: str | None = None, sticky_header: str = STICKY_HEADER,
-                 max_connections: int = 100):
+                 max_connections: int = 100, api_key: str | None = None, token: str | None = None):
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/") + API_PREFIX, timeout=timeout,
-                                       transport=transport, limits=limits)
+                                       transport=transport, limits=limits, headers=auth_headers(api_key, token))
         self.retry = retry or RetryPolicy()
         self.route_key, self.sticky_header = route_key, sticky_header
         self.attempts = 0

@@ -22,6 +22,7 @@ from ray import serve
 from app.config.jobs import ServeApp
 from app.runtime import verbose
 from app.config.serve import ServeConfig, ServedModel
+from serve.access import IngressAuth
 from serve.ingress import IngressSettings, TemperIngress
 from serve.protocol import API_PREFIX, model_deployment_name
 from serve.replica import BatchedModelServer, BatchSettings
@@ -106,9 +107,23 @@ def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConf
     return opts
 
 
+def auth_enabled(app_cfg: ServeApp) -> bool:
+    """Whether callers must authenticate: `auth.enabled`, or by default whether `serve.host` is not loopback."""
+    return app_cfg.auth.enabled_for(app_cfg.serve.host)
+
+
+def registry_for(app_cfg: ServeApp):
+    """The registry actor of the app, started (when absent) with the app's auth settings: it
+    checks the credentials the ingress receives, and enforces roles on writes when auth is on."""
+    from actors.registry.client import get_or_create_registry, registry_auth
+
+    return get_or_create_registry(app_cfg.registry, auth=registry_auth(app_cfg.auth, auth_enabled(app_cfg)))
+
+
 def build_app(app_cfg: ServeApp) -> serve.Application:
     """Ingress + one BatchedModelServer deployment per model route (+ the rollout watcher when a
-    model has `auto_rollback`), ready for `serve.run`."""
+    model has `auto_rollback`), ready for `serve.run`. The ingress's auth settings (on or off,
+    rate limit) are live like its traffic weights."""
     cfg = app_cfg.serve
     registry = app_cfg.registry.model_dump(mode="json")
     servers: dict[str, list] = {}
@@ -129,14 +144,17 @@ def build_app(app_cfg: ServeApp) -> serve.Application:
     capacity = _ingress_capacity(cfg)
     return TemperIngress.options(
         name=INGRESS_NAME,
-        version=_code_version(_fixed_ingress_config(cfg), bool(watcher)), _internal=True,
+        version=_code_version(_fixed_ingress_config(cfg), bool(watcher), registry), _internal=True,
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
         max_ongoing_requests=capacity,
         max_queued_requests=capacity,
         backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
-        user_config=IngressSettings(traffic={m.model: m.routes() for m in cfg.models}).model_dump(),
-    ).bind(cfg.model_dump(mode="json"), servers, watcher)
+        user_config=IngressSettings(
+            traffic={m.model: m.routes() for m in cfg.models},
+            auth=IngressAuth(enabled=auth_enabled(app_cfg), rate_limit=app_cfg.auth.rate_limit),
+        ).model_dump(mode="json"),
+    ).bind(cfg.model_dump(mode="json"), servers, watcher, registry)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -145,10 +163,8 @@ def app_builder(args: dict) -> serve.Application:
 
     It runs in a task on the cluster: the registry actor (detached) is started there when it is
     not running yet, so `serve deploy FILE` works on its own."""
-    from actors.registry.client import get_or_create_registry
-
     app_cfg = ServeApp.model_validate(args)
-    get_or_create_registry(app_cfg.registry)
+    registry_for(app_cfg)
     return build_app(app_cfg)
 
 
@@ -162,9 +178,7 @@ def check_versions(app_cfg: ServeApp) -> list[dict]:
     before any replica starts; returns the registry records, route by route."""
     import ray
 
-    from actors.registry.client import get_or_create_registry
-
-    registry = get_or_create_registry(app_cfg.registry)
+    registry = registry_for(app_cfg)
     records = []
     for m in app_cfg.serve.models:
         for ref in m.routes():
@@ -235,8 +249,6 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
     rollout watcher's rollbacks. `{"status": "NOT_RUNNING"}` when the app is not deployed."""
     import ray
 
-    from actors.registry.client import get_or_create_registry
-
     cfg = app_cfg.serve
     app = serve.status().applications.get(cfg.app_name)
     if app is None:
@@ -245,7 +257,9 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
                           "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in d.replica_states.items()},
                           "message": d.message}
                    for name, d in app.deployments.items()}
-    registry = get_or_create_registry(app_cfg.registry)
+    from actors.registry.client import get_or_create_registry
+
+    registry = get_or_create_registry(app_cfg.registry)  # reads only: whatever actor runs, no secrets needed
     models = []
     for m in cfg.models:
         aliases = ray.get(registry.aliases.remote(m.model))

@@ -28,7 +28,7 @@ import time
 import uuid
 from typing import Any, Mapping
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import telemetry
 from app.config.serve import ServeConfig
+from serve.access import AccessControl, IngressAuth
 from serve.protocol import (
     API_PREFIX,
     ROUTE_HEADER,
@@ -69,6 +70,7 @@ class IngressSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     traffic: dict[str, dict[str, int]]
+    auth: IngressAuth = IngressAuth()
 
 
 class RouteTable:
@@ -291,7 +293,7 @@ def _sse(event: str, data: dict) -> bytes:
 
 def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetrics | None = None,
              behind_serve_proxy: bool = False, routes: RouteTable | None = None,
-             reporter: OutcomeReporter | None = None) -> FastAPI:
+             reporter: OutcomeReporter | None = None, access: AccessControl | None = None) -> FastAPI:
     """The REST API. `servers` maps model name -> the handles of its route deployments in route
     order (or one handle): anything whose `.classify/.score/.generate/.info.remote(...)` returns
     an awaitable, so the API is testable with fakes. `metrics=None` records none (tests without Ray).
@@ -313,6 +315,17 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
         add_id_header=not behind_serve_proxy,
     )
     overloaded_headers = {"Retry-After": str(cfg.retry_after_s)}
+
+    def require(operation: str):
+        async def admitted(request: Request) -> None:
+            if access is not None:
+                model = request.path_params.get("model")
+                request.state.principal = await access.admit(
+                    request.headers, request.client.host if request.client else None, operation,
+                    f"model {model}" if model else "the model list")
+        return Depends(admitted)
+
+    read, use = [require("read")], [require("predict")]
 
     def record(model: str, route: str, version: int | None, outcome: str, latency_ms: float) -> None:
         if metrics is not None:
@@ -374,9 +387,11 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
 
     @api.get(f"{API_PREFIX}/health", name="health")
     async def health() -> dict:
+        if access is not None and access.enabled:
+            return {"status": "ok"}
         return {"status": "ok", "app": cfg.app_name, "models": sorted(served)}
 
-    @api.get(f"{API_PREFIX}/models", name="models")
+    @api.get(f"{API_PREFIX}/models", name="models", dependencies=read)
     async def models() -> dict:
         async def describe(name: str) -> dict:
             m = served[name]
@@ -395,35 +410,35 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
 
         return {"models": list(await asyncio.gather(*(describe(name) for name in served)))}
 
-    @api.post(f"{API_PREFIX}/models/{{model}}/predict", name="predict")
+    @api.post(f"{API_PREFIX}/models/{{model}}/predict", name="predict", dependencies=use)
     async def predict(model: str, body: PredictRequest, request: Request) -> dict:
         t0 = time.perf_counter()
         check_items(len(body.inputs), "inputs")
         out, route = await call(model, "classify", request, body.inputs, body.top_k)
         return answer(model, route, out, t0, outputs=out["outputs"], probabilities=out["probabilities"])
 
-    @api.post(f"{API_PREFIX}/models/{{model}}/embed", name="embed")
+    @api.post(f"{API_PREFIX}/models/{{model}}/embed", name="embed", dependencies=use)
     async def embed(model: str, body: EmbedRequest, request: Request) -> dict:
         t0 = time.perf_counter()
         check_items(len(body.texts), "texts")
         out, route = await call(model, "embed", request, body.texts, body.truncate)
         return answer(model, route, out, t0, embeddings=out["embeddings"])
 
-    @api.post(f"{API_PREFIX}/models/{{model}}/classify", name="classify")
+    @api.post(f"{API_PREFIX}/models/{{model}}/classify", name="classify", dependencies=use)
     async def classify_texts(model: str, body: ClassifyTextsRequest, request: Request) -> dict:
         t0 = time.perf_counter()
         check_items(len(body.texts), "texts")
         out, route = await call(model, "classify_texts", request, body.texts, body.top_k, body.truncate)
         return answer(model, route, out, t0, outputs=out["outputs"], probabilities=out["probabilities"])
 
-    @api.post(f"{API_PREFIX}/models/{{model}}/score", name="score")
+    @api.post(f"{API_PREFIX}/models/{{model}}/score", name="score", dependencies=use)
     async def score(model: str, body: ScoreRequest, request: Request) -> dict:
         t0 = time.perf_counter()
         check_items(len(body.texts), "texts")
         out, route = await call(model, "score", request, body.texts, body.top_k)
         return answer(model, route, out, t0, outputs=out["outputs"])
 
-    @api.post(f"{API_PREFIX}/models/{{model}}/generate", name="generate")
+    @api.post(f"{API_PREFIX}/models/{{model}}/generate", name="generate", dependencies=use)
     async def generate(model: str, body: GenerateRequest, request: Request):
         t0 = time.perf_counter()
         cap = served[model].max_new_tokens if model in served else None
@@ -503,15 +518,35 @@ class TemperIngress:
     """HTTP entry of the app: builds the FastAPI app at replica start (`make_api`); traffic
     weights arrive (and change live) through `reconfigure`."""
 
-    def __init__(self, serve_cfg: dict, servers: dict, watcher: Any = None):
+    def __init__(self, serve_cfg: dict, servers: dict, watcher: Any = None, registry: dict | None = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.servers = servers  # model name -> DeploymentHandles of its routes (Serve replaced the bound apps)
         self.routes = RouteTable({m.model: m.routes() for m in self.cfg.models})
         self.reporter = OutcomeReporter(watcher, {m.model for m in self.cfg.models if m.auto_rollback})
+        self.registry_cfg = registry  # {actor_name, namespace, ...}: whom to ask about credentials
+        self._registry = None
+        self.access = AccessControl(self._authenticate)
+
+    async def _authenticate(self, credentials: str) -> dict:
+        """The registry actor's answer about `credentials` (it holds the key hashes and the JWT settings)."""
+        import ray
+
+        if self.registry_cfg is None:
+            raise APIError(503, "credentials cannot be checked: this ingress knows no registry")
+        if self._registry is None:
+            self._registry = ray.get_actor(self.registry_cfg["actor_name"], namespace=self.registry_cfg["namespace"])
+        try:
+            return await self._registry.authenticate.remote(credentials)
+        except ray.exceptions.RayActorError as err:
+            self._registry = None  # looked up again next time (the actor restarts under the same name)
+            raise APIError(503, f"credentials cannot be checked now: the registry is unavailable ({type(err).__name__})",
+                           headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
 
     def reconfigure(self, user_config: dict) -> None:
-        self.routes.update(IngressSettings.model_validate(user_config).traffic)
+        settings = IngressSettings.model_validate(user_config)
+        self.routes.update(settings.traffic)
+        self.access.update(settings.auth)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True,
-                        routes=self.routes, reporter=self.reporter)
+                        routes=self.routes, reporter=self.reporter, access=self.access)

@@ -80,6 +80,24 @@ def running_two_at_a_time(tasks: dict):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def readme_permissions() -> dict[str, dict[str, bool]]:
+    """The README's role x operation table as {operation: {role: allowed}}: the tests of
+    enforcement (registry actor, HTTP) are generated from this text, not from the code's table."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- permissions table:.*?-->\n(.*?)\n<!-- end of permissions table -->", readme, re.S)
+    assert block, "README.md lacks the permissions table"
+    header, _, *rows = block.group(1).strip().splitlines()
+    roles = [c.strip() for c in header.strip("|").split("|")][1:]
+    table = {}
+    for row in rows:
+        op, *cells = [c.strip() for c in row.strip("|").split("|")]
+        table[op.strip("`")] = {role: cell == "yes" for role, cell in zip(roles, cells)}
+    return table
+
+
 def serving(app_cfg):
     """Deploy `app_cfg` for a test module; yields its base URL. Afterwards the app is removed and
     Serve stopped: its HTTP host and port are fixed when Serve starts, so a later module can only

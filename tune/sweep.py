@@ -36,6 +36,7 @@ from typing import Any
 
 import ray
 
+from actors.registry.client import caller_credentials
 from app.config.jobs import TrainJob, TuneJob, trial_tree
 from app.config.tune import TuneConfig
 from app.config.base import config_hash
@@ -512,5 +513,5 @@ def register_best(job: TuneJob, registry, best: TrialRow, result, rows: list[Tri
     )
     points = [{"metrics": {metric: v}, "step": s} for s, v in best.curve]
     if new and points:
-        ray.get(registry.log_metrics_batch.remote(job.name, record["version"], points))
+        ray.get(registry.log_metrics_batch.remote(job.name, record["version"], points, credentials=caller_credentials()))
     return record

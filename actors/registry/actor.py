@@ -6,6 +6,15 @@ are group-committed (one transaction for all calls waiting at that moment), and 
 MLflow mirror (actors/mlflow_mirror.py) runs after the commit, off the request path. Drivers
 reach it through `actors.registry.client.get_or_create_registry` and call
 `ray.get(handle.method.remote(...))`.
+
+Who may write: every mutation takes `credentials=`, the caller's API key or JWT as a string,
+and the actor turns it into a principal itself (an API key against the database, a JWT against
+the `auth.jwt` settings); no method accepts a principal, a role or a name from the caller, so
+none can be forged through the API. Whether writes are refused is fixed when the actor starts
+(`auth` below, from `get_or_create_registry(cfg, auth=...)`); reads stay open. The boundary of
+this check is the actor's API: code that can run arbitrary tasks on the cluster can also open
+the database or the actor's process (Ray itself has no authentication), so the cluster must be
+reachable only by trusted hosts.
 """
 
 from __future__ import annotations
@@ -20,8 +29,13 @@ from typing import Any, Callable
 import ray
 
 from actors.mlflow_mirror import MlflowMirror
+from actors.registry.permissions import alias_operation
 from actors.registry.schema import SCHEMA_VERSION
 from actors.registry.store import MetricWrite, RegistryStore, mask_password
+from app.auth.api_keys import KEY_PREFIX
+from app.auth.identity import AuthError, Principal
+from app.auth.tokens import token_expiry, verify_token
+from app.config.auth import AuthConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +64,15 @@ class ModelRegistry:
     is the source of truth. After a restart the first write or `mirror_flush` re-syncs every model.
     """
 
-    def __init__(self, db_url: str, mirror: dict | None = None) -> None:
-        self._store = RegistryStore(db_url)
+    def __init__(self, db_url: str, mirror: dict | None = None, auth: dict | None = None) -> None:
+        """`auth` (see `actors.registry.client.registry_auth`): {enabled, key_secret, jwt, jwt_key}; None: off."""
+        auth = auth or {"enabled": False, "key_secret": None, "jwt": None, "jwt_key": None}
+        self._auth_enabled = bool(auth["enabled"])
+        self._auth_cfg = AuthConfig(enabled=self._auth_enabled, jwt=auth["jwt"])
+        self._jwt_key = auth["jwt_key"]
+        key_secret = auth["key_secret"]
+        self._store = RegistryStore(db_url, key_secret=None if key_secret is None else key_secret.encode(),
+                                    auth_enabled=self._auth_enabled)
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
         self._metric_queue: list[tuple[MetricWrite, asyncio.Future]] = []
         self._metric_flusher: asyncio.Task | None = None
@@ -64,9 +85,9 @@ class ModelRegistry:
             self._mirror_dirty: set[str] = {"*"}  # "*": every model (first sync after a (re)start)
             self._mirror_errors: dict[str, str] = {}
             self._mirror_task: asyncio.Task | None = None
-        log.info("ModelRegistry open on %s (schema version %d%s), MLflow mirror %s", mask_password(db_url),
+        log.info("ModelRegistry open on %s (schema version %d%s), MLflow mirror %s, auth %s", mask_password(db_url),
                  SCHEMA_VERSION, f", migrated from {self._store.migrated_from}" if self._store.migrated_from else "",
-                 "on" if mirror else "off")
+                 "on" if mirror else "off", "on" if self._auth_enabled else "off")
 
     async def _call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -76,6 +97,30 @@ class ModelRegistry:
         result = await self._call(fn, *args, **kwargs)
         self._mirror_touch(model)
         return result
+
+    async def _principal(self, credentials: str | None, operation: str, model: str, target: str) -> Principal | None:
+        """Who `credentials` (an API key or a JWT) belong to; None (anonymous) without any or with auth off.
+
+        With auth off nothing is checked, credentials included, exactly as before auth existed.
+        Credentials that are not accepted raise AuthError after a `refused` audit row for the
+        attempted `operation` on `target` (a wrong role is recorded by the store).
+        """
+        if not self._auth_enabled or credentials is None:
+            return None
+        try:
+            return await self._identify(credentials)
+        except AuthError as err:
+            await self._call(self._store.append_audit, None, operation, target, result="refused", model=model,
+                             reason=f"credentials not accepted: {err}")
+            raise
+
+    async def _identify(self, credentials: str) -> Principal:
+        if not isinstance(credentials, str):
+            raise TypeError(f"credentials must be an API key or a JWT string, got {type(credentials).__name__}: "
+                            "the registry authenticates callers itself and accepts no principal object")
+        if credentials.startswith(KEY_PREFIX):
+            return await self._call(self._store.authenticate, credentials)
+        return verify_token(credentials, self._auth_cfg, self._jwt_key)
 
     # ---- health and settings
 
@@ -90,9 +135,21 @@ class ModelRegistry:
 
     @ray.method(max_task_retries=_READ_RETRIES)
     async def settings(self) -> dict:
-        """{db_url (password masked), schema_version, migrated_from, mirror (settings or None)}."""
+        """{db_url (password masked), schema_version, migrated_from, mirror (settings or None),
+        auth {enabled, api_keys (whether the server secret is set), jwt (whether tokens are accepted)}}."""
         return {"db_url": mask_password(self._store.url), "schema_version": SCHEMA_VERSION,
-                "migrated_from": self._store.migrated_from, "mirror": self._mirror_settings}
+                "migrated_from": self._store.migrated_from, "mirror": self._mirror_settings,
+                "auth": {"enabled": self._auth_enabled, "api_keys": self._store.key_secret is not None,
+                         "jwt": self._auth_cfg.jwt is not None}}
+
+    @ray.method(max_task_retries=_READ_RETRIES)
+    async def authenticate(self, credentials: str) -> dict:
+        """{name, role, kind, expires (a JWT's `exp` as Unix time; None for a key)} of an API key or
+        JWT, checked now whether or not writes are enforced here; AuthError saying why it is not
+        accepted. The HTTP ingress asks this (and caches the answer briefly)."""
+        principal = await self._identify(credentials)
+        expires = token_expiry(credentials) if principal.kind == "jwt" else None
+        return {"name": principal.name, "role": principal.role, "kind": principal.kind, "expires": expires}
 
     @ray.method(max_task_retries=_READ_RETRIES)
     async def stats(self) -> dict:
@@ -116,24 +173,33 @@ class ModelRegistry:
         params: dict[str, Any] | None = None,
         dataset_fingerprint: str | None = None,
         label: str | None = None,
+        credentials: str | None = None,
     ) -> dict:
         return await self._write(
             model, self._store.register_version, model, artifact_uri, format, config=config,
             config_hash=config_hash, metrics=metrics, parent=parent, transformation=transformation, tags=tags,
             params=params, dataset_fingerprint=dataset_fingerprint, label=label,
+            principal=await self._principal(credentials, "register", model, model),
         )
 
     async def log_metrics(
-        self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None
+        self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None,
+        *, credentials: str | None = None,
     ) -> int:
         """Append metric values (one step); returns the rows written, once committed."""
-        return await self._log(MetricWrite.single(model, version, metrics, step))
+        return await self._log(MetricWrite.single(model, version, metrics, step), credentials)
 
-    async def log_metrics_batch(self, model: str, version: int | str, points: list[dict]) -> int:
+    async def log_metrics_batch(
+        self, model: str, version: int | str, points: list[dict], *, credentials: str | None = None
+    ) -> int:
         """Append many steps: `points` = [{"metrics": {...}, "step": n}, ...]; all or nothing."""
-        return await self._log(MetricWrite.batch(model, version, points))
+        return await self._log(MetricWrite.batch(model, version, points), credentials)
 
-    async def _log(self, write: MetricWrite) -> int:
+    async def _log(self, write: MetricWrite, credentials: str | None) -> int:
+        if self._auth_enabled:  # checked as `register`, like the store's own log_metrics
+            target = f"{write.model}/{write.ref}"
+            principal = await self._principal(credentials, "register", write.model, target)
+            await self._call(self._store.authorize, principal, "register", write.model, target, None)
         if not write.rows:
             return 0
         future = asyncio.get_running_loop().create_future()
@@ -167,21 +233,32 @@ class ModelRegistry:
                     future.set_result(result)
 
     async def set_alias(
-        self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli"
+        self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli",
+        *, credentials: str | None = None,
     ) -> dict:
-        return await self._write(model, self._store.set_alias, model, alias, version, reason, actor)
+        principal = await self._principal(credentials, alias_operation(alias), model, f"{model}@{alias}")
+        return await self._write(model, self._store.set_alias, model, alias, version, reason, actor, principal=principal)
 
-    async def remove_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
-        return await self._write(model, self._store.remove_alias, model, alias, reason, actor)
+    async def remove_alias(
+        self, model: str, alias: str, reason: str = "", actor: str = "cli", *, credentials: str | None = None
+    ) -> dict:
+        principal = await self._principal(credentials, alias_operation(alias), model, f"{model}@{alias}")
+        return await self._write(model, self._store.remove_alias, model, alias, reason, actor, principal=principal)
 
-    async def rollback_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
-        return await self._write(model, self._store.rollback_alias, model, alias, reason, actor)
+    async def rollback_alias(
+        self, model: str, alias: str, reason: str = "", actor: str = "cli", *, credentials: str | None = None
+    ) -> dict:
+        principal = await self._principal(credentials, alias_operation(alias, rollback=True), model, f"{model}@{alias}")
+        return await self._write(model, self._store.rollback_alias, model, alias, reason, actor, principal=principal)
 
     async def delete_version(
-        self, model: str, version: int | str, *, force: bool = False, reason: str = "", actor: str = "cli"
+        self, model: str, version: int | str, *, force: bool = False, reason: str = "", actor: str = "cli",
+        credentials: str | None = None,
     ) -> dict:
+        principal = await self._principal(credentials, "delete_version", model, f"{model}/{version}")
         return await self._write(
-            model, self._store.delete_version, model, version, force=force, reason=reason, actor=actor
+            model, self._store.delete_version, model, version, force=force, reason=reason, actor=actor,
+            principal=principal,
         )
 
     # ---- reads

@@ -23,10 +23,43 @@ from actors.registry.validation import URI_SCHEME_RE
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
+    from app.config.auth import AuthConfig
     from app.config.registry import MlflowMirrorConfig, RegistryConfig
 
 ACTOR_START_TIMEOUT_S = 120.0
 """How long `get_or_create_registry` waits for the actor to answer its first call."""
+
+API_KEY_ENV = "TEMPER_API_KEY"
+"""Environment variable holding the caller's credentials (an API key, or a JWT) that the CLI,
+the pipelines and `serve.client` send to the registry actor and the HTTP ingress."""
+
+
+def caller_credentials() -> str | None:
+    """This process's credentials: the value of TEMPER_API_KEY (None when unset or empty)."""
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def registry_auth(auth: AuthConfig, enabled: bool) -> dict:
+    """What the registry actor needs to check callers, read in this (the driver's) process:
+    {enabled, key_secret, jwt, jwt_key}. The secrets come from the environment variables the
+    config names and travel as constructor arguments, never through the actor's runtime_env
+    (which Ray's dashboard shows). ValueError when `enabled` but no credential could be checked."""
+    from app.auth.api_keys import read_server_secret
+    from app.auth.tokens import verification_key
+
+    key_secret = read_server_secret(auth.key_secret_env)
+    jwt_key = None if auth.jwt is None else verification_key(auth.jwt)
+    if enabled and key_secret is None and jwt_key is None:
+        raise ValueError(
+            f"auth is enabled but nothing could authenticate a caller: set the environment variable "
+            f"{auth.key_secret_env} (auth.key_secret_env, for API keys) or configure auth.jwt"
+        )
+    return {
+        "enabled": enabled,
+        "key_secret": None if key_secret is None else key_secret.decode(),
+        "jwt": None if auth.jwt is None else auth.jwt.model_dump(mode="json"),
+        "jwt_key": jwt_key.decode() if isinstance(jwt_key, bytes) else jwt_key,
+    }
 
 
 def _absolute_sqlite(url: str, cwd: str | Path | None, field: str) -> str:
@@ -90,12 +123,17 @@ def resolve_mirror_settings(cfg: MlflowMirrorConfig, db_url: str, cwd: str | Pat
             "experiment": cfg.experiment, "log_artifacts": cfg.log_artifacts}
 
 
-def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
+def get_or_create_registry(cfg: RegistryConfig, auth: dict | None = None) -> ActorHandle:
     """The registry actor named `cfg.actor_name` in `cfg.namespace`, started if absent.
 
     Needs Ray initialized. Raises ValueError when an actor of that name already serves another
     database than `cfg.db_url`, or when `cfg.mlflow` is enabled and the running actor mirrors
     elsewhere (or not at all). A caller with the mirror off uses whatever actor runs.
+
+    `auth` (from `registry_auth`) is fixed when the actor starts: with `enabled`, every mutation
+    needs credentials whose role allows it. Asking for auth from a running actor without it is a
+    ValueError (restart it); a caller without `auth` uses whatever actor runs, and a running
+    actor with auth on refuses that caller's writes unless it sends credentials.
     """
     if not ray.is_initialized():
         raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
@@ -123,7 +161,7 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
         )
     where = f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) on {mask_password(url)}"
     for attempt in range(3):
-        handle = ModelRegistry.options(**options).remote(url, mirror)
+        handle = ModelRegistry.options(**options).remote(url, mirror, auth)
         try:
             actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
             break
@@ -141,6 +179,11 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
             f"{actual['db_url']}, not {mask_password(url)} (registry.db_url); use another registry.actor_name "
             "or the same registry.db_url"
         )
+    if auth is not None and auth["enabled"] and not actual["auth"]["enabled"]:
+        raise ValueError(
+            f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) already runs without auth, "
+            "but auth is enabled here; restart it (ray.kill) so that it starts with auth on"
+        )
     if mirror is not None and actual["mirror"] != mirror:
         shown = {k: mask_password(v) if isinstance(v, str) else v for k, v in (actual["mirror"] or {}).items()} or "off"
         raise ValueError(
@@ -151,15 +194,16 @@ def get_or_create_registry(cfg: RegistryConfig) -> ActorHandle:
     return handle
 
 
-def open_store(cfg: RegistryConfig) -> RegistryStore:
+def open_store(cfg: RegistryConfig, *, key_secret: bytes | None = None, auth_enabled: bool = False) -> RegistryStore:
     """The registry database of `cfg.db_url` opened in this process, without Ray or the actor.
 
     For read-only commands when no cluster runs (no actor start-up, nothing on stdout). It opens
     the database exactly as the actor would (creating or migrating it); SQLite's WAL mode and
     Postgres' row locks make it safe next to a running actor. Writes through it are not
     mirrored to MLflow until the actor's next start. Close it with `store.close()`.
+    `key_secret` and `auth_enabled` are passed to the store (API keys, permission checks).
     """
-    return RegistryStore(resolve_db_url(cfg.db_url))
+    return RegistryStore(resolve_db_url(cfg.db_url), key_secret=key_secret, auth_enabled=auth_enabled)
 
 
 def find_version_by_artifact(registry: ActorHandle, model: str, artifact_uri: str) -> dict | None:

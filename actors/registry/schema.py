@@ -49,7 +49,7 @@ from actors.registry.errors import RegistrySchemaError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the table layout below; older databases are migrated, newer ones refused."""
 
 MAX_KEY_LEN = 128
@@ -138,6 +138,40 @@ alias_history_table = Table(
     Index("ix_alias_history_model_alias", "model_id", "alias", "created_at"),  # v2: as_of lookups
 )
 
+api_keys_table = Table(  # v3
+    "api_keys", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(16), nullable=False, unique=True),  # the public part of the key, for lookup
+    Column("name", String(64), nullable=False, unique=True),  # revoked keys keep their name: the audit log names them
+    Column("role", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False),  # HMAC-SHA256 of the key (app/auth/api_keys.py); never the key
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(MAX_KEY_LEN), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_by", String(MAX_KEY_LEN), nullable=True),
+)
+
+AUDIT_RESULTS = ("allowed", "refused")
+
+audit_log_table = Table(  # v3: append-only (the store has no method that updates or deletes a row)
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("principal", String(MAX_KEY_LEN), nullable=False),  # key name, JWT subject, local user or "anonymous"
+    Column("principal_kind", String(16), nullable=True),  # key | jwt | local; NULL for anonymous
+    Column("operation", String(32), nullable=False),  # a key of actors/registry/permissions.PERMISSIONS
+    Column("model", String(64), nullable=True),  # for per-model queries; NULL for key management
+    Column("target", Text, nullable=False),  # model, model/vN, model@alias or key:NAME
+    Column("before_json", Text, nullable=True),
+    Column("after_json", Text, nullable=True),
+    Column("result", String(8), nullable=False),  # one of AUDIT_RESULTS
+    Column("reason", Text, nullable=False),
+    Column("request_id", String(MAX_KEY_LEN), nullable=True),
+    Index("ix_audit_log_model_time", "model", "created_at"),
+    Index("ix_audit_log_time", "created_at"),
+)
+
 
 # ----------------------------------------------------------------------------- migrations
 
@@ -179,7 +213,42 @@ def _migrate_v1_to_v2(conn: Connection) -> None:
     ops.create_index("ix_alias_history_model_alias", "alias_history", ["model_id", "alias", "created_at"])
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1_to_v2}
+def _migrate_v2_to_v3(conn: Connection) -> None:
+    """v3: API keys (hashed) and the audit log. Two new tables, nothing existing changes."""
+    ops = _operations(conn)
+    ops.create_table(
+        "api_keys",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("key_id", String(16), nullable=False, unique=True),
+        Column("name", String(64), nullable=False, unique=True),
+        Column("role", String(16), nullable=False),
+        Column("key_hash", String(64), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("created_by", String(MAX_KEY_LEN), nullable=False),
+        Column("expires_at", DateTime(timezone=True), nullable=True),
+        Column("revoked_at", DateTime(timezone=True), nullable=True),
+        Column("revoked_by", String(MAX_KEY_LEN), nullable=True),
+    )
+    ops.create_table(
+        "audit_log",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("principal", String(MAX_KEY_LEN), nullable=False),
+        Column("principal_kind", String(16), nullable=True),
+        Column("operation", String(32), nullable=False),
+        Column("model", String(64), nullable=True),
+        Column("target", Text, nullable=False),
+        Column("before_json", Text, nullable=True),
+        Column("after_json", Text, nullable=True),
+        Column("result", String(8), nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("request_id", String(MAX_KEY_LEN), nullable=True),
+    )
+    ops.create_index("ix_audit_log_model_time", "audit_log", ["model", "created_at"])
+    ops.create_index("ix_audit_log_time", "audit_log", ["created_at"])
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1_to_v2, 2: _migrate_v2_to_v3}
 """MIGRATIONS[n] turns a version-n database into version n+1."""
 
 

@@ -19,6 +19,13 @@ Deleting a version is a soft delete: the row stays (children keep their lineage,
 not reused) but it disappears from lists and refs; it is refused while an alias points at it
 unless forced, and a forced delete removes those aliases through the history.
 
+Who did what: every mutation may carry a `Principal` (app/auth/identity.py). A store opened
+with `auth_enabled` checks it against the permissions table (actors/registry/permissions.py)
+before the write; either way each mutation appends an audit row (principal, operation, target,
+before, after) in the same transaction as the change, and a refused attempt appends a `refused`
+row in a transaction of its own before PermissionDenied is raised. Without a principal the row
+says "anonymous". API keys live here too, stored only as HMAC hashes (app/auth/api_keys.py).
+
 The tables and their migrations are in actors/registry/schema.py.
 """
 
@@ -39,12 +46,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from actors.registry.errors import RegistryConflict, RegistryNotFound
+from actors.registry.permissions import alias_operation, check
 from actors.registry.schema import (
     ALIAS_ACTIONS,
+    AUDIT_RESULTS,
     MAX_KEY_LEN,
     SCHEMA_VERSION,
     alias_history_table,
     aliases_table,
+    api_keys_table,
+    audit_log_table,
     metrics_table,
     models_table,
     open_schema,
@@ -70,6 +81,8 @@ from actors.registry.validation import (
     parse_time,
     parse_where,
 )
+from app.auth import api_keys
+from app.auth.identity import ANONYMOUS, ROLES, AuthError, PermissionDenied, Principal
 from app.config.base import tree_hash
 
 log = logging.getLogger(__name__)
@@ -78,6 +91,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for another writer's lock before failing."""
 
 _PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^/]*@")  # scheme://user:PASSWORD@host...
+_KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 def _now() -> datetime:
@@ -137,8 +151,12 @@ class RegistryStore:
     the current state forbids raises `RegistryConflict`.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, key_secret: bytes | None = None, auth_enabled: bool = False) -> None:
+        """`key_secret`: the server secret API keys are hashed with (needed to create or check
+        keys); `auth_enabled`: refuse mutations the caller's principal may not perform."""
         self.url = url
+        self.key_secret = None if key_secret is None else api_keys.check_server_secret(key_secret, "key_secret")
+        self.auth_enabled = auth_enabled
         self._engine = _create_engine(url)
         with self._write() as conn:
             self.migrated_from = open_schema(conn, mask_password(url))
@@ -363,6 +381,8 @@ class RegistryStore:
         params: dict[str, Any] | None = None,
         dataset_fingerprint: str | None = None,
         label: str | None = None,
+        principal: Principal | None = None,
+        request_id: str | None = None,
     ) -> dict:
         """Add the next version of `model` (creating the model on first use); returns its record.
 
@@ -388,6 +408,7 @@ class RegistryStore:
             check_text("dataset_fingerprint", dataset_fingerprint, max_len=MAX_KEY_LEN)
         check_label(label)
         check_parent(parent)
+        self.authorize(principal, "register", model, model, request_id)
 
         with self._write() as conn:
             parent_id = None
@@ -421,7 +442,11 @@ class RegistryStore:
                 conn.execute(insert(params_table), [
                     {"version_id": version_id, "key": k, "value_json": json.dumps(v)} for k, v in params.items()
                 ])
-            return self._records(conn, [version_id])[0]
+            record = self._records(conn, [version_id])[0]
+            self._audit(conn, principal, "register", model, f"{model}/v{record['version']}", None,
+                        {k: record[k] for k in ("version", "artifact_uri", "format", "transformation", "parent", "label")},
+                        "allowed", "", request_id)
+            return record
 
     def log_metric_writes(self, writes: list[MetricWrite]) -> list[int | Exception]:
         """Commit many `log_metrics` calls in one transaction (the actor's group commit).
@@ -449,12 +474,23 @@ class RegistryStore:
                 conn.execute(insert(metrics_table), rows)
         return results
 
-    def log_metrics(self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None) -> int:
-        """Append metric values (one step) to a version; returns the number of rows written."""
+    def log_metrics(
+        self, model: str, version: int | str, metrics: dict[str, float], step: int | None = None,
+        *, principal: Principal | None = None,
+    ) -> int:
+        """Append metric values (one step) to a version; returns the number of rows written.
+
+        Checked as `register` when auth is enabled; only refusals are audited (a training curve
+        would otherwise write an audit row per step).
+        """
+        self.authorize(principal, "register", model, f"{model}/{version}", None)
         return self._one_write(MetricWrite.single(model, version, metrics, step))
 
-    def log_metrics_batch(self, model: str, version: int | str, points: list[dict]) -> int:
+    def log_metrics_batch(
+        self, model: str, version: int | str, points: list[dict], *, principal: Principal | None = None
+    ) -> int:
         """Append many steps at once: `points` = [{"metrics": {...}, "step": n}, ...]; one transaction."""
+        self.authorize(principal, "register", model, f"{model}/{version}", None)
         return self._one_write(MetricWrite.batch(model, version, points))
 
     def _one_write(self, write: MetricWrite) -> int:
@@ -465,7 +501,10 @@ class RegistryStore:
             raise result
         return result
 
-    def set_alias(self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli") -> dict:
+    def set_alias(
+        self, model: str, alias: str, version: int | str, reason: str = "", actor: str = "cli",
+        *, principal: Principal | None = None, request_id: str | None = None,
+    ) -> dict:
         """Point `alias` at version `version` (a ref), creating or moving it, and record the change.
 
         Returns {model, alias, version, from_version, changed}. Pointing an alias where it already
@@ -474,9 +513,13 @@ class RegistryStore:
         check_alias(alias, new=True)
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
+        operation = alias_operation(alias)
+        self.authorize(principal, operation, model, f"{model}@{alias}", request_id)
         with self._write() as conn:
             model_id, to_id = self._resolve(conn, model, version, lock=True)
-            return self._move_alias(conn, model, model_id, alias, to_id, "set", reason, actor)
+            moved = self._move_alias(conn, model, model_id, alias, to_id, "set", reason, actor)
+            self._audit_alias(conn, principal, operation, moved, reason, request_id)
+            return moved
 
     def _move_alias(
         self, conn: Connection, model: str, model_id: int, alias: str, to_id: int, action: str, reason: str, actor: str
@@ -502,11 +545,19 @@ class RegistryStore:
             "from_version": number_of.get(from_id), "changed": changed,
         }
 
-    def remove_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
-        """Remove `alias` (recorded in the history; `as_of` after this answers no version)."""
+    def remove_alias(
+        self, model: str, alias: str, reason: str = "", actor: str = "cli",
+        *, principal: Principal | None = None, request_id: str | None = None,
+    ) -> dict:
+        """Remove `alias` (recorded in the history; `as_of` after this answers no version).
+
+        Checked as moving the alias (`set_alias`, or `set_alias_production` for production).
+        """
         check_alias(alias)
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
+        operation = alias_operation(alias)
+        self.authorize(principal, operation, model, f"{model}@{alias}", request_id)
         with self._write() as conn:
             model_id = self._model_id(conn, model, lock=True)
             from_id = conn.execute(
@@ -517,10 +568,15 @@ class RegistryStore:
                 raise RegistryNotFound(f"model {model!r} has no alias {alias!r} to remove")
             conn.execute(delete(aliases_table).where(aliases_table.c.model_id == model_id, aliases_table.c.alias == alias))
             self._record_alias_change(conn, model_id, alias, from_id, None, "remove", reason, actor)
-            return {"model": model, "alias": alias, "version": None,
-                    "from_version": self._version_numbers(conn, {from_id})[from_id], "changed": True}
+            removed = {"model": model, "alias": alias, "version": None,
+                       "from_version": self._version_numbers(conn, {from_id})[from_id], "changed": True}
+            self._audit_alias(conn, principal, operation, removed, reason, request_id)
+            return removed
 
-    def rollback_alias(self, model: str, alias: str, reason: str = "", actor: str = "cli") -> dict:
+    def rollback_alias(
+        self, model: str, alias: str, reason: str = "", actor: str = "cli",
+        *, principal: Principal | None = None, request_id: str | None = None,
+    ) -> dict:
         """Move `alias` back to the version it pointed at before its current one; recorded as a rollback.
 
         Rollbacks undo moves one at a time (promote v1, v2, v3; rollback -> v2; rollback -> v1),
@@ -530,6 +586,8 @@ class RegistryStore:
         check_alias(alias)
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
+        operation = alias_operation(alias, rollback=True)
+        self.authorize(principal, operation, model, f"{model}@{alias}", request_id)
         with self._write() as conn:
             model_id = self._model_id(conn, model, lock=True)
             rows = self._history_rows(conn, model_id, alias)
@@ -550,10 +608,13 @@ class RegistryStore:
                     f"cannot roll back alias {alias!r} of model {model!r} to version {target_row.version}: "
                     "it was deleted; set the alias explicitly"
                 )
-            return self._move_alias(conn, model, model_id, alias, target, "rollback", reason, actor)
+            moved = self._move_alias(conn, model, model_id, alias, target, "rollback", reason, actor)
+            self._audit_alias(conn, principal, operation, moved, reason, request_id)
+            return moved
 
     def delete_version(
-        self, model: str, ref: int | str, *, force: bool = False, reason: str = "", actor: str = "cli"
+        self, model: str, ref: int | str, *, force: bool = False, reason: str = "", actor: str = "cli",
+        principal: Principal | None = None, request_id: str | None = None,
     ) -> dict:
         """Soft-delete a version: it leaves lists and refs, its number is never reused, children keep it as parent.
 
@@ -562,6 +623,7 @@ class RegistryStore:
         """
         check_text("reason", reason, max_len=10_000, allow_empty=True)
         check_text("actor", actor, max_len=MAX_KEY_LEN)
+        self.authorize(principal, "delete_version", model, f"{model}/{ref}", request_id)
         with self._write() as conn:
             model_id, version_id = self._resolve(conn, model, ref, lock=True)
             number = self._version_numbers(conn, {version_id})[version_id]
@@ -582,8 +644,199 @@ class RegistryStore:
             conn.execute(update(versions_table).where(versions_table.c.id == version_id).values(
                 deleted_at=at, deleted_by=actor, deleted_reason=reason or None, deleted_forced=bool(pointing),
             ))
-            return {"model": model, "version": number, "deleted_at": _iso(at), "forced": bool(pointing),
-                    "aliases_removed": list(pointing)}
+            deleted = {"model": model, "version": number, "deleted_at": _iso(at), "forced": bool(pointing),
+                       "aliases_removed": list(pointing)}
+            self._audit(conn, principal, "delete_version", model, f"{model}/v{number}",
+                        {"version": number, "aliases": list(pointing)}, deleted, "allowed", reason, request_id)
+            return deleted
+
+    # ---- identities, permissions and the audit log
+
+    def authorize(
+        self, principal: Principal | None, operation: str, model: str | None, target: str, request_id: str | None
+    ) -> None:
+        """With auth enabled: return if `principal` may do `operation`, else record the refusal
+        (committed on its own: the refused write never opens its transaction) and raise PermissionDenied."""
+        if not self.auth_enabled:
+            return
+        try:
+            check(principal, operation, target)
+        except PermissionDenied as err:
+            with self._write() as conn:
+                self._audit(conn, principal, operation, model, target, None, None, "refused", str(err), request_id)
+            raise
+
+    def _audit(
+        self, conn: Connection, principal: Principal | None, operation: str, model: str | None, target: str,
+        before: Any, after: Any, result: str, reason: str, request_id: str | None,
+    ) -> None:
+        assert result in AUDIT_RESULTS, result
+        conn.execute(insert(audit_log_table).values(
+            created_at=_now(), principal=principal.name if principal else ANONYMOUS,
+            principal_kind=principal.kind if principal else None, operation=operation, model=model, target=target,
+            before_json=None if before is None else json.dumps(before, sort_keys=True, default=str),
+            after_json=None if after is None else json.dumps(after, sort_keys=True, default=str),
+            result=result, reason=reason, request_id=request_id,
+        ))
+
+    def _audit_alias(
+        self, conn: Connection, principal: Principal | None, operation: str, moved: dict, reason: str,
+        request_id: str | None,
+    ) -> None:
+        self._audit(conn, principal, operation, moved["model"], f"{moved['model']}@{moved['alias']}",
+                    {"version": moved["from_version"]}, {"version": moved["version"]}, "allowed", reason, request_id)
+
+    def append_audit(
+        self, principal: Principal | None, operation: str, target: str, *, result: str, model: str | None = None,
+        before: Any = None, after: Any = None, reason: str = "", request_id: str | None = None,
+    ) -> None:
+        """Record an operation that happens outside the store (a prediction, a training job) in the audit log."""
+        if result not in AUDIT_RESULTS:
+            raise ValueError(f"result must be one of {', '.join(AUDIT_RESULTS)}, got {result!r}")
+        check_text("target", target, max_len=10_000)
+        with self._write() as conn:
+            self._audit(conn, principal, operation, model, target, before, after, result, reason, request_id)
+
+    def query_audit(
+        self, model: str | None = None, since: datetime | str | None = None, limit: int | None = None,
+        *, principal: Principal | None = None,
+    ) -> list[dict]:
+        """Audit rows, oldest first: of one `model`, at or after `since`, the newest `limit` of them.
+
+        Each: {id, time, principal, principal_kind, operation, model, target, before, after, result,
+        reason, request_id}. The log is append-only: the store has no method that changes a row.
+        """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        self.authorize(principal, "audit_read", model, f"audit log{f' of {model}' if model else ''}", None)
+        a = audit_log_table.c
+        query = select(audit_log_table).order_by(a.id.desc())
+        if model is not None:
+            query = query.where(a.model == check_model_name(model))
+        if since is not None:
+            query = query.where(a.created_at >= parse_time(since))
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            {
+                "id": r.id, "time": _iso(r.created_at), "principal": r.principal, "principal_kind": r.principal_kind,
+                "operation": r.operation, "model": r.model, "target": r.target,
+                "before": None if r.before_json is None else json.loads(r.before_json),
+                "after": None if r.after_json is None else json.loads(r.after_json),
+                "result": r.result, "reason": r.reason, "request_id": r.request_id,
+            }
+            for r in reversed(rows)
+        ]
+
+    def _need_key_secret(self) -> bytes:
+        if self.key_secret is None:
+            raise AuthError("not_configured", "API keys need the server secret: set the environment variable that "
+                                              "auth.key_secret_env names (TEMPER_KEY_SECRET by default)")
+        return self.key_secret
+
+    def create_key(
+        self, name: str, role: str, expires_in: timedelta | None = None,
+        *, principal: Principal | None = None, request_id: str | None = None,
+    ) -> tuple[str, str]:
+        """A new API key for `name` with `role`: returns (key id, plaintext key).
+
+        The plaintext exists only in the return value; the database keeps its HMAC. Names are
+        unique for good (a revoked key keeps its name, which the audit log refers to).
+        """
+        if not isinstance(name, str) or not _KEY_NAME_RE.fullmatch(name):
+            raise ValueError(f"key name {name!r} is invalid: it must match {_KEY_NAME_RE.pattern}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if expires_in is not None and (not isinstance(expires_in, timedelta) or expires_in <= timedelta(0)):
+            raise ValueError(f"expires_in must be a positive timedelta or None, got {expires_in!r}")
+        secret = self._need_key_secret()
+        self.authorize(principal, "manage_keys", None, f"key:{name}", request_id)
+        key_id, plaintext = api_keys.new_key()
+        now = _now()
+        expires_at = None if expires_in is None else now + expires_in
+        with self._write() as conn:
+            k = api_keys_table.c
+            taken = conn.execute(select(k.created_at, k.revoked_at).where(k.name == name)).first()
+            if taken is not None:
+                state = f"revoked at {_iso(taken.revoked_at)}" if taken.revoked_at else "active"
+                raise RegistryConflict(f"an API key named {name!r} already exists ({state}); pick another name")
+            conn.execute(insert(api_keys_table).values(
+                key_id=key_id, name=name, role=role, key_hash=api_keys.hash_key(plaintext, secret), created_at=now,
+                created_by=principal.name if principal else ANONYMOUS, expires_at=expires_at,
+            ))
+            self._audit(conn, principal, "manage_keys", None, f"key:{name}", None,
+                        {"action": "create", "key_id": key_id, "role": role, "expires_at": _iso(expires_at)},
+                        "allowed", "", request_id)
+        return key_id, plaintext
+
+    def list_keys(self, *, principal: Principal | None = None) -> list[dict]:
+        """Every API key, by name: {name, key_id, role, status (active | expired | revoked),
+        created_at, created_by, expires_at, revoked_at, revoked_by}; never a hash or a key."""
+        self.authorize(principal, "manage_keys", None, "keys", None)
+        k = api_keys_table.c
+        now = _now()
+        with self._read() as conn:
+            rows = conn.execute(
+                select(k.name, k.key_id, k.role, k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by)
+                .order_by(k.name)
+            ).all()
+        return [
+            {
+                "name": r.name, "key_id": r.key_id, "role": r.role, "status": _key_status(r, now),
+                "created_at": _iso(r.created_at), "created_by": r.created_by, "expires_at": _iso(r.expires_at),
+                "revoked_at": _iso(r.revoked_at), "revoked_by": r.revoked_by,
+            }
+            for r in rows
+        ]
+
+    def revoke_key(
+        self, name_or_id: str, *, principal: Principal | None = None, request_id: str | None = None
+    ) -> dict:
+        """Revoke the key named `name_or_id` (or with that key id); it authenticates no more.
+
+        Returns {name, key_id, revoked_at}. Revoking a revoked key is a RegistryConflict.
+        """
+        check_text("name_or_id", name_or_id, max_len=MAX_KEY_LEN)
+        self.authorize(principal, "manage_keys", None, f"key:{name_or_id}", request_id)
+        k = api_keys_table.c
+        with self._write() as conn:
+            row = conn.execute(select(api_keys_table).where(k.name == name_or_id)).first() or conn.execute(
+                select(api_keys_table).where(k.key_id == name_or_id)
+            ).first()
+            if row is None:
+                raise RegistryNotFound(f"no API key named (or with id) {name_or_id!r}")
+            if row.revoked_at is not None:
+                raise RegistryConflict(f"API key {row.name!r} was already revoked at {_iso(row.revoked_at)}")
+            at = _now()
+            conn.execute(update(api_keys_table).where(k.id == row.id).values(
+                revoked_at=at, revoked_by=principal.name if principal else ANONYMOUS,
+            ))
+            self._audit(conn, principal, "manage_keys", None, f"key:{row.name}", {"action": "revoke", "revoked_at": None},
+                        {"action": "revoke", "revoked_at": _iso(at)}, "allowed", "", request_id)
+        return {"name": row.name, "key_id": row.key_id, "revoked_at": _iso(at)}
+
+    def authenticate(self, plaintext: str) -> Principal:
+        """The principal behind an API key; AuthError (unknown_key, revoked_key, expired_key) otherwise.
+
+        Revocation and expiry are only told to a caller who holds the real key: a wrong key for
+        a known id is "unknown", like any other wrong key.
+        """
+        secret = self._need_key_secret()
+        key_id = api_keys.key_id_of(plaintext)
+        unknown = AuthError("unknown_key", "unknown API key: it was not issued by this registry (or was mistyped)")
+        if key_id is None:
+            raise unknown
+        with self._read() as conn:
+            row = conn.execute(select(api_keys_table).where(api_keys_table.c.key_id == key_id)).first()
+        if row is None or not api_keys.matches(plaintext, row.key_hash, secret):
+            raise unknown
+        if row.revoked_at is not None:
+            raise AuthError("revoked_key", f"API key {row.name!r} was revoked at {_iso(row.revoked_at)}; ask an admin for a new one")
+        if row.expires_at is not None and _utc(row.expires_at) <= _now():
+            raise AuthError("expired_key", f"API key {row.name!r} expired at {_iso(row.expires_at)}; ask an admin for a new one")
+        return Principal(name=row.name, role=row.role, kind="key")
 
     # ---- reads
 
@@ -917,6 +1170,14 @@ def _rollback_target(stack: list[int | None]) -> int | None:
         return None
     _pop_to_previous(trial)
     return trial[-1] if trial else None
+
+
+def _key_status(row: Any, now: datetime) -> str:
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and _utc(row.expires_at) <= now:
+        return "expired"
+    return "active"
 
 
 def _max_version(conn: Connection, model_id: int) -> int | None:

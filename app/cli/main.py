@@ -7,7 +7,8 @@ Verbs:
   tune CONFIG       Ray Tune sweep over training; the best trial is registered (TuneJob)
   tune --resume NAME   continue an interrupted sweep by its name
   serve ACTION CONFIG   Ray Serve (ServeApp): deploy | status | shutdown | advise | config (`serve CONFIG` deploys)
-  registry ACTION   the model registry: list | show | compare | alias | rollback | history | delete
+  registry ACTION   the model registry: list | show | compare | alias | rollback | history | delete | audit
+  auth ACTION       API keys in the registry database: create-key | list-keys | revoke
   data stats CONFIG   rows, token lengths, labels, duplicates and train/val overlap of a text dataset
   validate KIND CONFIG   check a config without running it
   schema            print the configuration reference (Markdown) generated from the pydantic models
@@ -17,7 +18,7 @@ JSON on stdout. A config error exits with status 2 and names the key; any other 
 user (a missing model or version, an unreadable artifact) exits 1 with one line; a failed job
 exits 1.
 
-This module parses and dispatches; the verbs live in `jobs`, `serve`, `registry` and `data`.
+This module parses and dispatches; the verbs live in `jobs`, `serve`, `registry`, `auth` and `data`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import os
 import sys
 
 from app.cli.console import error_message, results_stream
+from app.auth.identity import ROLES
+from app.cli.auth import cmd_auth
 from app.cli.data import cmd_data
 from app.cli.jobs import cmd_compress, cmd_run, cmd_schema, cmd_train, cmd_tune, cmd_validate
 from app.cli.registry import cmd_registry
@@ -146,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--alias", help="only this alias")
     a.add_argument("--as-of", metavar="TIME", help="ISO 8601 time (naive = UTC): which version --alias pointed at then")
 
+    a = action("audit", "the audit log: who did (or was refused) what, when, before and after")
+    a.add_argument("--model", help="only rows about this model")
+    a.add_argument("--since", metavar="TIME", help="only rows at or after this ISO 8601 time (naive = UTC)")
+    a.add_argument("--limit", type=int, help="only the newest N rows")
+
     a = action("delete", "soft-delete a version; refused while an alias points at it unless --force", by=True)
     a.add_argument("--model", help="model name")
     a.add_argument("--version", help="version number (or alias, which needs --force)")
@@ -154,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, a in actions.choices.items():
         if name != "compare":
             a.add_argument("overrides", nargs="*", metavar="registry.key=value", help="override registry config keys")
+
+    p = sub.add_parser("auth", help="API keys in the registry database: create-key | list-keys | revoke")
+    auth_actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = auth_actions.add_parser("create-key", help="make an API key; it is printed once and never stored")
+    a.add_argument("name", help="who or what the key is for (unique, e.g. ci or alice)")
+    a.add_argument("--role", required=True, choices=ROLES, help="what the key may do")
+    a.add_argument("--expires-in", metavar="DURATION", help="e.g. 30d, 12h, 90m (default: never)")
+    a = auth_actions.add_parser("list-keys", help="every key: name, id, role, status, dates (never the key)")
+    a = auth_actions.add_parser("revoke", help="revoke a key by name or key id; it authenticates no more")
+    a.add_argument("name", help="key name or key id")
+    for a in auth_actions.choices.values():
+        a.add_argument("--config", help="a config whose `registry` and `auth` sections to use (default: built-in defaults)")
+        a.add_argument("--json", action="store_true", help="print JSON")
+        a.add_argument("overrides", nargs="*", metavar="registry.key=value", help="override registry.* or auth.* keys")
+        a.set_defaults(fn=cmd_auth)
 
     p = sub.add_parser("data", help="look at a text dataset before training: data stats CONFIG")
     data_actions = p.add_subparsers(dest="action", required=True)
@@ -216,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "serve" and argv[1] not in SERVE_ACTIONS and argv[1] not in ("-h", "--help"):
         argv.insert(1, "deploy")  # `serve CONFIG` (the original form) deploys
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb == "registry" and not any(x.startswith("-") for x in extra):
+    if extra and args.verb in ("registry", "auth") and not any(x.startswith("-") for x in extra):
         # argparse fills a variable-length positional only once: `registry compare 1 2 --json
         # registry.db_url=...` leaves the words after --json over. They belong to the same lists.
         args.overrides = getattr(args, "overrides", []) + [x for x in extra if "=" in x]

@@ -1,10 +1,13 @@
-"""`registry list|show|compare|alias|rollback|history|delete`: read and change the model registry.
+"""`registry list|show|compare|alias|rollback|history|delete|audit`: read and change the model registry.
 
 Reads (list, show, compare, history) open the database in this process when this process is
 not connected to Ray and RAY_ADDRESS is unset, which spares the few seconds a Ray start takes
 (the actor commits every write before answering, so the database is always current). With a
 cluster, and for every change, they go through the registry actor: on a cluster the database
-may live where only the actor reaches it, and the actor mirrors changes to MLflow.
+may live where only the actor reaches it, and the actor mirrors changes to MLflow. `audit` always
+reads the database itself (the audit log is for whoever administers that database). Changes
+send the credentials in TEMPER_API_KEY to the actor, which refuses them when its auth is on and
+the key's role may not make the change.
 """
 
 from __future__ import annotations
@@ -30,15 +33,15 @@ REQUIRED = {
 `history --as-of` also needs --alias)."""
 
 
-def _registry_config(args):
-    """The `registry` section of `--config FILE` (any job kind) or the defaults, with `registry.*` overrides."""
+def config_sections(args, sections: dict[str, type]) -> dict:
+    """{name: validated section} for `sections` of `--config FILE` (any job kind) or their defaults,
+    with `NAME.key=value` overrides for those sections only."""
     from pathlib import Path
 
     import yaml
     from pydantic import ValidationError
 
     from app.config.base import apply_overrides, format_validation_error
-    from app.config.registry import RegistryConfig
 
     tree: dict = {}
     if args.config:
@@ -49,14 +52,25 @@ def _registry_config(args):
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a config must be a mapping")
     for item in args.overrides:
-        if not item.startswith("registry."):
-            raise ConfigError(f"override {item!r}: registry commands only take registry.* overrides")
+        if not item.startswith(tuple(f"{name}." for name in sections)):
+            allowed = " and ".join(f"{name}.*" for name in sections)
+            raise ConfigError(f"override {item!r}: {args.verb} commands only take {allowed} overrides")
     apply_overrides(tree, args.overrides)
-    try:
-        return RegistryConfig.model_validate(tree.get("registry") or {})
-    except ValidationError as err:
-        lines = format_validation_error(err).splitlines()
-        raise ConfigError("invalid registry config:\n" + "\n".join(f"registry.{line}" for line in lines)) from None
+    out = {}
+    for name, cls in sections.items():
+        try:
+            out[name] = cls.model_validate(tree.get(name) or {})
+        except ValidationError as err:
+            lines = format_validation_error(err).splitlines()
+            raise ConfigError(f"invalid {name} config:\n" + "\n".join(f"{name}.{line}" for line in lines)) from None
+    return out
+
+
+def _registry_config(args):
+    """The `registry` section of `--config FILE` (any job kind) or the defaults, with `registry.*` overrides."""
+    from app.config.registry import RegistryConfig
+
+    return config_sections(args, {"registry": RegistryConfig})["registry"]
 
 
 def _check_options(args) -> None:
@@ -95,6 +109,8 @@ def _open_registry(cfg, read_only: bool) -> tuple[Callable[..., Any], Callable[[
 def cmd_registry(args) -> int:
     import getpass
 
+    from actors.registry.client import caller_credentials
+
     if args.action == "compare":
         args.overrides = [x for x in args.refs if "=" in x]  # version refs never contain "="
         args.refs = [x for x in args.refs if "=" not in x]
@@ -103,7 +119,13 @@ def cmd_registry(args) -> int:
     cfg = _registry_config(args)
     _check_options(args)
     try:
-        call, close = _open_registry(cfg, read_only=args.action in READ_ACTIONS)
+        if args.action == "audit":
+            from actors.registry.client import open_store
+
+            store = open_store(cfg)
+            call, close = (lambda method, *a, **kw: getattr(store, method)(*a, **kw)), store.close
+        else:
+            call, close = _open_registry(cfg, read_only=args.action in READ_ACTIONS)
     except (TemperError, RuntimeError, ValueError) as err:  # e.g. a database of a newer schema, another actor on that name
         print(f"registry: {error_message(err)}", file=sys.stderr)
         return 1
@@ -136,15 +158,16 @@ def cmd_registry(args) -> int:
             text = format_compare(result)
         elif action == "alias":
             if args.remove:
-                result = call("remove_alias", args.model, args.alias, args.reason, by)
+                result = call("remove_alias", args.model, args.alias, args.reason, by, credentials=caller_credentials())
                 text = f"{args.model}: alias {args.alias!r} removed (was v{result['from_version']})"
             else:
-                result = call("set_alias", args.model, args.alias, args.version, args.reason, by)
+                result = call("set_alias", args.model, args.alias, args.version, args.reason, by,
+                              credentials=caller_credentials())
                 text = (f"{args.model}: alias {args.alias!r} -> v{result['version']}"
                         + (f" (was v{result['from_version']})" if result["from_version"] else " (new)")
                         if result["changed"] else f"{args.model}: alias {args.alias!r} already points at v{result['version']}")
         elif action == "rollback":
-            result = call("rollback_alias", args.model, args.alias, args.reason, by)
+            result = call("rollback_alias", args.model, args.alias, args.reason, by, credentials=caller_credentials())
             text = f"{args.model}: alias {args.alias!r} rolled back v{result['from_version']} -> v{result['version']}"
         elif action == "history":
             if args.as_of:
@@ -156,8 +179,14 @@ def cmd_registry(args) -> int:
             else:
                 result = call("alias_history", args.model, args.alias)
                 text = format_history(result)
+        elif action == "audit":
+            result = call("query_audit", model=args.model, since=args.since, limit=args.limit)
+            text = format_table(["time", "principal", "operation", "target", "result", "reason"], [
+                [r["time"], r["principal"], r["operation"], r["target"], r["result"], r["reason"]] for r in result
+            ]) if result else "(no audit rows)"
         elif action == "delete":
-            result = call("delete_version", args.model, args.version, force=args.force, reason=args.reason, actor=by)
+            result = call("delete_version", args.model, args.version, force=args.force, reason=args.reason, actor=by,
+                          credentials=caller_credentials())
             text = f"{args.model}: deleted v{result['version']}" + (
                 f" (forced; aliases removed: {', '.join(result['aliases_removed'])})" if result["forced"] else "")
         else:  # argparse only lets the choices through

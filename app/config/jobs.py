@@ -4,8 +4,8 @@ sections, and parsing a job file for a verb.
     TrainJob    = name + storage_path + registry + model + data + train
     CompressJob = name + storage_path + registry + source + compress
     TuneJob     = TrainJob's sections + tune + compress
-    ServeApp    = registry + serve
-    OptimizeJob = TrainJob's sections + [tune] + compress + serve   (what `python -m app run` executes)
+    ServeApp    = registry + serve + auth
+    OptimizeJob = TrainJob's sections + [tune] + compress + serve + auth   (what `python -m app run` executes)
 
 A full job file (the `run` kind) may be given to any verb: each takes the sections it reads and
 leaves the others out (see `job_sections`); unknown keys inside a section are still errors.
@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from app.config.auth import AuthConfig
 from app.config.base import (
     MODEL_NAME_PATTERN, ConfigError, Section, VersionRef, format_validation_error, read_config_tree, set_path,
 )
@@ -129,6 +130,8 @@ class ServeApp(Section):
     """Registry actor and database."""
     serve: ServeConfig
     """Serve application."""
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """Who may call the served models and change the registry (API keys, JWTs, roles)."""
 
     @model_validator(mode="after")
     def _has_models(self) -> "ServeApp":
@@ -163,6 +166,8 @@ class OptimizeJob(TrainJob):
     """Compression stage."""
     serve: ServeConfig = Field(default_factory=ServeConfig)
     """Serving stage."""
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """Who may call the served models and change the registry (API keys, JWTs, roles)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from app.config.auth import AuthConfig, JwtConfig, RateLimitConfig
 from app.config.compress import CompressConfig
 from app.config.data import DataConfig, DocstringsDataConfig, FileDataConfig
 from app.config.jobs import CompressJob, OptimizeJob, ServeApp, TrainJob, TuneJob
@@ -45,6 +46,9 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`serve.models[].auto_rollback`", AutoRollbackConfig),
     ("`registry`", RegistryConfig),
     ("`registry.mlflow`", MlflowMirrorConfig),
+    ("`auth`", AuthConfig),
+    ("`auth.jwt`", JwtConfig),
+    ("`auth.rate_limit`", RateLimitConfig),
 ]
 
 INTRO = (

@@ -1,10 +1,12 @@
 """The Serve app on the shared local Ray cluster, over real HTTP: tiny untrained models are
 registered in a registry actor, deployed, and every answer is compared with the same
-computation done in-process."""
+computation done in-process. Auth is switched on live on the same app for its own tests
+(the README's role x operation table over HTTP, each 401 reason, the rate limit)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 
@@ -16,6 +18,7 @@ import yaml
 
 from app.artifacts import save_fp32
 from app.compression import METHODS
+from app.config.auth import AuthConfig, JwtConfig, RateLimitConfig
 from app.config.data import DataConfig
 from app.config.model import GPTConfig, ViTConfig
 from app.config.registry import RegistryConfig
@@ -27,11 +30,14 @@ from app.models import build_model
 from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
 from serve.deploy import build_app
 from serve.protocol import API_PREFIX, ModelRequestError
-from conftest import free_port, metric_total, serving, wait_for
+from conftest import free_port, metric_total, readme_permissions, serving, wait_for
 
 pytestmark = pytest.mark.ray
 
 N_CONCURRENT = 32
+KEY_SECRET = "serve-test-key-secret-0123456789abcdef"
+JWT_SECRET = "serve-test-jwt-secret-0123456789abcdef"
+JWT = JwtConfig(audience="temper-serve", issuer="https://idp.test")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +88,10 @@ def registry_cfg(ray_cluster, artifacts, tmp_path_factory):
         actor_name=f"serve-test-{uuid.uuid4().hex[:8]}", namespace="temper-tests",
         db_url=f"sqlite:///{tmp_path_factory.mktemp('serve-registry') / 'r.db'}",
     )
-    handle = get_or_create_registry(cfg)
+    # Writes stay open (auth off, as the loopback app's default), but the actor can check the
+    # API keys and JWTs of the auth tests below.
+    handle = get_or_create_registry(cfg, auth={"enabled": False, "key_secret": KEY_SECRET, "jwt_key": JWT_SECRET,
+                                               "jwt": JWT.model_dump(mode="json")})
     ray = ray_cluster
     ray.get(handle.register_version.remote("digits", artifacts["vit"], "torch_fp32"))
     ray.get(handle.register_version.remote(
@@ -528,3 +537,113 @@ def test_a_model_call_past_request_timeout_s_is_504(base_url, app_cfg, client, d
         wait_for(lambda: httpx.post(url, json={"inputs": [[0.5] * 64]}, timeout=30).status_code == 200,
                  "the restored ingress to answer")
     assert client.predict("digits", digits_images[:1]).version == 1
+
+
+# ----------------------------------------------------------------------------- auth over HTTP
+
+HTTP_CALLS = {  # operation (README table) -> requests that perform it: (method, path, body)
+    "read": [("GET", "/models", None)],
+    "predict": [("POST", "/models/digits/predict", {"inputs": [[0.5] * 64]}),
+                ("POST", "/models/code/generate", {"prompt": "de", "max_new_tokens": 2})],
+}
+"""The operations the ingress serves today; the rest of the table is enforced by the registry
+actor (tests/ray/test_auth_registry_actor.py)."""
+
+
+def _token(role: str, **claims) -> str:
+    import time
+
+    import jwt
+
+    return jwt.encode({"sub": f"{role}-sub", "role": role, "aud": JWT.audience, "iss": JWT.issuer,
+                       "exp": int(time.time()) + 600, **claims}, JWT_SECRET, "HS256")
+
+
+@pytest.fixture(scope="module")
+def auth_keys(registry_cfg):
+    """{name: API key} made on the registry database: one per role, and one to revoke."""
+    from actors.registry.client import open_store
+    from app.auth.identity import ROLES
+
+    store = open_store(registry_cfg, key_secret=KEY_SECRET.encode())
+    try:
+        yield {name: store.create_key(name, role)[1] for name, role in [(r, r) for r in ROLES] + [("to-revoke", "viewer")]}
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _auth_on(app_cfg, base_url, **auth):
+    """The module's app with auth enabled live (the ingress is reconfigured, not restarted), then off again."""
+    from ray import serve
+
+    authed = app_cfg.model_copy(deep=True)
+    authed.auth = AuthConfig(enabled=True, jwt=JWT, **auth)
+    serve.run(build_app(authed), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
+    try:
+        yield authed
+    finally:
+        serve.run(build_app(app_cfg), name=app_cfg.serve.app_name, route_prefix=app_cfg.serve.route_prefix)
+        wait_for(lambda: httpx.get(f"{base_url}{API_PREFIX}/models", timeout=30).status_code == 200,
+                 "the ingress to answer without credentials again")
+
+
+def test_every_cell_of_the_permissions_table_over_http(base_url, app_cfg, auth_keys):
+    table = readme_permissions()
+    with _auth_on(app_cfg, base_url), httpx.Client(base_url=f"{base_url}{API_PREFIX}", timeout=60) as http:
+        health = http.get("/health")
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})  # open, names nothing
+        for operation, calls in HTTP_CALLS.items():
+            for method, path, body in calls:
+                err = _error(http.request(method, path, json=body), 401, "401_0001", "authorization")
+                assert err["error_message"].startswith("missing credentials"), err
+                for role, allowed in table[operation].items():
+                    for headers in ({"X-API-Key": auth_keys[role]}, {"Authorization": f"Bearer {auth_keys[role]}"},
+                                    {"Authorization": f"Bearer {_token(role)}"}):
+                        resp = http.request(method, path, json=body, headers=headers)
+                        if allowed:
+                            assert resp.status_code == 200, (operation, role, headers, resp.text)
+                        else:
+                            _error(resp, 403, "403_0001", "authorization")
+
+
+def test_each_refused_credential_has_its_own_401(base_url, app_cfg, auth_keys, registry_cfg):
+    import time
+
+    from actors.registry.client import open_store
+    from serve.access import CREDENTIALS_CACHE_S
+
+    url = f"{base_url}{API_PREFIX}/models"
+    refused = {
+        "unknown API key": {"X-API-Key": auth_keys["admin"][:-4] + "AAAA"},
+        "token expired": {"Authorization": f"Bearer {_token('admin', exp=int(time.time()) - 3600)}"},
+        "token is not meant for this service": {"Authorization": f"Bearer {_token('admin', aud='another-service')}"},
+        "token signature does not verify": {"Authorization": "Bearer " + _token("admin")[:-6] + "AAAAAA"},
+    }
+    with _auth_on(app_cfg, base_url):
+        for words, headers in refused.items():
+            err = _error(httpx.get(url, headers=headers, timeout=30), 401, "401_0001", "authorization")
+            assert words in err["error_message"], err
+        assert httpx.get(url, headers={"X-API-Key": auth_keys["to-revoke"]}, timeout=30).status_code == 200
+        store = open_store(registry_cfg, key_secret=KEY_SECRET.encode())
+        try:
+            store.revoke_key("to-revoke")
+        finally:
+            store.close()
+        t0 = time.monotonic()
+        resp = wait_for(lambda: (r := httpx.get(url, headers={"X-API-Key": auth_keys["to-revoke"]}, timeout=30)).status_code == 401 and r,
+                        "the revoked key to be refused", deadline_s=CREDENTIALS_CACHE_S + 5)
+        assert time.monotonic() - t0 <= CREDENTIALS_CACHE_S + 1.0
+        assert "API key 'to-revoke' was revoked" in _error(resp, 401, "401_0001", "authorization")["error_message"]
+
+
+def test_rate_limit_answers_429_with_retry_after(base_url, app_cfg, auth_keys):
+    limit = RateLimitConfig(requests_per_s=0.2, burst=2)
+    with _auth_on(app_cfg, base_url, rate_limit=limit), httpx.Client(timeout=30) as http:
+        url, viewer = f"{base_url}{API_PREFIX}/models", {"X-API-Key": auth_keys["viewer"]}
+        statuses = [http.get(url, headers=viewer).status_code for _ in range(3)]
+        assert statuses == [200, 200, 429], statuses
+        resp = http.get(url, headers=viewer)
+        _error(resp, 429, "429_0001", None)
+        assert 1 <= int(resp.headers["retry-after"]) <= 5
+        assert http.get(url, headers={"X-API-Key": auth_keys["developer"]}).status_code == 200  # a bucket each

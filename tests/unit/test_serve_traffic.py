@@ -169,9 +169,11 @@ def test_build_app_hands_serve_routes_queues_autoscaling_and_live_settings():
     app = build_app(_canary_app())
     ingress = app._bound_deployment
     assert ingress.name == "TemperIngress"
-    assert ingress.user_config == {"traffic": {"digits": {"production": 90, "staging": 10}, "code": {"latest": 100}}}
+    assert ingress.user_config == {"traffic": {"digits": {"production": 90, "staging": 10}, "code": {"latest": 100}},
+                                   "auth": {"enabled": False, "rate_limit": None}}  # on loopback: off by default
     assert ingress.max_ongoing_requests >= (32 + 7) * 3 * 2 + (32 + 64) * 2
-    serve_cfg, servers, watcher = ingress.init_args
+    serve_cfg, servers, watcher, registry = ingress.init_args
+    assert registry == _canary_app().registry.model_dump(mode="json")  # whom the ingress asks about credentials
     assert watcher._bound_deployment.name == "RolloutWatcher"
     digits = [a._bound_deployment for a in servers["digits"]]
     assert [d.name for d in digits] == ["model-digits", "model-digits--staging"]
