@@ -20,6 +20,7 @@ pooling: mean | cls | max (optional), normalize: bool (optional)}`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,8 +276,6 @@ def load_hf_model(
     head (a fresh head with that many outputs is added); when it has one they must equal its
     labels, in order. The names end up in `model.config.id2label`.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if task not in HF_TASKS:
         raise HFModelError(f"task {task!r} is not one of {', '.join(HF_TASKS)}")
     folder = check_folder(path, trust_remote_code=trust_remote_code)
@@ -286,34 +285,56 @@ def load_hf_model(
         raise HFModelError(f"label names apply to task 'sequence_classification' only, not {task!r}")
     common = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True, "output_loading_info": True}
     try:
-        if task == "embedding":
-            spec = read_embedding_pooling(folder, pooling=pooling, normalize=normalize)
-            encoder, info = AutoModel.from_pretrained(folder, **common)
-            # the pooler (BERT's tanh over [CLS]) is never used by the pooling here
-            _check_missing(folder, task, info, fresh=("pooler.",))
-            return SentenceEmbedder(encoder, spec)
-        if task == "causal_lm":
-            model, info = AutoModelForCausalLM.from_pretrained(folder, **common)
-            _check_missing(folder, task, info, fresh=())
-            return model
-        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        labels = _classification_labels(folder, config, label_names)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            folder,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-            **common,
-        )
-        # without a head in the folder the head is new (initialised here, trained by the caller)
-        head = () if has_classification_head(config) else ("classifier.", "pre_classifier.", "score.", "pooler.")
-        _check_missing(folder, task, info, fresh=head)
-        return model
+        with _transformers_errors_only():
+            return _from_folder(folder, task, common, label_names, pooling, normalize)
     except (OSError, ValueError) as e:
         if isinstance(e, HFModelError):
             raise
         # e.g. "Unrecognized configuration class ... for this kind of AutoModel"
         raise HFModelError(f"{folder}: cannot load as {task}: {e}") from e
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """transformers warns, on the console, about every weight it initialises fresh ("You should
+    probably TRAIN this model"); `_check_missing` decides about those here (refused, or a head the
+    task adds on purpose), so only transformers' errors are shown while a folder loads."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _from_folder(folder: Path, task: str, common: dict, label_names, pooling, normalize) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "embedding":
+        spec = read_embedding_pooling(folder, pooling=pooling, normalize=normalize)
+        encoder, info = AutoModel.from_pretrained(folder, **common)
+        # the pooler (BERT's tanh over [CLS]) is never used by the pooling here
+        _check_missing(folder, task, info, fresh=("pooler.",))
+        return SentenceEmbedder(encoder, spec)
+    if task == "causal_lm":
+        model, info = AutoModelForCausalLM.from_pretrained(folder, **common)
+        _check_missing(folder, task, info, fresh=())
+        return model
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    labels = _classification_labels(folder, config, label_names)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        folder,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        **common,
+    )
+    # without a head in the folder the head is new (initialised here, trained by the caller)
+    head = () if has_classification_head(config) else ("classifier.", "pre_classifier.", "score.", "pooler.")
+    _check_missing(folder, task, info, fresh=head)
+    return model
 
 
 def _check_missing(folder: Path, task: str, info: dict, fresh: tuple[str, ...]) -> None:
