@@ -43,6 +43,29 @@ class ArtifactError(TemperError, ValueError):
     """An artifact folder that is missing, incomplete or of another format."""
 
 
+class UnsafeCheckpointError(ArtifactError):
+    """A checkpoint file whose unpickling would call something other than state classes."""
+
+
+def refuse_unsafe_pickles(folder: Path, allowed: frozenset[str]) -> None:
+    """Refuse every torch-saved file under `folder` whose pickle names a global beyond what torch's
+    `weights_only` loader accepts and the `allowed` names (module.qualname). Only the pickle's
+    opcodes are read (torch.serialization.get_unsafe_globals_in_checkpoint): nothing in the file
+    runs. For files a library unpickles with `weights_only=False` (DeepSpeed's checkpoint engine
+    does), so that a crafted file cannot run code on resume."""
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".pt", ".pth", ".bin")):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except (ValueError, RuntimeError) as err:  # not torch.save's zip format: a bare pickle
+            raise UnsafeCheckpointError(f"{path}: refused, not a torch.save checkpoint ({err})") from None
+        unsafe = sorted(set(found) - allowed)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: unpickling it would call {', '.join(unsafe)}, which is not model or "
+                "optimizer state; the file was not loaded (was the checkpoint folder written by someone else?)"
+            )
+
+
 def local_path(artifact_uri: str) -> Path:
     """The local folder of an artifact URI (`file://` or a plain path)."""
     path = artifact_uri.removeprefix("file://")

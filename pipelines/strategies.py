@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from app.artifacts import refuse_unsafe_pickles
 from app.compression.pruning import Reduce, RowView
 from app.config.jobs import TrainJob
 from app.models import transformer_blocks
@@ -261,6 +262,17 @@ class TorchStrategy:
 # ----------------------------------------------------------------------------- ZeRO (DeepSpeed)
 
 
+# DeepSpeed's checkpoint engine unpickles its files with torch.load(weights_only=False), so a
+# crafted file in a checkpoint folder could run code on resume. Its files are scanned first; these
+# are the only classes beyond torch's weights_only set that DeepSpeed 0.19 writes (ZeRO 1-3, fp32
+# and bf16, optimizer offload).
+DEEPSPEED_STATE_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
 def deepspeed_config(job: TrainJob) -> dict:
     """The DeepSpeed config, derived from our pydantic config (never a hand-kept JSON)."""
     tc = job.train
@@ -343,6 +355,7 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
 
     def load(self, folder: Path) -> None:
+        refuse_unsafe_pickles(folder / DEEPSPEED_DIR, DEEPSPEED_STATE_GLOBALS)
         path, _ = self.engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
