@@ -36,7 +36,7 @@ class JobBase(Section):
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     """Run name: stable (no timestamps) so re-running resumes; also the registry model name."""
-    storage_path: str = "temper_runs"
+    storage_path: str = Field("temper_runs", min_length=1)
     """Root folder for checkpoints and artifacts (relative paths resolve against the driver's cwd)."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     """Registry actor and database."""

@@ -40,6 +40,10 @@ class RegistryConfig(Section):
     def _url(self) -> "RegistryConfig":
         if "://" not in self.db_url:
             raise ValueError(f"registry.db_url must be a SQLAlchemy URL such as sqlite:///path.db, got {self.db_url!r}")
+        dialect = self.db_url.split("://", 1)[0].split("+", 1)[0]
+        if dialect not in ("sqlite", "postgresql"):
+            # the store's SQL (upserts, row locks, migrations) is written and tested for these two
+            raise ValueError(f"registry.db_url: database {dialect!r} is not supported; use sqlite:///path.db or postgresql+psycopg://...")
         m = self.mlflow
         if m.enabled and not self.db_url.startswith("sqlite") and (m.tracking_uri is None or m.artifact_location is None):
             raise ValueError(

@@ -151,7 +151,7 @@ class ServeConfig(Section):
 
     app_name: str = Field("temper", pattern=MODEL_NAME_PATTERN)
     """Serve application name."""
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)
     """HTTP bind address of Serve's proxy."""
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port of Serve's proxy."""

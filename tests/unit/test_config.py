@@ -42,6 +42,39 @@ MALFORMED = [
     (with_({"registry.db_url": "registry.db"}), "registry.db_url", "SQLAlchemy URL"),
     (with_({"compress.methods": ["gzip"]}), "compress.methods.0", "torch_int8"),
     ({"model": {"kind": "vit"}, "data": {"name": "digits"}}, "name", "Field required"),
+    # types and ranges
+    (with_({"train.batch_size": 0}), "train.batch_size", "greater than or equal to 1"),
+    (with_({"train.num_workers": "two"}), "train.num_workers", "valid integer"),
+    (with_({"train.lr": 0}), "train.lr", "greater than 0"),
+    (with_({"train.strategy": "tp"}), "train.strategy", "'zero3'"),
+    (with_({"train.cpus_per_worker": 0}), "train.cpus_per_worker", "greater than 0"),
+    (with_({"model.d_model": 0}), "model.d_model", "greater than or equal to 8"),
+    (with_({"compress.max_quality_drop": -1}), "compress.max_quality_drop", "greater than or equal to 0"),
+    (with_({"compress.methods": []}), "compress.methods", "at least 1 item"),
+    (with_({"serve.port": 70000}), "serve.port", "less than or equal to 65535"),
+    (with_({"serve.host": ""}), "serve.host", "at least 1 character"),
+    (with_({"storage_path": ""}), "storage_path", "at least 1 character"),
+    (with_({"name": "has space"}), "name", "String should match pattern"),
+    (with_({"serve.models": [{"model": "t", "batch_wait_timeout_s": -1}]}), "serve.models.0.batch_wait_timeout_s", "greater than or equal to 0"),
+    (with_({"serve.models": [{"model": "t", "version": "newest!"}]}), "serve.models.0.version", "pattern"),
+    (with_({"registry.db_url": "mysql://x"}), "registry.db_url", "'mysql' is not supported"),
+    (with_({"auth": {"key_secret_env": "lower"}}), "auth.key_secret_env", "pattern"),
+    # unknown keys and names
+    (with_({"trainn": {}}), "trainn", "unknown key"),
+    (with_({"train.callbacks": [{"name": "early_stop"}]}), "train.callbacks.0", "'early_stopping'"),
+    (with_({"train.callbacks": [{"name": "early_stopping", "patience": 0}]}), "train.callbacks.0.patience", "greater than or equal to 1"),
+    # combinations within and across sections
+    (with_({"train.warmup_steps": 500}), "train.warmup_steps", "must be < train.steps"),
+    (with_({"train.offload_params": True}), "train.offload_params", "needs train.strategy 'zero3'"),
+    (with_({"train.callbacks": [{"name": "magnitude_pruning", "kind": "2:4", "final_sparsity": 0.7}]}), "final_sparsity", "must be 0.5 for kind '2:4'"),
+    (with_({"train.callbacks": [{"name": "magnitude_pruning", "start_step": 500}]}), "train.callbacks.0", "need start_step (500) < end_step"),
+    (with_({"train.callbacks": [{"name": "magnitude_pruning", "targets": "(["}]}), "targets", "not a valid regex"),
+    (with_({"train.steps": 0}), "train.steps 0", "needs model.kind 'hf'"),
+    (with_({"model.patch_size": 3}), "model.patch_size", "must divide model.image_size"),
+    (with_({"model.kind": "hf"}), "model.path", "Field required"),
+    (with_({"tune": {"search_space": {"train.lr": {"type": "loguniform", "low": 1, "high": 0.1}}}}), "tune.search_space.train.lr", "must be < high"),
+    (with_({"tune": {"search_space": {"train.nope": {"type": "choice", "values": [1]}}}}), "tune.search_space.train.nope", "not a key of this job's config"),
+    (with_({"tune": {"search_space": {}}}), "tune.search_space", "at least 1 item"),
 ]
 
 
@@ -52,6 +85,20 @@ def test_malformed_config_names_the_key(tree, key, fragment):
     text = str(err.value)
     assert key in text, text
     assert fragment in text, text
+
+
+def test_malformed_configs_exit_2_through_the_cli_naming_the_key(tmp_path, capsys):
+    """Every MALFORMED tree as a file given to `python -m app validate run` (the CLI's own entry,
+    in this process): exit status 2, the key on stderr, nothing on stdout."""
+    from app.cli.main import main
+
+    assert len(MALFORMED) >= 30
+    for i, (tree, key, _) in enumerate(MALFORMED):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        assert main(["validate", "run", str(path)]) == 2, tree
+        out, err = capsys.readouterr()
+        assert key in err and not out, (tree, err)
 
 
 def test_valid_config_resolves_defaults_and_hash_is_stable():
