@@ -30,6 +30,7 @@ from app.config.base import config_hash
 from app.errors import TemperError
 from app.config.formats import FORMATS, ONNX_FORMATS
 from app.config.jobs import TrainJob
+from app.config.registry import redact_secrets
 from app.models import build_model
 
 WEIGHT_FILES = {
@@ -78,7 +79,7 @@ def write_meta(folder: Path, job: TrainJob, fmt: str, extra: dict[str, Any] | No
     meta = {
         "format": fmt,
         "config_hash": config_hash(job),
-        "job": job.model_dump(mode="json"),
+        "job": redact_secrets(job.model_dump(mode="json")),
         **(extra or {}),
     }
     (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -24,6 +24,7 @@ from actors.registry.client import caller_credentials, find_version_by_artifact
 from app.artifacts import artifact_size_bytes, local_path
 from app.compression import METHODS
 from app.config.jobs import CompressJob, TrainJob
+from app.config.registry import redact_secrets
 from app.data import build_data
 from app.evaluation import eval_sums, metric_kind, metrics_from_sums, primary_metric, quality_drop
 from app.inference import Predictor, TextPredictor, load_predictor, median_ms, time_batch
@@ -163,7 +164,7 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
         rejected = drop > job.compress.max_quality_drop
         record = ray.get(registry.register_version.remote(
             job.name, str(dst), method,
-            config=train_job.model_dump(mode="json"), config_hash=source["config_hash"],
+            config=redact_secrets(train_job.model_dump(mode="json")), config_hash=source["config_hash"],
             metrics=metrics, parent={"model": job.name, "version": source["version"]},
             transformation="quantized",
             tags={"method": method, "rejected": str(rejected).lower()}, credentials=caller_credentials(),

@@ -21,6 +21,7 @@ import ray
 from actors.registry.client import caller_credentials, find_version_by_artifact
 from actors.registry.validation import flatten_dict
 from app.config.jobs import TrainJob
+from app.config.registry import redact_secrets
 from app.models.sources import folder_provenance
 from pipelines.train import cut_student, fit, import_pretrained
 
@@ -59,7 +60,7 @@ def register_trained(registry, job: TrainJob, artifact_path: str, *, config_hash
     params = flatten_dict({"model": job.model.model_dump(mode="json"), "train": job.train.model_dump(mode="json")})
     record = ray.get(registry.register_version.remote(
         job.name, artifact_path, "torch_fp32",
-        config=job.model_dump(mode="json"), config_hash=config_hash,
+        config=redact_secrets(job.model_dump(mode="json")), config_hash=config_hash,
         metrics=metrics, transformation=transformation, parent=parent, tags=tags,
         params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
         dataset_fingerprint=dataset_fingerprint(job), credentials=caller_credentials(),

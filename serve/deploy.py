@@ -291,12 +291,15 @@ def serve_config_file(app_cfg: ServeApp) -> dict:
     override what the builder set.
     """
     from actors.registry.client import resolve_db_url
+    from app.config.registry import mask_url_password
 
     cfg = app_cfg.serve
     args = app_cfg.model_dump(mode="json")
     # A relative SQLite path means "next to where I run this": make it absolute, since the
     # builder runs in the cluster's working directory.
-    args["registry"]["db_url"] = resolve_db_url(app_cfg.registry.db_url)
+    # The file is written to disk: the database password is masked (set registry.password_env
+    # where the cluster runs instead).
+    args["registry"]["db_url"] = mask_url_password(resolve_db_url(app_cfg.registry.db_url))
     deployments = []
     for m in cfg.models:
         for ref, name in route_deployments(m):

@@ -40,6 +40,7 @@ from actors.registry.client import caller_credentials
 from app.config.jobs import TrainJob, TuneJob, trial_tree
 from app.config.tune import TuneConfig
 from app.config.base import config_hash
+from app.config.registry import redact_secrets
 from app.evaluation import metric_kind, training_metric
 
 JOB_FILE = "temper_tune_job.json"
@@ -294,7 +295,7 @@ def save_job(job: TuneJob) -> Path:
     paths = SweepPaths.of(job.name, job.storage_path)
     paths.experiment.mkdir(parents=True, exist_ok=True)
     out = paths.experiment / JOB_FILE
-    out.write_text(json.dumps(job.model_dump(mode="json"), indent=2, sort_keys=True))
+    out.write_text(json.dumps(redact_secrets(job.model_dump(mode="json")), indent=2, sort_keys=True))
     return out
 
 

@@ -89,6 +89,26 @@ def resolve_db_url(db_url: str, cwd: str | Path | None = None) -> str:
     return _absolute_sqlite(db_url, cwd, "registry.db_url")
 
 
+def database_url(cfg: "RegistryConfig", cwd: str | Path | None = None) -> str:
+    """The URL to connect to `cfg`'s database with: a relative SQLite path made absolute
+    (`resolve_db_url`) and the password taken from `registry.password_env` when that is set."""
+    from app.config.base import ConfigError
+    from app.config.registry import MASK
+
+    url = resolve_db_url(cfg.db_url, cwd)
+    if cfg.password_env is None:
+        if make_url(url).password == MASK:
+            raise ConfigError(
+                f"registry.db_url {url}: this config was written down with its password masked (passwords are "
+                "never saved); give the config file again (e.g. `tune CONFIG --resume NAME`) or set registry.password_env"
+            )
+        return url
+    password = os.environ.get(cfg.password_env)
+    if not password:
+        raise ConfigError(f"registry.password_env: the environment variable {cfg.password_env} is not set in this process")
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
 def resolve_mirror_settings(cfg: MlflowMirrorConfig, db_url: str, cwd: str | Path | None = None) -> dict | None:
     """The MLflow mirror's settings with every default filled in and every path absolute; None when off.
 
@@ -137,7 +157,7 @@ def get_or_create_registry(cfg: RegistryConfig, auth: dict | None = None) -> Act
     """
     if not ray.is_initialized():
         raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
-    url = resolve_db_url(cfg.db_url)
+    url = database_url(cfg)
     mirror = resolve_mirror_settings(cfg.mlflow, url)
     options: dict[str, Any] = dict(
         name=cfg.actor_name,
@@ -203,7 +223,7 @@ def open_store(cfg: RegistryConfig, *, key_secret: bytes | None = None, auth_ena
     mirrored to MLflow until the actor's next start. Close it with `store.close()`.
     `key_secret` and `auth_enabled` are passed to the store (API keys, permission checks).
     """
-    return RegistryStore(resolve_db_url(cfg.db_url), key_secret=key_secret, auth_enabled=auth_enabled)
+    return RegistryStore(database_url(cfg), key_secret=key_secret, auth_enabled=auth_enabled)
 
 
 def find_version_by_artifact(registry: ActorHandle, model: str, artifact_uri: str) -> dict | None:

@@ -84,13 +84,13 @@ from actors.registry.validation import (
 from app.auth import api_keys
 from app.auth.identity import ANONYMOUS, ROLES, AuthError, PermissionDenied, Principal
 from app.config.base import tree_hash
+from app.config.registry import mask_url_password
 
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for another writer's lock before failing."""
 
-_PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^/]*@")  # scheme://user:PASSWORD@host...
 _KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
@@ -113,7 +113,7 @@ def mask_password(url: str) -> str:
     Used for every message and log line that names a URL, and to compare databases without
     sending a password around.
     """
-    return _PASSWORD_RE.sub(r"\1***@", url, count=1)
+    return mask_url_password(url)
 
 
 @dataclass(frozen=True)

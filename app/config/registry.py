@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from app.config.base import MODEL_NAME_PATTERN, Section
+
+_PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^/]*@")  # scheme://user:PASSWORD@host...
+ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
+MASK = "***"
+
+
+def mask_url_password(url: str) -> str:
+    """`url` (a database, tracking or any other URL) with its password shown as `***`."""
+    return _PASSWORD_RE.sub(rf"\1{MASK}@", url, count=1)
+
+
+def redact_secrets(tree: dict[str, Any]) -> dict[str, Any]:
+    """A job's config tree as it may be written down (artifact meta, registry record, saved sweep,
+    Serve config file): the registry database's password masked. Nothing else in a config is
+    secret: API keys, JWT secrets and passwords otherwise come from environment variables."""
+    reg = tree.get("registry")
+    if isinstance(reg, dict) and isinstance(reg.get("db_url"), str):
+        tree = {**tree, "registry": {**reg, "db_url": mask_url_password(reg["db_url"])}}
+    return tree
 
 
 class MlflowMirrorConfig(Section):
@@ -33,6 +55,8 @@ class RegistryConfig(Section):
     """Ray namespace of the registry actor."""
     db_url: str = "sqlite:///temper_runs/registry.db"
     """SQLAlchemy URL of the registry database: `sqlite:///path.db` (a relative path is resolved against the driver's working directory) or `postgresql+psycopg://user:pass@host/db` (psycopg 3, the `postgres` extra) on clusters. Older schemas are migrated on open."""
+    password_env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
+    """Environment variable holding the database password, for a `db_url` without one (`postgresql+psycopg://user@host/db`); the password then appears in no file, record or Serve config. A password inside `db_url` works too, but is masked (`***`) wherever a config is written down, so a sweep saved with one resumes only with its config file given again."""
     mlflow: MlflowMirrorConfig = Field(default_factory=MlflowMirrorConfig)
     """Optional MLflow mirror (off by default)."""
 
@@ -40,6 +64,8 @@ class RegistryConfig(Section):
     def _url(self) -> "RegistryConfig":
         if "://" not in self.db_url:
             raise ValueError(f"registry.db_url must be a SQLAlchemy URL such as sqlite:///path.db, got {self.db_url!r}")
+        if self.password_env is not None and mask_url_password(self.db_url) != self.db_url:
+            raise ValueError("registry.password_env is set and registry.db_url holds a password too; keep one of them")
         dialect = self.db_url.split("://", 1)[0].split("+", 1)[0]
         if dialect not in ("sqlite", "postgresql"):
             # the store's SQL (upserts, row locks, migrations) is written and tested for these two
