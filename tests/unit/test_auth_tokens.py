@@ -56,15 +56,17 @@ def test_valid_rs256_token_with_a_generated_key_pair(tmp_path):
     assert _refusal(jwt.encode(_claims(temper_role="admin"), "x" * 40, "HS256"), cfg).reason == "malformed_token"
 
 
+# Claims are built when the test runs, not when it is collected: a full suite reaches the unit
+# tests over an hour after collection, past any `exp` set then.
 @pytest.mark.parametrize("claims, key, reason, message", [
-    (_claims(exp=int(time.time()) - 60), HS_SECRET, "expired_token", "token expired"),
-    (_claims(aud="another-service"), HS_SECRET, "wrong_audience", "not meant for this service"),
-    (_claims(iss="https://evil.example"), HS_SECRET, "wrong_issuer", "was not issued by"),
-    (_claims(), "a-different-secret-also-long-enough-for-hs256", "bad_signature", "signature does not verify"),
-    (_claims(role="root"), HS_SECRET, "bad_claims", "must be one of viewer, developer, admin"),
+    (lambda: _claims(exp=int(time.time()) - 60), HS_SECRET, "expired_token", "token expired"),
+    (lambda: _claims(aud="another-service"), HS_SECRET, "wrong_audience", "not meant for this service"),
+    (lambda: _claims(iss="https://evil.example"), HS_SECRET, "wrong_issuer", "was not issued by"),
+    (lambda: _claims(), "a-different-secret-also-long-enough-for-hs256", "bad_signature", "signature does not verify"),
+    (lambda: _claims(role="root"), HS_SECRET, "bad_claims", "must be one of viewer, developer, admin"),
 ])
 def test_each_bad_token_has_its_own_reason(monkeypatch, claims, key, reason, message):
-    err = _refusal(jwt.encode(claims, key, "HS256"), _hs_config(monkeypatch))
+    err = _refusal(jwt.encode(claims(), key, "HS256"), _hs_config(monkeypatch))
     assert err.reason == reason and message in str(err)
 
 
