@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from app.config.auth import ENV_NAME_PATTERN
 from app.config.base import MODEL_NAME_PATTERN, Section
 
 _PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^/]*@")  # scheme://user:PASSWORD@host...
-ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
 MASK = "***"
 
 
