@@ -273,6 +273,22 @@ DEEPSPEED_STATE_GLOBALS = frozenset({
 })
 
 
+def _skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed on the gloo process group Ray Train set up, without its CPU shared-memory op.
+
+    On CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce (a C++ extension
+    built with g++ on first use: 1-3 minutes on 2 cores, under ~/.cache/torch_extensions, rebuilt
+    for each virtualenv path), and a build interrupted midway leaves a lock file on which every
+    later DeepSpeed start waits forever. It only speeds up large CPU all-reduces; gloo does the same
+    collectives. DeepSpeed builds an op only when `deepspeed.ops.__compatible_ops__` marks it
+    compatible, so marking it not compatible is the switch (DeepSpeed offers no option for it).
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def deepspeed_config(job: TrainJob) -> dict:
     """The DeepSpeed config, derived from our pydantic config (never a hand-kept JSON)."""
     tc = job.train
@@ -324,6 +340,8 @@ class DeepSpeedStrategy:
         model = model.to(device)
         self.module = model
         self.optimizer = make_optimizer(model)
+        if device.type == "cpu":
+            _skip_shared_memory_allreduce()
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=deepspeed_config(job), dist_init_required=False,
         )
