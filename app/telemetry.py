@@ -7,13 +7,28 @@ inside Ray workers/actors/replicas (creating them needs a connected Ray).
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 # --- training (pipelines/train.py, reported by every rank, tagged by rank)
 TRAIN_LOSS = "temper_train_loss"
 TRAIN_SAMPLES_PER_S = "temper_train_samples_per_second"
 TRAIN_STEP = "temper_train_step"
+TRAIN_TOKENS_PER_S = "temper_train_tokens_per_second"
+TRAIN_CHECKPOINT_S = "temper_train_checkpoint_seconds"
 EVAL_METRIC = "temper_eval_metric"
+
+# --- tuning (tune/sweep.py, from the sweep's driver, tagged by sweep)
+TUNE_TRIALS = "temper_tune_trials"
+TUNE_BEST_METRIC = "temper_tune_best_metric"
+
+# --- registry (actors/registry/actor.py, one observation per database call)
+REGISTRY_OPERATIONS = "temper_registry_operations_total"
+REGISTRY_LATENCY_MS = "temper_registry_operation_latency_ms"
+REGISTRY_ERRORS = "temper_registry_errors_total"
 
 # --- serving (serve/ingress.py, serve/replica.py)
 SERVE_REQUESTS = "temper_serve_requests_total"
@@ -33,6 +48,13 @@ _DESCRIPTIONS = {
     TRAIN_LOSS: "Training loss at the last logged step.",
     TRAIN_SAMPLES_PER_S: "Training samples per second on this rank.",
     TRAIN_STEP: "Optimizer step reached.",
+    TRAIN_TOKENS_PER_S: "Training tokens per second on this rank (token-id inputs only: lm and text models).",
+    TRAIN_CHECKPOINT_S: "Seconds the last checkpoint took to write and report on this rank.",
+    TUNE_TRIALS: "Trials of a sweep by state (running, stopped: ended without error, errored).",
+    TUNE_BEST_METRIC: "Best value of the sweep's objective reported so far (tag `metric` names it).",
+    REGISTRY_OPERATIONS: "Database operations the registry actor ran (tag `operation`: the store method).",
+    REGISTRY_LATENCY_MS: "Time a registry database operation took, in ms.",
+    REGISTRY_ERRORS: "Registry database operations that raised (tag `error`: the exception class).",
     EVAL_METRIC: "Latest evaluation metric (tag `metric` names it).",
     SERVE_REQUESTS: "Requests answered by the Temper ingress.",
     SERVE_ERRORS: "Requests answered with an error status.",
@@ -65,3 +87,19 @@ def histogram(name: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...
     from ray.util.metrics import Histogram
 
     return Histogram(name, description=_DESCRIPTIONS[name], boundaries=list(boundaries), tag_keys=tag_keys)
+
+
+_FAILED: set[str] = set()
+
+
+def record(name: str, action: Callable[[], Any]) -> None:
+    """Run `action` (create or look up metric `name` and set / inc / observe it); a failure is
+    logged once per metric and never reaches the caller (a training step, a registry call or a
+    request must not fail because of its metrics)."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - metrics are best effort by design; logged once
+        if name not in _FAILED:
+            _FAILED.add(name)
+            log.warning("metric %s not recorded (%s: %s); later failures of it are not logged", name,
+                        type(err).__name__, err)

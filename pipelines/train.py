@@ -143,6 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     m_loss = telemetry.gauge(telemetry.TRAIN_LOSS, ("run", "rank"))
     m_rate = telemetry.gauge(telemetry.TRAIN_SAMPLES_PER_S, ("run", "rank"))
     m_step = telemetry.gauge(telemetry.TRAIN_STEP, ("run", "rank"))
+    m_tokens = telemetry.gauge(telemetry.TRAIN_TOKENS_PER_S, ("run", "rank"))
     m_eval = telemetry.gauge(telemetry.EVAL_METRIC, ("run", "metric"))
 
     if start_step >= tc.steps or state.should_stop:  # finished (or stopped early): report the final evaluation once more
@@ -155,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return
 
     # --- train
-    t_log, seen_since_log, steps_since_log, loss_acc = time.perf_counter(), 0, 0, 0.0
+    t_log, seen_since_log, tokens_since_log, steps_since_log, loss_acc = time.perf_counter(), 0, 0, 0, 0.0
     t_start = time.perf_counter()
     for step in range(start_step, tc.steps):
         strategy.train()
@@ -175,6 +176,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             strategy.backward(loss, last_micro=micro == tc.grad_accum_steps - 1)
             step_loss += loss.item() / tc.grad_accum_steps
             seen_since_log += x.shape[0]
+            if not x.is_floating_point():  # token ids (B, T); images and features are float
+                tokens_since_log += x.numel()
         info = strategy.step()
         scheduler.step()
         done = step + 1
@@ -189,14 +192,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             now = time.perf_counter()
             rate = seen_since_log / max(now - t_log, 1e-9)
             avg_loss = loss_acc / steps_since_log
-            m_loss.set(avg_loss, tags)
-            m_rate.set(rate, tags)
-            m_step.set(done, tags)
+            telemetry.record(telemetry.TRAIN_LOSS, lambda: m_loss.set(avg_loss, tags))
+            telemetry.record(telemetry.TRAIN_SAMPLES_PER_S, lambda: m_rate.set(rate, tags))
+            telemetry.record(telemetry.TRAIN_STEP, lambda: m_step.set(done, tags))
+            if tokens_since_log:
+                tokens_rate = tokens_since_log / max(now - t_log, 1e-9)
+                telemetry.record(telemetry.TRAIN_TOKENS_PER_S, lambda: m_tokens.set(tokens_rate, tags))
             if rank == 0:
                 per_step = (now - t_start) / (done - start_step)
                 _say(f"[train] step {done}/{tc.steps} loss {avg_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                      f"grad_norm {info.grad_norm:.3f} {rate * world:.0f} samples/s eta {_fmt_eta(per_step * (tc.steps - done))}")
-            t_log, seen_since_log, steps_since_log, loss_acc = now, 0, 0, 0.0
+            t_log, seen_since_log, tokens_since_log, steps_since_log, loss_acc = now, 0, 0, 0, 0.0
 
         pausing = done == tc.pause_at_step
         if done % tc.eval_every == 0 or done == tc.steps or pausing:
@@ -206,7 +212,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics.update(cb.on_eval_end(state, metrics))
             metrics.update(_memory_metrics(strategy, world))
             if rank == 0:
-                m_eval.set(metrics[metric_name], {"run": job.name, "metric": metric_name})
+                value = metrics[metric_name]
+                telemetry.record(telemetry.EVAL_METRIC, lambda: m_eval.set(value, {"run": job.name, "metric": metric_name}))
                 _say(f"[eval] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
             if done % tc.checkpoint_every == 0 or done == tc.steps or pausing or state.should_stop:
                 _report_checkpoint(job, strategy, scheduler, callbacks, done, metrics, rank)
@@ -246,12 +253,16 @@ def _report_checkpoint(job: TrainJob, strategy, scheduler, callbacks, step: int,
     """Write this rank's part of the step's checkpoint and report it with the metrics."""
     import ray.train
 
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _save_checkpoint(folder, job, strategy, scheduler, callbacks, step, metrics, rank)
         # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
         ckpt = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{step:08d}")
+    seconds = time.perf_counter() - t0
+    telemetry.record(telemetry.TRAIN_CHECKPOINT_S, lambda: telemetry.gauge(telemetry.TRAIN_CHECKPOINT_S, ("run", "rank"))
+                     .set(seconds, {"run": job.name, "rank": str(rank)}))
 
 
 def _load_teacher(job: TrainJob, artifact: str | None, device):

@@ -37,6 +37,7 @@ from typing import Any
 import ray
 
 from actors.registry.client import caller_credentials
+from app import telemetry
 from app.config.jobs import TrainJob, TuneJob, trial_tree
 from app.config.tune import TuneConfig
 from app.config.base import config_hash
@@ -255,6 +256,83 @@ def _abort_run(controller) -> None:
         pass  # abort ends the controller's process: the call itself reports the actor gone
 
 
+# ----------------------------------------------------------------------------- the sweep's metrics
+
+
+class TrialTally:
+    """Trials of one sweep by state, and the best objective value so far; what the sweep's
+    metrics show (`temper_tune_trials`, `temper_tune_best_metric`). Plain bookkeeping: the Tune
+    callback below feeds it trial events and records what it returns."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.running: set[str] = set()
+        self.stopped: set[str] = set()
+        self.errored: set[str] = set()
+        self.best: float | None = None
+
+    def started(self, trial_id: str) -> None:
+        self.running.add(trial_id)
+        self.stopped.discard(trial_id)
+        self.errored.discard(trial_id)  # a resumed errored trial runs again
+
+    def ended(self, trial_id: str, *, error: bool) -> None:
+        self.running.discard(trial_id)
+        (self.errored if error else self.stopped).add(trial_id)
+
+    def counts(self) -> dict[str, int]:
+        return {"running": len(self.running), "stopped": len(self.stopped), "errored": len(self.errored)}
+
+    def offer(self, value: Any) -> bool:
+        """Take a reported objective value; True when it is the new best (NaN never is)."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return False
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best = float(value)
+            return True
+        return False
+
+
+def _metrics_callback(sweep: str, metric: str, mode: str):
+    """A Tune callback (run in the sweep's driver) that exports the sweep's trial counts and
+    best objective value through `ray.util.metrics`.
+
+    Tune pickles the RunConfig with the experiment, so the callback holds no metric object (they
+    are looked up per event, cached per process) and a restored sweep gets it back from there."""
+    from ray.tune import Callback
+
+    class SweepMetrics(Callback):
+        def __init__(self) -> None:
+            self.tally = TrialTally(mode)
+
+        def _publish(self) -> None:
+            def publish() -> None:
+                gauge = telemetry.gauge(telemetry.TUNE_TRIALS, ("sweep", "state"))
+                for state, n in self.tally.counts().items():
+                    gauge.set(n, {"sweep": sweep, "state": state})
+            telemetry.record(telemetry.TUNE_TRIALS, publish)
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.tally.started(trial.trial_id)
+            self._publish()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.tally.ended(trial.trial_id, error=False)
+            self._publish()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.tally.ended(trial.trial_id, error=True)
+            self._publish()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if self.tally.offer(result.get(metric)):
+                best = self.tally.best
+                telemetry.record(telemetry.TUNE_BEST_METRIC, lambda: telemetry.gauge(
+                    telemetry.TUNE_BEST_METRIC, ("sweep", "metric")).set(best, {"sweep": sweep, "metric": metric}))
+
+    return SweepMetrics()
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -359,6 +437,7 @@ def run_sweep(job: TuneJob, registry=None, *, resume: bool = False, resume_error
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=None if job.tune.scheduler.name == "pbt" else job.tune.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=job.tune.max_failures),
+                callbacks=[_metrics_callback(job.name, metric, mode)],
                 verbose=1,
             ),
         )

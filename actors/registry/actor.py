@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from actors.registry.store import MetricWrite, RegistryStore, mask_password
 from app.auth.api_keys import KEY_PREFIX
 from app.auth.identity import AuthError, Principal
 from app.auth.tokens import token_expiry, verify_token
+from app import telemetry
 from app.config.auth import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,23 @@ class ModelRegistry:
                  "on" if mirror else "off", "on" if self._auth_enabled else "off")
 
     async def _call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run one store method on the database thread; counted and timed per method name."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args, **kwargs))
+        tags = {"operation": fn.__name__}
+        t0 = time.perf_counter()
+        try:
+            return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args, **kwargs))
+        except Exception as err:
+            error_tags = {**tags, "error": type(err).__name__}
+            telemetry.record(telemetry.REGISTRY_ERRORS, lambda: telemetry.counter(
+                telemetry.REGISTRY_ERRORS, ("operation", "error")).inc(tags=error_tags))
+            raise
+        finally:
+            ms = (time.perf_counter() - t0) * 1000
+            telemetry.record(telemetry.REGISTRY_OPERATIONS, lambda: telemetry.counter(
+                telemetry.REGISTRY_OPERATIONS, ("operation",)).inc(tags=tags))
+            telemetry.record(telemetry.REGISTRY_LATENCY_MS, lambda: telemetry.histogram(
+                telemetry.REGISTRY_LATENCY_MS, tuple(telemetry.LATENCY_BOUNDARIES_MS), ("operation",)).observe(ms, tags=tags))
 
     async def _write(self, model: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         result = await self._call(fn, *args, **kwargs)
