@@ -67,6 +67,50 @@ def refuse_unsafe_pickles(folder: Path, allowed: frozenset[str]) -> None:
             )
 
 
+def _onnx_tensors(graph) -> list:
+    """Every TensorProto a graph holds: initializers, sparse initializers' values and indices, and
+    tensor attributes of nodes, in subgraphs (If / Loop / Scan bodies) too."""
+    found = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        found += [sparse.values, sparse.indices]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                found.append(attr.t)
+            found += list(attr.tensors)
+            if attr.HasField("g"):
+                found += _onnx_tensors(attr.g)
+            for sub in attr.graphs:
+                found += _onnx_tensors(sub)
+    return found
+
+
+def refuse_outside_external_data(path: str | Path) -> None:
+    """Refuse an ONNX file whose tensors read external data from outside the file's own folder.
+
+    ONNX stores large weights in side files named by a `location` string; ONNX Runtime opens
+    whatever that names, so a crafted model could point at `../../etc/shadow` or an absolute path
+    and carry another file's bytes into its weights (and so into the model's outputs). Only a
+    relative location that stays inside the artifact folder is accepted. The graph is read
+    without its external data (`load_external_data=False`), so nothing is opened to check.
+    """
+    import onnx
+
+    path = Path(path)
+    folder = path.parent.resolve()
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _onnx_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ArtifactError(
+                f"{path}: refused: tensor {tensor.name!r} reads external data from {location!r}, outside the "
+                f"artifact folder {folder}; the model was not loaded"
+            )
+
+
 def local_path(artifact_uri: str) -> Path:
     """The local folder of an artifact URI (`file://` or a plain path)."""
     path = artifact_uri.removeprefix("file://")

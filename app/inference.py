@@ -38,7 +38,10 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from app.artifacts import HALF_DTYPES, WEIGHT_FILES, ArtifactError, load_fp32, load_half, load_int8, local_path, read_meta
+from app.artifacts import (
+    HALF_DTYPES, WEIGHT_FILES, ArtifactError, load_fp32, load_half, load_int8, local_path, read_meta,
+    refuse_outside_external_data,
+)
 from app.config.formats import ONNX_FORMATS
 from app.config.jobs import TrainJob
 
@@ -89,6 +92,7 @@ class Predictor:
 def _ort_session(path: str):
     import onnxruntime as ort
 
+    refuse_outside_external_data(path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads())
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
