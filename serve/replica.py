@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from app import telemetry
+from app.artifact_roots import check_under_roots
 from app.config.registry import RegistryConfig
 from app.inference import (
     NonFiniteOutputError,
@@ -393,6 +394,7 @@ class BatchedModelServer:
         self.max_new_tokens = max_new_tokens
         self.alias_poll_interval_s = alias_poll_interval_s
         reg = RegistryConfig.model_validate(registry)
+        self._artifact_roots = reg.artifact_roots
         try:
             self._registry = ray.get_actor(reg.actor_name, namespace=reg.namespace)
         except ValueError:
@@ -454,6 +456,7 @@ class BatchedModelServer:
             record = await self._registry.get_version.remote(self.model, ref)
             if self._loaded is not None and record["version"] == self._loaded.version:
                 return False
+            check_under_roots(record["artifact_uri"], self._artifact_roots)
             pred = await asyncio.to_thread(load_predictor, record["artifact_uri"], self.backend)
             if ref != self._target_ref:
                 return False

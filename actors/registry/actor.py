@@ -66,7 +66,8 @@ class ModelRegistry:
     is the source of truth. After a restart the first write or `mirror_flush` re-syncs every model.
     """
 
-    def __init__(self, db_url: str, mirror: dict | None = None, auth: dict | None = None) -> None:
+    def __init__(self, db_url: str, mirror: dict | None = None, auth: dict | None = None,
+                 artifact_roots: list[str] | None = None) -> None:
         """`auth` (see `actors.registry.client.registry_auth`): {enabled, key_secret, jwt, jwt_key}; None: off."""
         auth = auth or {"enabled": False, "key_secret": None, "jwt": None, "jwt_key": None}
         self._auth_enabled = bool(auth["enabled"])
@@ -74,7 +75,7 @@ class ModelRegistry:
         self._jwt_key = auth["jwt_key"]
         key_secret = auth["key_secret"]
         self._store = RegistryStore(db_url, key_secret=None if key_secret is None else key_secret.encode(),
-                                    auth_enabled=self._auth_enabled)
+                                    auth_enabled=self._auth_enabled, artifact_roots=artifact_roots or ())
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
         self._metric_queue: list[tuple[MetricWrite, asyncio.Future]] = []
         self._metric_flusher: asyncio.Task | None = None

@@ -153,7 +153,8 @@ def get_or_create_registry(cfg: RegistryConfig, auth: dict | None = None) -> Act
     `auth` (from `registry_auth`) is fixed when the actor starts: with `enabled`, every mutation
     needs credentials whose role allows it. Asking for auth from a running actor without it is a
     ValueError (restart it); a caller without `auth` uses whatever actor runs, and a running
-    actor with auth on refuses that caller's writes unless it sends credentials.
+    actor with auth on refuses that caller's writes unless it sends credentials. `cfg.artifact_roots`
+    too is fixed when the actor starts.
     """
     if not ray.is_initialized():
         raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
@@ -181,7 +182,7 @@ def get_or_create_registry(cfg: RegistryConfig, auth: dict | None = None) -> Act
         )
     where = f"registry actor {cfg.actor_name!r} (namespace {cfg.namespace!r}) on {mask_password(url)}"
     for attempt in range(3):
-        handle = ModelRegistry.options(**options).remote(url, mirror, auth)
+        handle = ModelRegistry.options(**options).remote(url, mirror, auth, list(cfg.artifact_roots))
         try:
             actual = ray.get(handle.settings.remote(), timeout=ACTOR_START_TIMEOUT_S)
             break

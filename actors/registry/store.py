@@ -81,6 +81,7 @@ from actors.registry.validation import (
     parse_time,
     parse_where,
 )
+from app.artifact_roots import check_under_roots
 from app.auth import api_keys
 from app.auth.identity import ANONYMOUS, ROLES, AuthError, PermissionDenied, Principal
 from app.config.base import tree_hash
@@ -151,10 +152,13 @@ class RegistryStore:
     the current state forbids raises `RegistryConflict`.
     """
 
-    def __init__(self, url: str, *, key_secret: bytes | None = None, auth_enabled: bool = False) -> None:
+    def __init__(self, url: str, *, key_secret: bytes | None = None, auth_enabled: bool = False,
+                 artifact_roots: list[str] | tuple[str, ...] = ()) -> None:
         """`key_secret`: the server secret API keys are hashed with (needed to create or check
-        keys); `auth_enabled`: refuse mutations the caller's principal may not perform."""
+        keys); `auth_enabled`: refuse mutations the caller's principal may not perform;
+        `artifact_roots` (normalized, see app.artifact_roots): where registered artifacts must lie."""
         self.url = url
+        self.artifact_roots = tuple(artifact_roots)
         self.key_secret = None if key_secret is None else api_keys.check_server_secret(key_secret, "key_secret")
         self.auth_enabled = auth_enabled
         self._engine = _create_engine(url)
@@ -394,6 +398,7 @@ class RegistryStore:
         """
         check_model_name(model)
         check_artifact_uri(artifact_uri)
+        check_under_roots(artifact_uri, self.artifact_roots)
         check_format(format)
         check_transformation(transformation)
         config_blob = config_json(config)

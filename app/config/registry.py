@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.config.auth import ENV_NAME_PATTERN
 from app.config.base import MODEL_NAME_PATTERN, Section
@@ -59,6 +59,15 @@ class RegistryConfig(Section):
     """Environment variable holding the database password, for a `db_url` without one (`postgresql+psycopg://user@host/db`); the password then appears in no file, record or Serve config. A password inside `db_url` works too, but is masked (`***`) wherever a config is written down, so a sweep saved with one resumes only with its config file given again."""
     mlflow: MlflowMirrorConfig = Field(default_factory=MlflowMirrorConfig)
     """Optional MLflow mirror (off by default)."""
+    artifact_roots: list[str] = Field(default_factory=list)
+    """Folders (made absolute from where the job was given) or URI prefixes (`s3://bucket/prefix`) that every registered artifact must lie under: the registry actor refuses to register a version whose `artifact_uri` is elsewhere (a symlink is followed first), and a Serve replica refuses to load one. Set it on shared clusters (e.g. to the jobs' `storage_path`); empty: any local absolute path or known URI scheme. Fixed when the registry actor starts."""
+
+    @field_validator("artifact_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[str]) -> list[str]:
+        from app.artifact_roots import normalize_artifact_root
+
+        return [normalize_artifact_root(r) for r in roots]
 
     @model_validator(mode="after")
     def _url(self) -> "RegistryConfig":
