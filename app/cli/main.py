@@ -12,6 +12,7 @@ Verbs:
   data stats CONFIG   rows, token lengths, labels, duplicates and train/val overlap of a text dataset
   validate KIND CONFIG   check a config without running it
   schema            print the configuration reference (Markdown) generated from the pydantic models
+  status            the cluster, running jobs and trials, the registry and Serve applications, in one screen
 
 `--verbose` (anywhere) or TEMPER_VERBOSE=1 shows Ray's own log lines too. `--json` prints only
 JSON on stdout. A config error exits with status 2 and names the key; any other mistake of the
@@ -34,6 +35,7 @@ from app.cli.data import cmd_data
 from app.cli.jobs import cmd_compress, cmd_run, cmd_schema, cmd_train, cmd_tune, cmd_validate
 from app.cli.registry import cmd_registry
 from app.cli.serve import SERVE_ACTIONS, cmd_serve
+from app.cli.status import cmd_status
 from app.config.base import ConfigError
 from app.config.jobs import JOB_KINDS
 from app.errors import TemperError
@@ -192,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the configuration reference")
     p.set_defaults(fn=cmd_schema)
+
+    p = sub.add_parser("status", help="cluster, running jobs and trials, registry and Serve applications in one screen")
+    p.add_argument("--config", help="a config whose `registry` section to read (default: built-in defaults)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="registry.key=value", help="override registry config keys")
+    p.set_defaults(fn=cmd_status)
 
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     _add_verbose_everywhere(sub)
