@@ -91,6 +91,12 @@ def _fixed_ingress_config(cfg: ServeConfig) -> dict:
     return fixed
 
 
+def adapter_folders(m: ServedModel) -> dict[str, str] | None:
+    """A served model's adapter folders with relative paths made absolute here (the driver's working
+    directory): the replicas run in other working directories."""
+    return {name: str(Path(folder).expanduser().resolve()) for name, folder in m.adapters.items()} if m.adapters else None
+
+
 def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
     """Serve options of one route deployment (what `serve config` writes as well)."""
     opts: dict[str, Any] = dict(
@@ -132,7 +138,8 @@ def build_app(app_cfg: ServeApp) -> serve.Application:
     for m in cfg.models:
         servers[m.model] = []
         for ref, name in route_deployments(m):
-            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s, m.adapters, m.max_adapters)
+            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s, adapter_folders(m),
+                    m.max_adapters)
             opts = route_deployment_options(m, ref, name, cfg)
             # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
             deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica), _internal=True)
