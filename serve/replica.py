@@ -24,6 +24,13 @@ through the same queues and decode loop (`app.inference.generate_steps`), on its
 ids: a prompt over the token limit is refused, a generation ends at an end-of-sequence id, and
 streamed events carry each token's text (`TokenPieces`) instead of a bare byte id.
 
+Generation also takes `top_p`, stop strings (a row ends at the token completing one; the answer's
+text ends before it), chat `messages` (rendered by `app.data.chat_template`) and a LoRA `adapter`
+of the model's `serve.models[].adapters`: the loaded version's `AdapterSet` loads it on first use and
+evicts the least recently used one past `max_adapters`. Rows of different adapters (and of the
+base) share a batch: peft's mixed-batch LoRA applies each row's own adapter, and each row's KV
+cache entries are computed with it, so no batch is split per adapter.
+
 Batching: five `@serve.batch` queues: `predict` (classifiers), `text` (hf embed / classify), `lm` (scoring), `generate_full`
 (generation answered in one piece: the whole decode loop in one thread hop) and
 `generate_batch` (streamed generation: an async generator yielding one decode step for every
