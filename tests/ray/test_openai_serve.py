@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes over real HTTP, called with the official `openai` client: one Serve
 app (auth on, an API key as the client's api_key) hosts a tiny Llama causal LM with three LoRA
-adapters (at most two loaded) and a tiny BERT embedder. Answers are compared with transformers'
+adapters (at most two loaded), a tiny BERT embedder and a tiny built-in GPT. Answers are compared with transformers'
 own greedy decoding of the base model and of each adapter merged into it (peft's merge_and_unload)."""
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import torch
 
 from app.artifacts import save_fp32
 from app.config.auth import AuthConfig
-from app.config.jobs import ServeApp, parse_config
+from app.config.data import DataConfig
+from app.config.jobs import ServeApp, TrainJob, parse_config
+from app.config.model import GPTConfig
 from app.config.registry import RegistryConfig
 from app.config.serve import ServeConfig, ServedModel
 from app.data.chat_template import render_chat
-from app.inference import load_predictor
+from app.inference import generate_text, load_predictor
 from app.models import build_model
 from conftest import free_port, serving
 from hf_folders import greedy_ids, lora_adapter, merged_lora_model, sentiment_rows, tiny_bert, tiny_llama
@@ -50,8 +52,11 @@ def models(tmp_path_factory):
     emb_job = parse_config("train", {"name": "emb", "model": {"kind": "hf", "path": str(bert), "task": "embedding",
                                                               "pooling": "mean", "normalize": True},
                                      "data": {"kind": "text", "path": str(lines), "max_length": 16, "val_fraction": 0.3}})
+    gpt_job = TrainJob(name="code", model=GPTConfig(n_layer=2, d_model=32, n_head=2, block_size=32),
+                       data=DataConfig(name="lm-code"))
     torch.manual_seed(0)
     return {
+        "gpt": str(save_fp32(root / "gpt", build_model(gpt_job.model), gpt_job)),
         "llama": llama,
         "lm": str(save_fp32(root / "lm", build_model(lm_job.model), lm_job)),
         "emb": str(save_fp32(root / "emb", build_model(emb_job.model), emb_job)),
@@ -75,11 +80,13 @@ def api_key(ray_cluster, models, tmp_path_factory):
         handle = get_or_create_registry(reg, auth=registry_auth(auth, True))
         ray_cluster.get(handle.register_version.remote("lm", models["lm"], "torch_fp32", credentials=admin))
         ray_cluster.get(handle.register_version.remote("emb", models["emb"], "torch_fp32", credentials=admin))
+        ray_cluster.get(handle.register_version.remote("code", models["gpt"], "torch_fp32", credentials=admin))
         app_cfg = ServeApp(registry=reg, auth=auth, serve=ServeConfig(
             app_name=f"temper-openai-{uuid.uuid4().hex[:6]}", port=free_port(), route_prefix="/temper",
             models=[ServedModel(model="lm", version="1", max_new_tokens=12, cpus_per_replica=0.5,
                                 adapters=models["adapters"], max_adapters=2),
-                    ServedModel(model="emb", version="1", cpus_per_replica=0.5)]))
+                    ServedModel(model="emb", version="1", cpus_per_replica=0.5),
+                    ServedModel(model="code", version="1", max_new_tokens=12, cpus_per_replica=0.5)]))
         for url in serving(app_cfg):
             yield app_cfg, url, developer
         ray_cluster.kill(handle, no_restart=True)
@@ -115,7 +122,7 @@ def reference(models):
 
 def test_models_list_names_every_model_and_adapter(client):
     ids = {m.id: m for m in client.models.list().data}
-    assert set(ids) == {"lm", "emb", "lm:a1", "lm:a2", "lm:a3"}
+    assert set(ids) == {"lm", "emb", "code", "lm:a1", "lm:a2", "lm:a3"}
     assert ids["lm:a1"].parent == "lm" and ids["lm"].object == "model"
 
 
@@ -228,3 +235,15 @@ def test_adapters_answer_as_their_merged_models_and_are_evicted_past_the_limit(c
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="lm:zzz", prompt=PROMPT, max_tokens=2)
     assert "'zzz'" in err.value.body["message"] and err.value.body["param"] == "model"
+
+
+def test_the_built_in_gpt_completes_bytes_as_in_process(client, models):
+    pred = load_predictor(models["gpt"])
+    prompt = "def add(a, b):"
+    new = generate_text(pred, np.frombuffer(prompt.encode(), dtype=np.uint8).astype(np.int64)[None], 8)[0].tolist()
+    want = bytes(new).decode("utf-8", errors="replace")
+    res = client.completions.create(model="code", prompt=prompt, max_tokens=8, temperature=0)
+    assert res.choices[0].text == want
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (len(prompt.encode()), 8)
+    streamed = client.completions.create(model="code", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
