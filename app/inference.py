@@ -44,6 +44,7 @@ from app.artifacts import (
 )
 from app.config.formats import ONNX_FORMATS
 from app.config.jobs import TrainJob
+from app.stop_strings import find_stop
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +380,10 @@ class SamplingParams:
     """Sample among the k most likely bytes only (0 = all)."""
     seed: int | None = None
     """Seed of this row's sampler: the same seed gives the same text whatever else is in the batch."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens whose probabilities sum to top_p (1 = all)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the row ends at the token whose text completes one (see `find_stop`)."""
 
 
 class NonFiniteOutputError(ValueError):
@@ -396,7 +401,16 @@ def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z >= kth, z, -np.inf)
     p = np.exp(z - z.max())
-    return int(rng.choice(z.shape[0], p=p / p.sum()))
+    p /= p.sum()
+    if params.top_p < 1.0:
+        # nucleus: the most likely tokens until their mass reaches top_p (at least one), as
+        # transformers' TopPLogitsWarper keeps them; the rest get probability 0
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]  # mass of the tokens more likely than each
+        drop = order[before >= params.top_p]
+        p[drop] = 0.0
+        p /= p.sum()
+    return int(rng.choice(z.shape[0], p=p))
 
 
 class KVCacheDecoder:
@@ -500,10 +514,13 @@ class HFCacheDecoder:
         self.model = pred._torch_model
         self.pad_id = pred.tokenizer.pad_token_id if pred.tokenizer.pad_token_id is not None else 0
 
-    def start(self, rows: list[np.ndarray]) -> np.ndarray:
-        """Prefill the prompts; next-token logits (B, V)."""
+    def start(self, rows: list[np.ndarray], adapters: list[str | None] | None = None) -> np.ndarray:
+        """Prefill the prompts; next-token logits (B, V). `adapters`: the LoRA adapter of each row
+        (None: the base model), see `app.models.adapters`. Rows of different adapters share the
+        batch and the cache: each row's keys and values are computed with its own adapter."""
         from transformers import DynamicCache
 
+        self.adapters = list(adapters) if adapters is not None else None
         lens = [len(r) for r in rows]
         B, T = len(rows), max(lens)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -522,13 +539,17 @@ class HFCacheDecoder:
             sel = torch.as_tensor(keep, dtype=torch.long)
             self.cache.batch_select_indices(sel)
             self.mask, self.next_pos = self.mask.index_select(0, sel), self.next_pos.index_select(0, sel)
+            if self.adapters is not None:
+                self.adapters = [self.adapters[i] for i in keep]
         self.mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=torch.long)], dim=1)
         logits = self._forward(torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(-1, 1), self.next_pos.view(-1, 1))
         self.next_pos = self.next_pos + 1
         return logits
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
+        from app.models.adapters import row_adapters
+
+        with torch.inference_mode(), row_adapters(self.adapters):
             out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
                              past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
@@ -549,31 +570,44 @@ def make_decoder(pred: "Predictor | TextPredictor", use_kv_cache: bool | None = 
 
 
 def generate_steps(
-    pred: "Predictor", rows: list[np.ndarray], params: list[SamplingParams], use_kv_cache: bool | None = None
+    pred: "Predictor", rows: list[np.ndarray], params: list[SamplingParams], use_kv_cache: bool | None = None,
+    adapters: list[str | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Continue every row; yields once per step a list with each row's new token id (None once a
-    row is done: it has its `max_new_tokens`, or its last token is one of `pred.stop_ids`, which is
-    yielded). Rows that are done leave the batch (their cache rows are dropped)."""
+    row is done: it has its `max_new_tokens`, its last token is one of `pred.stop_ids`, or its text
+    contains one of its stop strings; that last token is yielded). Rows that are done leave the
+    batch (their cache rows are dropped). `adapters`: each row's LoRA adapter (torch hf causal
+    LMs; None: the base model)."""
     if len(rows) != len(params):
         raise ValueError(f"{len(rows)} rows but {len(params)} sampling params")
     if not rows:
         return
     decoder = make_decoder(pred, use_kv_cache)
+    if adapters is not None and any(a is not None for a in adapters) and not isinstance(decoder, HFCacheDecoder):
+        raise ValueError(f"LoRA adapters need a torch hf causal LM; backend {pred.backend!r} has none")
     rngs = [np.random.default_rng(p.seed) for p in params]
-    produced = [0] * len(rows)
+    made: list[list[int]] = [[] for _ in rows]
     active = [i for i, p in enumerate(params) if p.max_new_tokens > 0]
     if not active:
         return
-    logits = decoder.start([rows[i] for i in active])
+    if isinstance(decoder, HFCacheDecoder):
+        logits = decoder.start([rows[i] for i in active], None if adapters is None else [adapters[i] for i in active])
+    else:
+        logits = decoder.start([rows[i] for i in active])
+
+    def done(i: int) -> bool:
+        p = params[i]
+        return (len(made[i]) >= p.max_new_tokens or made[i][-1] in pred.stop_ids
+                or (bool(p.stop) and find_stop(pred.token_text(made[i]), p.stop) is not None))
+
     while True:
         tokens = [next_token(logits[j], params[i], rngs[i]) for j, i in enumerate(active)]
         out: list[int | None] = [None] * len(rows)
         for i, t in zip(active, tokens):
             out[i] = t
-            produced[i] += 1
+            made[i].append(t)
         yield out
-        keep = [j for j, i in enumerate(active)
-                if produced[i] < params[i].max_new_tokens and tokens[j] not in pred.stop_ids]
+        keep = [j for j, i in enumerate(active) if not done(i)]
         if not keep:
             return
         active = [active[j] for j in keep]
@@ -581,11 +615,12 @@ def generate_steps(
 
 
 def generate_tokens(
-    pred: "Predictor", rows: list[np.ndarray], params: list[SamplingParams], use_kv_cache: bool | None = None
+    pred: "Predictor", rows: list[np.ndarray], params: list[SamplingParams], use_kv_cache: bool | None = None,
+    adapters: list[str | None] | None = None,
 ) -> list[list[int]]:
     """`generate_steps` run to the end: every row's new token ids (a stop token included)."""
     out: list[list[int]] = [[] for _ in rows]
-    for step in generate_steps(pred, rows, params, use_kv_cache):
+    for step in generate_steps(pred, rows, params, use_kv_cache, adapters):
         for i, t in enumerate(step):
             if t is not None:
                 out[i].append(t)

@@ -20,6 +20,7 @@ from typing import Any
 from ray import serve
 
 from app.config.jobs import ServeApp
+from app.models.adapters import AdapterError, check_adapter_folder
 from app.runtime import verbose
 from app.config.serve import ServeConfig, ServedModel
 from serve.access import IngressAuth
@@ -61,7 +62,8 @@ def _code_version(*parts: Any) -> str:
 def _source_digest() -> str:
     """Hash of the code that runs in the replicas (serve/, inference, models)."""
     root = Path(__file__).resolve().parents[1]
-    files = sorted(root.glob("serve/*.py")) + [root / "app/inference.py"] + sorted(root.glob("app/models/*.py"))
+    files = (sorted(root.glob("serve/*.py")) + [root / "app/inference.py", root / "app/stop_strings.py",
+             root / "app/data/chat_template.py"] + sorted(root.glob("app/models/*.py")))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())
@@ -87,6 +89,12 @@ def _fixed_ingress_config(cfg: ServeConfig) -> dict:
             m.pop(name)
         m["traffic"] = list(m["traffic"]) if m["traffic"] else None  # the routes (deployments), not their weights
     return fixed
+
+
+def adapter_folders(m: ServedModel) -> dict[str, str] | None:
+    """A served model's adapter folders with relative paths made absolute here (the driver's working
+    directory): the replicas run in other working directories."""
+    return {name: str(Path(folder).expanduser().resolve()) for name, folder in m.adapters.items()} if m.adapters else None
 
 
 def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
@@ -130,7 +138,8 @@ def build_app(app_cfg: ServeApp) -> serve.Application:
     for m in cfg.models:
         servers[m.model] = []
         for ref, name in route_deployments(m):
-            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s)
+            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s, adapter_folders(m),
+                    m.max_adapters)
             opts = route_deployment_options(m, ref, name, cfg)
             # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
             deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica), _internal=True)
@@ -192,6 +201,11 @@ def check_versions(app_cfg: ServeApp) -> list[dict]:
                     f"but backend {m.backend!r} was asked for"
                 )
             records.append(record)
+        for name, folder in (m.adapters or {}).items():
+            try:
+                check_adapter_folder(folder, name)
+            except AdapterError as err:
+                raise ValueError(f"serve.models[{m.model}].adapters.{name}: {err}") from None
     return records
 
 

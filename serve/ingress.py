@@ -9,7 +9,8 @@ metrics, the FastAPI app and the `TemperIngress` deployment that serves it.
 Read top to bottom:
 1. the ingress's helpers: `RouteTable` (weighted split, sticky keys, live weights),
    `OutcomeReporter` (outcomes to the rollout watcher), metrics, the request middleware;
-2. `make_api`: the REST API under `/api/v1/` (testable with fake handles, no Ray);
+2. `make_api`: the REST API under `/api/v1/` (testable with fake handles, no Ray), plus the
+   OpenAI-compatible routes under `/v1/` (`serve/openai_api.py`);
 3. `TemperIngress`.
 
 Traffic weights are the ingress's live part (`user_config`, applied by `reconfigure`); which
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import telemetry
 from app.config.serve import ServeConfig
 from serve.access import AccessControl, IngressAuth
+from serve.openai_api import install_openai_routes, is_openai_path, openai_error_body, openai_status
 from serve.protocol import (
     API_PREFIX,
     ROUTE_HEADER,
@@ -210,17 +212,19 @@ class RequestContextMiddleware:
             declared = 0
         try:
             if declared > self.max_body_bytes:
-                await self._send_error(send_with_id, 413, error_body(
-                    413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes "
-                    "(serve.max_body_bytes)", request_id, field="body"))
+                message = (f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes "
+                           "(serve.max_body_bytes)")
+                await self._send_error(send_with_id, 413, openai_error_body(413, message, "body")
+                                       if is_openai_path(scope) else error_body(413, message, request_id, field="body"))
             else:
                 await self.app(scope, receive_limited, send_with_id)
         except Exception as exc:  # nothing handled it: answer 500 with the error body, log the trace
             log.exception("request %s failed", request_id)
             if status_seen:
                 raise  # the response has started: nothing sane can be sent any more
-            await self._send_error(send_with_id, 500, error_body(
-                500, f"internal error ({type(exc).__name__})", request_id, detail=str(exc)[:500]))
+            message = f"internal error ({type(exc).__name__})"
+            await self._send_error(send_with_id, 500, openai_error_body(500, f"{message}: {str(exc)[:500]}")
+                                   if is_openai_path(scope) else error_body(500, message, request_id, detail=str(exc)[:500]))
         finally:
             if self.metrics is not None:
                 endpoint, model = self._labels(scope)
@@ -244,6 +248,10 @@ def _request_id(request: Request) -> str:
 
 def _error_response(request: Request, status: int, message: str, field: str | None = None, detail: str | None = None,
                     headers: dict[str, str] | None = None) -> JSONResponse:
+    """Our error body, or OpenAI's error shape on the /v1 routes."""
+    if is_openai_path(request.scope):
+        status = openai_status(status)
+        return JSONResponse(openai_error_body(status, message, field), status_code=status, headers=headers)
     return JSONResponse(error_body(status, message, _request_id(request), field, detail), status_code=status, headers=headers)
 
 
@@ -505,6 +513,9 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    install_openai_routes(api, served=served, call=call, pick=pick, translate=translate, record=record,
+                          dependencies_read=read, dependencies_use=use, request_timeout_s=cfg.request_timeout_s,
+                          check_items=check_items)
     return api
 
 

@@ -24,6 +24,13 @@ through the same queues and decode loop (`app.inference.generate_steps`), on its
 ids: a prompt over the token limit is refused, a generation ends at an end-of-sequence id, and
 streamed events carry each token's text (`TokenPieces`) instead of a bare byte id.
 
+Generation also takes `top_p`, stop strings (a row ends at the token completing one; the answer's
+text ends before it), chat `messages` (rendered by `app.data.chat_template`) and a LoRA `adapter`
+of the model's `serve.models[].adapters`: the loaded version's `AdapterSet` loads it on first use and
+evicts the least recently used one past `max_adapters`. Rows of different adapters (and of the
+base) share a batch: peft's mixed-batch LoRA applies each row's own adapter, and each row's KV
+cache entries are computed with it, so no batch is split per adapter.
+
 Batching: five `@serve.batch` queues: `predict` (classifiers), `text` (hf embed / classify), `lm` (scoring), `generate_full`
 (generation answered in one piece: the whole decode loop in one thread hop) and
 `generate_batch` (streamed generation: an async generator yielding one decode step for every
@@ -50,6 +57,7 @@ from ray import serve
 from app import telemetry
 from app.artifact_roots import check_under_roots
 from app.config.registry import RegistryConfig
+from app.data.chat_template import ChatFormatError, render_chat, uses_own_template
 from app.inference import (
     NonFiniteOutputError,
     Predictor,
@@ -63,6 +71,8 @@ from app.inference import (
     load_predictor,
     score_text,
 )
+from app.models.adapters import AdapterError, AdapterSet
+from app.stop_strings import find_stop
 from serve.protocol import ModelRequestError, ModelServerError
 
 log = logging.getLogger(__name__)
@@ -98,6 +108,8 @@ class GenerateItem:
     row: np.ndarray  # (T,) int64 prompt byte ids
     params: SamplingParams
     enqueued: float = 0.0
+    adapter: str | None = None
+    """LoRA adapter the row is generated with (None: the base model)."""
 
 
 @dataclass
@@ -212,6 +224,33 @@ def lm_row(pred: Predictor | TextPredictor, text: str, field: str) -> np.ndarray
 def finish_reason(pred: Predictor | TextPredictor, tokens: list[int]) -> str:
     """'stop' when a generation ended at an end-of-sequence token, else 'length'."""
     return "stop" if tokens and tokens[-1] in pred.stop_ids else "length"
+
+
+@contextlib.contextmanager
+def pinned_adapters(adapters: AdapterSet | None, items: list[GenerateItem]):
+    """The adapters `items` use, loaded and pinned (not evictable) while the block runs."""
+    used = sorted({i.adapter for i in items if i.adapter is not None})
+    if used and adapters is None:
+        raise AdapterError(f"adapters {used} asked for, but this model serves none")
+    taken = []
+    try:
+        for name in used:
+            adapters.acquire(name)
+            taken.append(name)
+        yield
+    finally:
+        for name in taken:
+            adapters.release(name)
+
+
+def generated(pred: Predictor | TextPredictor, tokens: list[int], params: SamplingParams) -> tuple[str, str]:
+    """(text, finish_reason) of one finished generation: the text cut before a stop string
+    (finish_reason 'stop'), 'stop' also at an end-of-sequence token, else 'length'."""
+    text = pred.token_text(tokens)
+    cut = find_stop(text, params.stop) if params.stop else None
+    if cut is not None:
+        return text[:cut], "stop"
+    return text, finish_reason(pred, tokens)
 
 
 class TokenPieces:
@@ -374,6 +413,9 @@ class LoadedVersion:
     backend: str
     artifact_uri: str
     predictor: Predictor = field(repr=False)
+    adapters: AdapterSet | None = field(default=None, repr=False)
+    """The LoRA adapters served on this version's base (loaded on first use): each version has its
+    own, so a hot swap starts with none loaded."""
 
 
 @serve.deployment
@@ -386,9 +428,11 @@ class BatchedModelServer:
     """
 
     def __init__(self, model: str, backend: str | None, max_new_tokens: int, registry: dict,
-                 alias_poll_interval_s: float = 5.0):
+                 alias_poll_interval_s: float = 5.0, adapters: dict[str, str] | None = None, max_adapters: int = 4):
         import ray
 
+        self.adapter_sources = dict(adapters or {})
+        self.max_adapters = max_adapters
         self.model = model
         self.backend = backend
         self.max_new_tokens = max_new_tokens
@@ -461,13 +505,26 @@ class BatchedModelServer:
             if ref != self._target_ref:
                 return False
             old = self._loaded
-            self._loaded = LoadedVersion(record["version"], pred.backend, record["artifact_uri"], pred)
+            self._loaded = LoadedVersion(record["version"], pred.backend, record["artifact_uri"], pred,
+                                         self._adapter_set(pred, record["version"]))
             self._swaps += old is not None
             log.info(
                 "model %s (%s): serving version %s (%s, %s)%s", self.model, ref, record["version"], pred.backend,
                 record["artifact_uri"], f", replacing version {old.version}" if old else "",
             )
             return True
+
+    def _adapter_set(self, pred: Predictor | TextPredictor, version: int) -> AdapterSet | None:
+        """The (empty) adapter set of a newly loaded version, when adapters are configured.
+
+        Adapter sources are peft folders. A registered adapter version would plug in here: resolve
+        its registry record to the folder it stores (`artifact_uri`) and pass that as the source."""
+        if not self.adapter_sources:
+            return None
+        if not (isinstance(pred, TextPredictor) and pred.supports_kv_cache):
+            raise ValueError(f"model {self.model!r} version {version}: serve.models[].adapters need an hf causal_lm "
+                             f"on a torch backend, not a {pred.task!r} model on {pred.backend!r}")
+        return AdapterSet(pred._torch_model, self.adapter_sources, self.max_adapters)
 
     async def _poll_alias(self) -> None:
         """Re-resolve an alias ref every `alias_poll_interval_s`; a moved alias is hot-swapped."""
@@ -587,18 +644,24 @@ class BatchedModelServer:
         self._record_batch("generate_stream", [i.enqueued for i in items], unqueued=not gated)
         yield [{"version": loaded.version, "backend": loaded.backend, "route": self._route}] * len(items)
         pred = loaded.predictor
-        steps = generate_steps(pred, [i.row for i in items], [i.params for i in items])
+        adapters = [i.adapter for i in items] if any(i.adapter for i in items) else None
+        steps = generate_steps(pred, [i.row for i in items], [i.params for i in items], adapters=adapters)
         # the built-in GPT streams byte ids (the ingress decodes UTF-8); an hf causal LM streams
         # {token, text, stop}, decoded here with the folder's tokenizer
         pieces = [TokenPieces(pred) for _ in items] if isinstance(pred, TextPredictor) else None
+        pins = pinned_adapters(loaded.adapters, items)
         with self._gate("generate_stream", gated):
-            while True:
-                step = await asyncio.to_thread(next, steps, None)  # one decode step for every active row
-                if step is None:
-                    return
-                self._tokens.inc(sum(t is not None for t in step), tags={"model": self.model, "route": self._route})
-                yield [StopIteration if t is None else t if pieces is None else pieces[i].add(t)
-                       for i, t in enumerate(step)]
+            await asyncio.to_thread(pins.__enter__)  # may load an adapter (disk, peft)
+            try:
+                while True:
+                    step = await asyncio.to_thread(next, steps, None)  # one decode step for every active row
+                    if step is None:
+                        return
+                    self._tokens.inc(sum(t is not None for t in step), tags={"model": self.model, "route": self._route})
+                    yield [StopIteration if t is None else t if pieces is None else pieces[i].add(t)
+                           for i, t in enumerate(step)]
+            finally:
+                pins.__exit__(None, None, None)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list[GenerateItem]) -> AsyncIterator[list]:
@@ -611,16 +674,28 @@ class BatchedModelServer:
         sees a token before the last one, and per-token hand-offs cost CPU the batch needs)."""
         loaded = self._current()
         self._record_batch("generate", [i.enqueued for i in items], unqueued=not gated)
+        adapters = [i.adapter for i in items] if any(i.adapter for i in items) else None
+
+        def run() -> list[list[int]]:
+            with pinned_adapters(loaded.adapters, items):
+                return generate_tokens(loaded.predictor, [i.row for i in items], [i.params for i in items],
+                                       adapters=adapters)
+
         try:
             with self._gate("generate", gated):
-                tokens = await asyncio.to_thread(
-                    generate_tokens, loaded.predictor, [i.row for i in items], [i.params for i in items])
+                tokens = await asyncio.to_thread(run)
         except NonFiniteOutputError:
             return [ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()] * len(items)
+        except AdapterError as err:
+            return [ModelServerError(500, str(err), loaded.version, loaded.backend).as_failure()] * len(items)
         self._tokens.inc(sum(map(len, tokens)), tags={"model": self.model, "route": self._route})
         pred = loaded.predictor
-        return [{"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": t,
-                 "text": pred.token_text(t), "finish_reason": finish_reason(pred, t)} for t in tokens]
+        out = []
+        for item, t in zip(items, tokens):
+            text, finish = generated(pred, t, item.params)
+            out.append({"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": t,
+                        "text": text, "finish_reason": finish, "prompt_tokens": len(item.row), "adapter": item.adapter})
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_full(self, items: list[GenerateItem]) -> list[dict]:
@@ -696,7 +771,10 @@ class BatchedModelServer:
             request = TextRequest("embed", encode_texts(pred, texts, bool(truncate)), enqueued=time.perf_counter())
         except ModelRequestError as err:
             return err.as_refusal()
-        return await self._run(self._text_batch, self.text, "text", request)
+        out = await self._run(self._text_batch, self.text, "text", request)
+        if "embeddings" in out:  # each text's token count (special tokens included): OpenAI's usage
+            out["token_counts"] = [len(ids) for ids in request.ids["input_ids"]]
+        return out
 
     async def classify_texts(self, texts: list, top_k: int = 1, truncate: bool = False) -> dict:
         """texts -> {version, backend, route, outputs: [label], probabilities: [[{label, probability}]]}
@@ -726,8 +804,25 @@ class BatchedModelServer:
         return {"version": out["version"], "backend": out["backend"], "route": out["route"], "outputs": out["results"]}
 
     def _generation_item(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-                         seed: int | None) -> GenerateItem:
+                         seed: int | None, top_p: float = 1.0, stop: list[str] | None = None,
+                         adapter: str | None = None, messages: list | None = None) -> GenerateItem:
         pred = self._need_task(LM_TASKS, "generate")
+        if not 0 < float(top_p) <= 1:
+            raise ModelRequestError(422, "top_p", "must be above 0 and at most 1")
+        stop = list(stop or [])
+        if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise ModelRequestError(422, "stop", "at most 4 stop strings, each non-empty")
+        if adapter is not None and adapter not in self.adapter_sources:
+            raise ModelRequestError(404, "model", f"model {self.model!r} has no adapter {adapter!r} "
+                                                  f"(adapters: {sorted(self.adapter_sources) or 'none'})")
+        own_template = False
+        if messages is not None:
+            tokenizer = getattr(pred, "tokenizer", None)
+            try:
+                prompt = render_chat(tokenizer, messages)
+            except ChatFormatError as err:
+                raise ModelRequestError(422, err.field, err.message) from None
+            own_template = uses_own_template(tokenizer)
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
             raise ModelRequestError(422, "max_new_tokens", f"must be between 1 and {self.max_new_tokens} for model {self.model!r}")
         if not 0 <= float(temperature) <= 10:
@@ -737,7 +832,12 @@ class BatchedModelServer:
         if not prompt:
             raise ModelRequestError(422, "prompt", "prompt is empty")
         if isinstance(pred, TextPredictor):
-            row = lm_row(pred, prompt, "prompt")
+            if own_template:  # the template's text holds the model's special tokens already
+                row = np.asarray(pred.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
+                if len(row) > pred.max_tokens:
+                    raise ModelRequestError(422, "messages", f"the chat has {len(row)} tokens; the limit is {pred.max_tokens}")
+            else:
+                row = lm_row(pred, prompt, "prompt" if messages is None else "messages")
             positions = pred.max_positions
             if positions is not None and len(row) + max_new_tokens > positions:
                 raise ModelRequestError(
@@ -746,36 +846,59 @@ class BatchedModelServer:
                     f"{positions} positions (max_position_embeddings); at most {positions - len(row)}")
         else:
             row = tokens_from_text(prompt)  # the GPT sees the last block_size bytes of a longer prompt
-        params = SamplingParams(int(max_new_tokens), float(temperature), int(top_k), seed)
-        return GenerateItem(row, params, time.perf_counter())
+        params = SamplingParams(int(max_new_tokens), float(temperature), int(top_k), seed, float(top_p), tuple(stop))
+        return GenerateItem(row, params, time.perf_counter(), adapter)
+
+    async def _load_adapter(self, item: GenerateItem) -> None:
+        """Load the item's adapter now (first use), so a broken adapter fails this request alone
+        rather than the batch it would join; the batch pins it again (loading it anew if it was
+        evicted meanwhile)."""
+        adapters = self._current().adapters
+        if item.adapter is None or adapters is None or item.adapter in adapters.loaded:
+            return
+        try:
+            await asyncio.to_thread(adapters.acquire, item.adapter)
+        except AdapterError as err:
+            loaded = self._current()
+            raise ModelServerError(500, str(err), loaded.version, loaded.backend) from None
+        adapters.release(item.adapter)
 
     async def generate(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
-                       seed: int | None = None) -> dict:
-        """prompt -> {version, backend, route, tokens: [new byte ids], text}."""
+                       seed: int | None = None, top_p: float = 1.0, stop: list[str] | None = None,
+                       adapter: str | None = None, messages: list | None = None) -> dict:
+        """prompt (or chat `messages`) -> {version, backend, route, tokens: [new token ids], text,
+        finish_reason, prompt_tokens, adapter}; the text ends before a stop string."""
         try:
-            item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed)
-        except ModelRequestError as err:
-            return err.as_refusal()
+            item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed, top_p, stop, adapter, messages)
+            await self._load_adapter(item)
+        except (ModelRequestError, ModelServerError) as err:
+            return err.as_refusal() if isinstance(err, ModelRequestError) else err.as_failure()
         return await self._run(self._generate_full_batch, self.generate_full, "generate", item)
 
     async def generate_stream(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
-                              seed: int | None = None) -> AsyncIterator:
-        """Streaming generation: yields {version, backend, route} first, then each new byte id
-        as an int, as soon as its decode step is done; a refusal or failure is yielded as its
-        dict ({"refused": ...} / {"failed": ...}) and ends the stream."""
+                              seed: int | None = None, top_p: float = 1.0, stop: list[str] | None = None,
+                              adapter: str | None = None, messages: list | None = None) -> AsyncIterator:
+        """Streaming generation: yields {version, backend, route, prompt_tokens} first, then each
+        new byte id as an int (hf causal LM: {token, text, stop}), as soon as its decode step is
+        done; a refusal or failure is yielded as its dict ({"refused": ...} / {"failed": ...}) and
+        ends the stream. The row ends at a stop string; trimming the shown text is the caller's
+        (`app.stop_strings.visible_text`)."""
         try:
-            item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed)
-        except ModelRequestError as err:
-            yield err.as_refusal()
+            item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed, top_p, stop, adapter, messages)
+            await self._load_adapter(item)
+        except (ModelRequestError, ModelServerError) as err:
+            yield err.as_refusal() if isinstance(err, ModelRequestError) else err.as_failure()
             return
         head: dict = {}
         try:
             async for event in self._token_events(item):
-                if isinstance(event, dict):
-                    head = event
+                if isinstance(event, dict) and "version" in event:
+                    head = event = {**event, "prompt_tokens": len(item.row)}
                 yield event
         except NonFiniteOutputError:
             yield ModelServerError(500, NON_FINITE, head.get("version"), head.get("backend")).as_failure()
+        except AdapterError as err:
+            yield ModelServerError(500, str(err), head.get("version"), head.get("backend")).as_failure()
 
     async def info(self) -> dict:
         """What /api/v1/models lists for this route."""
@@ -787,6 +910,7 @@ class BatchedModelServer:
             "block_size": pred.block_size, "max_new_tokens": self.max_new_tokens,
             "kv_cache": pred.supports_kv_cache, "ref": settings.version, "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s, "alias_poll_interval_s": self.alias_poll_interval_s,
+            "adapters": loaded.adapters.snapshot() if loaded.adapters is not None else None,
             **self._batch_cap(settings),
         }
 

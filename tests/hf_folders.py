@@ -88,3 +88,45 @@ def sentiment_rows(n: int) -> list[dict]:
         words += rng.sample(["fast", "big", "red"] if pos else ["slow", "small", "blue"], 2)
         rows.append({"text": " ".join(["the", *words]), "label": "pos" if pos else "neg"})
     return rows
+
+
+def lora_adapter(base_folder: Path, out: Path, seed: int, target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A peft LoRA adapter for the causal LM in `base_folder`, saved in `out` (adapter_config.json +
+    adapter_model.safetensors). No training: its B matrices (zero at init, which would leave the
+    base unchanged) are drawn at random from `seed`, large enough that greedy answers change."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, use_safetensors=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(target_modules),
+                                            task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def merged_lora_model(base_folder: Path, adapter: Path):
+    """The base causal LM with `adapter` merged into its weights (peft's merge_and_unload), in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, use_safetensors=True)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+
+
+def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy continuation of one prompt: the new ids, up to and including an
+    end-of-sequence id."""
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
+    new = out[0, len(prompt_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    for i, t in enumerate(new):
+        if t in eos:
+            return new[:i + 1]
+    return new

@@ -67,6 +67,10 @@ class AutoRollbackConfig(Section):
         return self
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""Adapter names: what follows `<model>:` in a `/v1` request's model field."""
+
+
 class ServedModel(Section):
     """One registry model behind batched replicas: one deployment per traffic route."""
 
@@ -96,6 +100,10 @@ class ServedModel(Section):
     """lm models: cap on generated tokens per request."""
     auto_rollback: AutoRollbackConfig | None = None
     """Watch `traffic`'s canary route and roll its alias back when it errs or slows down (needs `traffic`)."""
+    adapters: dict[str, str] | None = None
+    """hf causal LMs on a torch backend: LoRA adapters served on this model's base, name -> peft adapter folder (`adapter_config.json` + `adapter_model.safetensors`), e.g. `{support: /models/lora-support}`. A request picks one by name (`/v1` model `<model>:<adapter>`); it is loaded on first use."""
+    max_adapters: int = Field(4, ge=1, le=256)
+    """Adapters kept loaded per replica; above it the least recently used one is evicted (and loaded again when asked for)."""
 
     def routes(self) -> dict[str, int]:
         """Version ref -> weight (percent) of every route, primary first."""
@@ -130,6 +138,9 @@ class ServedModel(Section):
                     f"serve.models[].autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}) "
                     f"must be <= max_ongoing_requests ({self.max_ongoing_requests}): replicas never reach it"
                 )
+        for name in self.adapters or {}:
+            if not re.fullmatch(ADAPTER_NAME_PATTERN, name):
+                raise ValueError(f"serve.models[].adapters: name {name!r} must match {ADAPTER_NAME_PATTERN}")
         if self.auto_rollback is not None:
             routes = self.routes()
             for role in ("canary", "baseline"):

@@ -153,3 +153,30 @@ def test_forward_is_unchanged_by_the_cache_path(gpt_paths):
         kv, cache = model.forward_kv(idx, torch.arange(T)[None], decode_mask(torch.ones(1, T, dtype=torch.bool), T))
     torch.testing.assert_close(kv, full, rtol=1e-5, atol=1e-5)
     assert len(cache) == 2 and cache[0][0].shape == (1, 2, T, 16)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+def test_top_p_samples_from_the_tokens_transformers_keeps(top_p):
+    from transformers import TopPLogitsWarper
+
+    from app.inference import next_token
+
+    logits = np.random.default_rng(1).normal(size=12).astype(np.float32) * 2
+    kept = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)[None])[0]
+    want = set(np.flatnonzero(np.isfinite(kept.numpy())).tolist())
+    rng = np.random.default_rng(0)
+    drawn = {next_token(logits, SamplingParams(1, temperature=1.0, top_p=top_p), rng) for _ in range(3000)}
+    assert drawn == want and len(want) < len(logits)
+
+
+def test_a_row_ends_at_its_stop_string(gpt_paths):
+    pred = load_predictor(gpt_paths["fp32"])
+    row = _rows("def add(a, b):")[0]
+    free = generate_tokens(pred, [row], [SamplingParams(12)])[0]
+    text = pred.token_text(free)
+    stop = text[3:5]  # two characters the free continuation reaches after a few bytes
+    stopped = generate_tokens(pred, [row, row], [SamplingParams(12, stop=(stop,)), SamplingParams(12)])
+    assert stopped[1] == free  # the other row of the batch runs on
+    mine = stopped[0]  # the same bytes, up to the one completing the stop string
+    assert mine == free[:len(mine)] and len(mine) < len(free)
+    assert stop in pred.token_text(mine) and stop not in pred.token_text(mine[:-1])
