@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import telemetry
 from app.config.serve import ServeConfig
+from app.logs import LogFormat, emit, line_logger
 from serve.access import AccessControl, IngressAuth
 from serve.openai_api import install_openai_routes, is_openai_path, openai_error_body, openai_status
 from serve.protocol import (
@@ -59,6 +60,9 @@ from serve.protocol import (
 from serve.routing import TrafficRouter
 
 log = logging.getLogger(__name__)
+request_logger = line_logger("temper.requests")
+"""The per-request lines (serve.request_log): written bare to the ingress replica's stderr, which
+Ray keeps in the worker's log file and forwards to a driver that asked for its workers' output."""
 
 REPORT_INTERVAL_S = 1.0
 """How often (at most) the ingress sends its buffered outcomes to the rollout watcher."""
@@ -175,9 +179,10 @@ class RequestContextMiddleware:
     Bodies over the limit are refused with 413 from Content-Length, or while streaming.
     """
 
-    def __init__(self, app, max_body_bytes: int, models: set[str], metrics: IngressMetrics | None, add_id_header: bool):
+    def __init__(self, app, max_body_bytes: int, models: set[str], metrics: IngressMetrics | None, add_id_header: bool,
+                 request_log: LogFormat = "off"):
         self.app, self.max_body_bytes, self.models, self.metrics = app, max_body_bytes, models, metrics
-        self.add_id_header = add_id_header
+        self.add_id_header, self.request_log = add_id_header, request_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -226,9 +231,27 @@ class RequestContextMiddleware:
             await self._send_error(send_with_id, 500, openai_error_body(500, f"{message}: {str(exc)[:500]}")
                                    if is_openai_path(scope) else error_body(500, message, request_id, detail=str(exc)[:500]))
         finally:
+            latency_ms = (time.perf_counter() - t0) * 1000
+            status = status_seen[0] if status_seen else 500
             if self.metrics is not None:
                 endpoint, model = self._labels(scope)
-                self.metrics.observe(model, endpoint, status_seen[0] if status_seen else 500, (time.perf_counter() - t0) * 1000)
+                self.metrics.observe(model, endpoint, status, latency_ms)
+            if self.request_log != "off":
+                self._log_request(scope, request_id, status, latency_ms)
+
+    def _log_request(self, scope, request_id: str, status: int, latency_ms: float) -> None:
+        """One line per request (serve.request_log). The model call's details are what the
+        handler left in `scope["state"]["served"]` (absent for requests that reached no model)."""
+        served = scope.get("state", {}).get("served") or {}
+        route = scope.get("route")
+        emit(request_logger, "request", {
+            "request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),  # no query string
+            "endpoint": getattr(route, "name", None) or "unmatched",
+            "model": served.get("model") or (scope.get("path_params") or {}).get("model"),
+            "route": served.get("route"), "version": served.get("version"), "backend": served.get("backend"),
+            "adapter": served.get("adapter"), "batch_size": served.get("batch_size"),
+            "status": status, "latency_ms": round(latency_ms, 3),
+        }, self.request_log)
 
     @staticmethod
     async def _send_error(send, status: int, body: dict) -> None:
@@ -320,7 +343,7 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
     install_error_handlers(api)
     api.add_middleware(
         RequestContextMiddleware, max_body_bytes=cfg.max_body_bytes, models=set(served), metrics=metrics,
-        add_id_header=not behind_serve_proxy,
+        add_id_header=not behind_serve_proxy, request_log=cfg.request_log,
     )
     overloaded_headers = {"Retry-After": str(cfg.retry_after_s)}
 
@@ -387,6 +410,8 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
             record(model, route, None, "server_error", (time.perf_counter() - t0) * 1000)
             raise
         record(model, route, out.get("version"), "ok", (time.perf_counter() - t0) * 1000)
+        request.state.served = {"model": model, "route": route, "version": out.get("version"), "backend": out.get("backend"),
+                                "adapter": out.get("adapter"), "batch_size": out.get("batch_size")}
         return out, route
 
     def answer(model: str, route: str, out: dict, t0: float, **fields: Any) -> dict:

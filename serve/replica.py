@@ -611,7 +611,7 @@ class BatchedModelServer:
 
     async def _predict_batch(self, requests: list[ClassifyRequest], gated: bool = True) -> list[dict]:
         loaded, results = await self._compute("predict", run_classify_batch, requests, gated)
-        return [self._tag(loaded, r) for r in results]
+        return [self._tag(loaded, r, len(requests)) for r in results]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, requests: list[ClassifyRequest]) -> list[dict]:
@@ -619,7 +619,7 @@ class BatchedModelServer:
 
     async def _text_batch(self, requests: list[TextRequest], gated: bool = True) -> list[dict]:
         loaded, results = await self._compute("text", run_text_batch, requests, gated)
-        return [self._tag(loaded, r) for r in results]
+        return [self._tag(loaded, r, len(requests)) for r in results]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def text(self, requests: list[TextRequest]) -> list[dict]:
@@ -630,7 +630,7 @@ class BatchedModelServer:
         out = []
         for r in results:
             bad = next((x["error"] for x in r if isinstance(x, dict) and "error" in x), None)
-            out.append(self._tag(loaded, {"error": bad} if bad else {"results": r}))
+            out.append(self._tag(loaded, {"error": bad} if bad else {"results": r}, len(requests)))
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -694,17 +694,18 @@ class BatchedModelServer:
         for item, t in zip(items, tokens):
             text, finish = generated(pred, t, item.params)
             out.append({"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": t,
-                        "text": text, "finish_reason": finish, "prompt_tokens": len(item.row), "adapter": item.adapter})
+                        "text": text, "finish_reason": finish, "prompt_tokens": len(item.row), "adapter": item.adapter,
+                        "batch_size": len(items)})
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_full(self, items: list[GenerateItem]) -> list[dict]:
         return await self._generate_full_batch(items)
 
-    def _tag(self, loaded: LoadedVersion, result: dict) -> dict:
+    def _tag(self, loaded: LoadedVersion, result: dict, batch_size: int) -> dict:
         if "error" in result:
             return ModelServerError(500, result["error"], loaded.version, loaded.backend).as_failure()
-        return {"version": loaded.version, "backend": loaded.backend, "route": self._route, **result}
+        return {"version": loaded.version, "backend": loaded.backend, "route": self._route, "batch_size": batch_size, **result}
 
     # ---- admission: alone in the replica -> run at once (no batch wait, and without closing the
     # gate: a burst right behind it forms its own batch instead of waiting for it); otherwise wait

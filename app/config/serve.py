@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -183,6 +184,8 @@ class ServeConfig(Section):
     """How often each replica re-resolves its alias in the registry; a moved alias is hot-swapped without a redeploy."""
     retry_after_s: int = Field(1, ge=0, le=3600)
     """Retry-After (seconds) sent with 503 answers under overload."""
+    request_log: Literal["json", "text", "off"] = "json"
+    """One line per HTTP request from the ingress (logger `temper.requests`, in the ingress replica's Serve log): `json` (an object with request_id, method, path, endpoint, model, version, backend, route, adapter, status, latency_ms, batch_size), `text` (`request key=value ...` for humans) or `off`. Headers, query strings and bodies are never logged."""
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeConfig":

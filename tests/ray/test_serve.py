@@ -647,3 +647,29 @@ def test_rate_limit_answers_429_with_retry_after(base_url, app_cfg, auth_keys):
         _error(resp, 429, "429_0001", None)
         assert 1 <= int(resp.headers["retry-after"]) <= 5
         assert http.get(url, headers={"X-API-Key": auth_keys["developer"]}).status_code == 200  # a bucket each
+
+
+def test_each_request_leaves_one_json_line_in_the_ingress_log(base_url, digits_images):
+    import json
+    from pathlib import Path
+
+    import ray
+
+    rid = f"log-{uuid.uuid4().hex[:8]}"
+    resp = httpx.post(f"{base_url}{API_PREFIX}/models/digits/predict", json={"inputs": [img[0].tolist() for img in digits_images[:2]]},
+                      headers={"X-Request-ID": rid}, timeout=30)
+    assert resp.status_code == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # this session's log folder
+
+    def line():
+        for path in logs.rglob("*.err"):  # the ingress replica's stderr, where the request lines go
+            for text in path.read_text(errors="replace").splitlines():
+                if f'"request_id":"{rid}"' in text:
+                    return text
+        return None
+
+    found = wait_for(line, "the request's line in the ingress replica's log", 30)
+    event = json.loads(found[found.index("{"):])
+    assert (event["event"], event["model"], event["version"], event["backend"], event["status"]) == (
+        "request", "digits", resp.json()["version"], resp.json()["backend"], 200)
+    assert event["batch_size"] >= 1 and event["endpoint"] == "predict" and event["latency_ms"] > 0
