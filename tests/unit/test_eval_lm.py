@@ -83,6 +83,23 @@ def test_text_perplexity_is_transformers_token_weighted_loss(lm):
     assert abs(np.mean(per_text) - expected) > 1e-3
 
 
+def test_text_perplexity_of_the_val_split_is_trainings_val_perplexity(lm):
+    """The number training registers (`val_perplexity`, app/evaluation.py over the job's val
+    batches) and `text_perplexity` over the same val texts are one definition."""
+    from app.data import build_data
+    from app.data.text import read_splits
+    from app.evaluation import eval_sums, metrics_from_sums
+
+    pred, model = lm
+    data = build_data(pred.job.data, pred.job.model)
+    with torch.inference_mode():
+        sums = eval_sums("lm", model, data.val_batches(100, 4))
+    trained = metrics_from_sums("lm", sums)["val_perplexity"]
+    val_texts = [ex.text for ex in read_splits(pred.job.data).val]
+    assert len(val_texts) == data.n_val >= 3
+    assert text_perplexity(pred, val_texts) == pytest.approx(trained, rel=1e-5)
+
+
 def test_reference_nll_scores_only_the_reference_tokens_given_the_prompt(lm):
     pred, model = lm
     pairs = [EvalPair("the cat", "sat on the mat", 1), EvalPair("a big dog ran", "fast", 2), EvalPair("red", "blue tree", 3)]
