@@ -33,8 +33,8 @@ TEXTS = ["the cat sat on the mat", "a dog ran", "red house", "the big blue tree 
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    """(TextPredictor of a tiny random Llama's torch_fp32 artifact, its transformers model)."""
+def artifact(tmp_path_factory) -> str:
+    """A tiny random Llama's torch_fp32 artifact folder."""
     root = tmp_path_factory.mktemp("eval-lm")
     text = root / "lines.txt"
     text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(20)))
@@ -43,7 +43,13 @@ def lm(tmp_path_factory):
         "data": {"kind": "text", "path": str(text), "max_length": 32, "val_fraction": 0.3}})
     torch.manual_seed(0)
     model = build_model(job.model).eval()
-    pred = load_predictor(str(save_fp32(root / "fp32", model, job)))
+    return str(save_fp32(root / "fp32", model, job))
+
+
+@pytest.fixture(scope="module")
+def lm(artifact):
+    """(TextPredictor of the artifact, its transformers model)."""
+    pred = load_predictor(artifact)
     return pred, pred._torch_model
 
 
@@ -149,6 +155,18 @@ def test_evaluate_pairs_scores_each_prompt_and_registry_metrics_carry_them(lm):
     metrics = lm_eval_metrics(pred, pairs, cfg)
     assert set(metrics) == {"eval_exact_match", "eval_token_f1", "eval_perplexity", "eval_prompts"}
     assert metrics["eval_prompts"] == 3.0 and metrics["eval_perplexity"] == pytest.approx(result["metrics"]["perplexity"])
+
+
+def test_an_onnx_version_scores_what_its_torch_source_scores(artifact, lm, tmp_path):
+    from app.compression import METHODS
+
+    pred, _ = lm
+    onnx = load_predictor(str(METHODS["onnx_fp32"](artifact, tmp_path / "onnx-fp32")))
+    pairs = [EvalPair("the cat", "sat on the mat", 1), EvalPair("a big dog ran", "fast", 2), EvalPair("red", "blue tree", 3)]
+    cfg = EvalConfig(data="unused.jsonl", max_new_tokens=4, batch_size=2)
+    torch_result, onnx_result = evaluate_pairs(pred, pairs, cfg), evaluate_pairs(onnx, pairs, cfg)
+    assert onnx.backend == "onnx_fp32" and onnx_result["answers"] == torch_result["answers"]
+    assert onnx_result["per_prompt"]["perplexity"] == pytest.approx(torch_result["per_prompt"]["perplexity"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- paired test
