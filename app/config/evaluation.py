@@ -1,7 +1,7 @@
 """The eval file of `registry compare A B --eval FILE`: which prompts, how long to generate, which metrics.
 
 ```yaml
-data: configs/examples/eval-pairs.jsonl   # prompt/completion or messages rows
+data: eval-pairs.jsonl     # prompt/completion or messages rows
 max_new_tokens: 16
 metrics: [exact_match, token_f1, perplexity]
 normalize: true

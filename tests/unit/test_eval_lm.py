@@ -24,7 +24,7 @@ from app.config.jobs import parse_config
 from app.data.eval_pairs import EvalPair, read_eval_pairs
 from app.data.files import DataFileError
 from app.eval_lm import (answer_tokens, evaluate_pairs, exact_match, greedy_answers, lm_eval_metrics, paired_p_value,
-                         reference_nll, text_perplexity, token_f1)
+                         prompt_ids, reference_nll, text_perplexity, token_f1)
 from app.inference import load_predictor
 from app.models import build_model
 from hf_folders import sentiment_rows, tiny_llama
@@ -137,6 +137,28 @@ def test_greedy_answers_are_model_generate_without_the_stop_token(lm):
             new = new[:-1]
         assert answer == pred.tokenizer.decode(new, skip_special_tokens=True)
     assert any(a for a in answers)  # the wide random model says something
+
+
+def test_a_chat_prompt_goes_through_the_chat_template_and_none_is_refused(lm):
+    import copy
+    import dataclasses
+
+    pred, model = lm
+    turns = ({"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}, {"role": "user", "content": "a dog"})
+    with pytest.raises(ValueError, match="has no chat template, so messages rows cannot be rendered"):
+        prompt_ids(pred, turns)
+    chat = dataclasses.replace(pred, tokenizer=copy.deepcopy(pred.tokenizer))
+    chat.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                                    "{% if add_generation_prompt %}assistant{% endif %}")
+    # the word tokenizer knows none of the role names: they are [UNK] (id 1) here
+    expected = pred.tokenizer("user the cat assistant sat user a dog assistant", add_special_tokens=False)["input_ids"]
+    assert prompt_ids(chat, turns) == expected and expected.count(1) == 4
+    [answer] = greedy_answers(chat, [EvalPair(turns, "ran", 1)], max_new_tokens=3)
+    ids = torch.tensor([expected])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    new = out[0, ids.shape[1]:].tolist()
+    assert answer == pred.tokenizer.decode(new[:-1] if new[-1] in pred.stop_ids else new, skip_special_tokens=True)
 
 
 def test_evaluate_pairs_scores_each_prompt_and_registry_metrics_carry_them(lm):
