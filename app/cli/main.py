@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model-b", help="model of version B (default: --model)")
     # one positional list (split in cmd_registry): argparse cannot place overrides after two fixed positionals
     a.add_argument("refs", nargs="*", metavar="A B", help="the two versions: number, alias or latest (then any registry.key=value overrides)")
+    a.add_argument("--eval", metavar="EVAL_FILE", help="evaluate both causal-LM versions on the prompts of this eval "
+                   "file (data, max_new_tokens, metrics) instead: per-metric A, B, delta and a paired p-value")
 
     a = action("alias", "point an alias at a version (or --remove it); recorded in the history", by=True)
     a.add_argument("--model", help="model name")

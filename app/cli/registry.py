@@ -8,6 +8,10 @@ may live where only the actor reaches it, and the actor mirrors changes to MLflo
 reads the database itself (the audit log is for whoever administers that database). Changes
 send the credentials in TEMPER_API_KEY to the actor, which refuses them when its auth is on and
 the key's role may not make the change.
+
+`compare A B --eval FILE` evaluates the two versions' artifacts in this process on the eval
+file's prompts (app/eval_lm.py) instead of comparing their stored metrics: per metric A, B, the
+delta and a paired test's p-value over the prompts. It reads the registry like any compare.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 from typing import Any, Callable
 
 from app.cli.console import error_message
-from app.cli.tables import format_compare, format_history, format_table, format_version, format_versions
+from app.cli.tables import format_compare, format_eval_compare, format_history, format_table, format_version, format_versions
 from app.config.base import ConfigError
 from app.errors import TemperError
 
@@ -106,6 +110,33 @@ def _open_registry(cfg, read_only: bool) -> tuple[Callable[..., Any], Callable[[
     return (lambda method, *a, **kw: ray.get(getattr(handle, method).remote(*a, **kw))), lambda: None
 
 
+def _compare_on_eval(versions: list[dict], eval_cfg, eval_path: str) -> dict:
+    """Both versions' artifacts loaded here and evaluated on the eval file's pairs (see app/eval_lm.py).
+    Nothing is registered: the numbers belong to this eval file, not to either version."""
+    from app.data.eval_pairs import read_eval_pairs
+    from app.eval_lm import compare_results, evaluate_pairs
+    from app.inference import TextPredictor, load_predictor
+
+    pairs = read_eval_pairs(eval_cfg.data)
+    results = []
+    for v in versions:
+        pred = load_predictor(v["artifact_uri"])
+        if not (isinstance(pred, TextPredictor) and pred.task == "causal_lm"):
+            kind = pred.task if isinstance(pred, TextPredictor) else pred.job.model.kind
+            raise ValueError(f"{v['model']} v{v['version']} is a {kind} model; --eval compares causal LMs "
+                             "(model.kind hf, task causal_lm)")
+        print(f"[eval] {v['model']} v{v['version']} ({v['format']}): {len(pairs)} prompts", file=sys.stderr, flush=True)
+        results.append(evaluate_pairs(pred, pairs, eval_cfg))
+    brief = [{k: v[k] for k in ("model", "version", "format", "transformation", "artifact_uri")} for v in versions]
+    return {
+        "a": brief[0], "b": brief[1],
+        "eval": {"file": eval_path, "data": eval_cfg.data, "prompts": len(pairs), "max_new_tokens": eval_cfg.max_new_tokens,
+                 "normalize": eval_cfg.normalize},
+        "metrics": compare_results(*results),
+        "test": "two-sided paired permutation (sign-flip) test of the mean per-prompt difference",
+    }
+
+
 def cmd_registry(args) -> int:
     import getpass
 
@@ -118,6 +149,11 @@ def cmd_registry(args) -> int:
             raise ConfigError(f"registry compare needs two versions A B, got {args.refs}")
     cfg = _registry_config(args)
     _check_options(args)
+    eval_cfg = None
+    if args.action == "compare" and args.eval:
+        from app.config.evaluation import load_eval_config
+
+        eval_cfg = load_eval_config(args.eval)  # a bad eval file is a config error, found before the registry opens
     try:
         if args.action == "audit":
             from actors.registry.client import open_store
@@ -153,6 +189,11 @@ def cmd_registry(args) -> int:
             lineage = call("lineage", args.model, result["version"])
             result = {**result, "lineage": lineage}
             text = format_version(result, lineage)
+        elif action == "compare" and eval_cfg is not None:
+            versions = [call("get_version", model, ref) for model, ref in
+                        zip((args.model, args.model_b or args.model), args.refs)]
+            result = _compare_on_eval(versions, eval_cfg, args.eval)
+            text = format_eval_compare(result)
         elif action == "compare":
             result = call("compare", args.model, *args.refs, model_b=args.model_b)
             text = format_compare(result)

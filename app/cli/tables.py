@@ -92,6 +92,19 @@ def format_compare(c: dict) -> str:
     return "\n".join(out)
 
 
+def format_eval_compare(c: dict) -> str:
+    """`registry compare A B --eval FILE`: per metric A's and B's value, B - A, the paired test's p-value."""
+    a, b, e = c["a"], c["b"], c["eval"]
+    out = [f"a: {_version_ref(a)} ({a['format']})   b: {_version_ref(b)} ({b['format']})",
+           f"eval: {e['data']}, {e['prompts']} prompts, greedy, max_new_tokens {e['max_new_tokens']}", ""]
+    out.append(format_table(["metric", "a", "b", "delta", "p_value", "prompts"], [
+        [m["metric"] + ("" if m["higher_is_better"] else " (lower is better)"), m["a"], m["b"], m["delta"],
+         m["p_value"], m["prompts"]] for m in c["metrics"]
+    ]))
+    out += ["", f"p_value: {c['test']}"]
+    return "\n".join(out)
+
+
 def format_history(rows: list[dict]) -> str:
     if not rows:
         return "(no alias changes)"

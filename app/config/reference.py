@@ -12,6 +12,7 @@ from pydantic_core import PydanticUndefined
 from app.config.auth import AuthConfig, JwtConfig, RateLimitConfig
 from app.config.compress import CompressConfig
 from app.config.data import DataConfig, DocstringsDataConfig, FileDataConfig
+from app.config.evaluation import EvalConfig
 from app.config.jobs import CompressJob, OptimizeJob, ServeApp, TrainJob, TuneJob
 from app.config.model import GPTConfig, HFModelConfig, ViTConfig
 from app.config.registry import MlflowMirrorConfig, RegistryConfig
@@ -49,6 +50,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`auth`", AuthConfig),
     ("`auth.jwt`", JwtConfig),
     ("`auth.rate_limit`", RateLimitConfig),
+    ("Eval file (`python -m app registry compare A B --eval FILE`)", EvalConfig),
 ]
 
 INTRO = (
