@@ -37,7 +37,6 @@ WEIGHT_FILES = {
     fmt: "model.onnx" if fmt in ONNX_FORMATS else "model_int8.safetensors" if fmt == "torch_int8" else "model.safetensors"
     for fmt in FORMATS
 }
-WEIGHT_FILES["lora_adapter"] = "adapter_model.safetensors"  # a peft adapter (app/models/lora.py); not a compress method
 HALF_DTYPES = {"torch_bf16": torch.bfloat16, "torch_fp16": torch.float16}
 
 

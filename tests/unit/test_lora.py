@@ -158,3 +158,16 @@ def test_lora_needs_an_hf_model():
     with pytest.raises(ValueError, match="train.finetune: lora adapts an hf causal LM .* not model.kind 'gpt'"):
         TrainJob.model_validate({"name": "x", "model": {"kind": "gpt"}, "data": {"name": "lm-code"},
                                  "train": {"finetune": "lora"}})
+
+
+def test_example_config_reads_its_rows_without_unknown_tokens():
+    from app.config.jobs import load_config
+    from app.data import build_data
+
+    root = Path(__file__).resolve().parents[2]
+    job = load_config("train", root / "configs/examples/lora-chat.yaml")
+    assert (job.train.finetune, job.data.format, job.data.packing) == ("lora", "instructions", True)
+    data = build_data(job.data, job.model)
+    unk = 1  # [UNK] of the shipped tiny tokenizer
+    assert not any(unk in ids for ids in data.train.input_ids + data.val.input_ids)
+    assert data.describe()["packed_rows"] < data.n_train
