@@ -3,7 +3,7 @@
 - Only adapter parameters train: the base is frozen and not in the optimizer.
 - It learns: fine-tuned in process with the training loop's own pieces (data, model, optimizer,
   schedule, the ddp strategy at one worker) on "swap these two words" conversations, the exact
-  match of greedy generations on held-out word pairs goes from 0 to at least 0.4 (0.57 measured).
+  match of greedy generations on held-out word pairs goes from 0 to at least 0.4 (0.67 measured).
 - The adapter saved in peft's layout loads back (base + adapter) with the same logits, and merged
   into the base (merge_and_unload) gives the same logits within 1e-4.
 - The config refuses what is not supported, naming the keys.
@@ -94,7 +94,7 @@ def test_lora_learns_to_swap_two_words(tmp_path):
         strategy.step()
         scheduler.step()
     after = _exact_match(model, data)
-    assert before == 0.0 and after >= 0.4, (before, after)  # measured: 0.0 -> 0.57 at 200 steps
+    assert before == 0.0 and after >= 0.4, (before, after)  # measured: 0.0 -> 0.67 (33 of 49)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)  # the base did not move
 
 
