@@ -301,6 +301,10 @@ def _load_text_predictor(artifact_uri: str, job: TrainJob, meta: dict) -> TextPr
         return TextPredictor(**common, _torch_model=load_int8(artifact_uri)[0])
     if fmt in HALF_DTYPES:
         return TextPredictor(**common, _torch_model=load_half(artifact_uri)[0])
+    if fmt == "lora_adapter":  # base + peft adapter, unmerged (app/models/lora.py)
+        from app.models.lora import load_adapter
+
+        return TextPredictor(**common, _torch_model=load_adapter(artifact_uri)[0])
     if fmt in ONNX_FORMATS:
         return TextPredictor(**common, _ort_session=_ort_session(str(local_path(artifact_uri) / WEIGHT_FILES[fmt])))
     raise ArtifactError(f"{artifact_uri}: unknown artifact format {fmt!r}")

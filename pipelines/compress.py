@@ -14,6 +14,8 @@ and as a batch of 32.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +66,19 @@ class TextEval:
     reference: object = None  # the source's embeddings (N, H), for an embedding model
 
 
-def text_eval(train_job: TrainJob, cc) -> TextEval:
+def text_eval(train_job: TrainJob, cc, tokenizer=None) -> TextEval:
+    """`tokenizer`: renders instruction rows (data.format instructions) as the model reads them; the
+    perplexity of a causal LM is then over the whole rendered conversation."""
     from app.data.text import read_splits
 
     splits = read_splits(train_job.data)
     val = splits.val[: cc.eval_batches * cc.eval_batch_size]
     if not val:
         raise ValueError(f"data: the validation split of data.kind {train_job.data.kind!r} is empty; nothing to measure on")
+    if getattr(train_job.data, "format", "text") == "instructions":
+        from app.data.instructions import render
+
+        return TextEval([render(ex, tokenizer)[0] for ex in val], None, None)
     pairs = [ex.text_pair for ex in val] if val[0].text_pair is not None else None
     labels = [splits.labels.index(ex.label) for ex in val] if splits.labels is not None else None
     return TextEval([ex.text for ex in val], pairs, labels)
@@ -129,6 +137,8 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
     Returns (source record with its measured metrics, one report per variant).
     """
     source = ray.get(registry.get_version.remote(job.name, job.source))
+    if source["format"] == "lora_adapter":  # merged into its base first; the variants are made of that
+        source = merge_adapter_version(registry, job, source)
     if source["format"] != "torch_fp32":
         raise ValueError(f"source: version {source['version']} of {job.name!r} is {source['format']!r}; compression starts from a torch_fp32 version")
     src_path = local_path(source["artifact_uri"])
@@ -136,7 +146,7 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
     train_job = src_pred.job
     kind = metric_kind(train_job.model)
     metric_name, _ = primary_metric(kind)
-    ev = text_eval(train_job, job.compress) if isinstance(src_pred, TextPredictor) else None
+    ev = text_eval(train_job, job.compress, src_pred.tokenizer) if isinstance(src_pred, TextPredictor) else None
 
     _say(f"[compress] source v{source['version']}: measuring fp32 baseline")
     src_metrics = {**_measure(src_pred, job, train_job, ev), "size_bytes": float(artifact_size_bytes(src_path))}
@@ -180,6 +190,30 @@ def compress(job: CompressJob, registry) -> tuple[dict, list[VariantReport]]:
     report = write_report(job, source, src_metrics, reports, kind)
     _say(f"[compress] report: {report} (+ {report.with_suffix('.png').name})")
     return source, reports
+
+
+def merge_adapter_version(registry, job: CompressJob, adapter: dict) -> dict:
+    """The adapter version's weights merged into its base (peft merge_and_unload), registered as a
+    torch_fp32 version whose parent is the adapter (transformation `merged`); found again when it is."""
+    from app.models.lora import merge_adapter
+
+    dst = Path(job.storage_path).resolve() / job.name / "artifacts" / f"merged-from-v{adapter['version']}-{adapter['config_hash']}"
+    existing = find_version_by_artifact(registry, job.name, str(dst))
+    if existing is not None and dst.is_dir():
+        _say(f"[compress] merge: v{adapter['version']} already merged as v{existing['version']}")
+        return existing
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_adapter(local_path(adapter["artifact_uri"]), tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    record = ray.get(registry.register_version.remote(
+        job.name, str(dst), "torch_fp32", config=adapter["config"], config_hash=adapter["config_hash"],
+        metrics={}, parent={"model": job.name, "version": adapter["version"]}, transformation="merged",
+        tags={"method": "merge_and_unload", "adapter": str(adapter["version"])}, credentials=caller_credentials(),
+    ))
+    _say(f"[compress] merge: adapter v{adapter['version']} merged into its base as v{record['version']}")
+    return record
 
 
 def write_report(job: CompressJob, source: dict, src_metrics: dict, reports: list[VariantReport], kind: str) -> Path:

@@ -48,8 +48,9 @@ def dataset_fingerprint(job: TrainJob) -> str:
 
 
 def register_trained(registry, job: TrainJob, artifact_path: str, *, config_hash: str, metrics: dict[str, float],
-                     transformation: str, tags: dict[str, str], parent: dict | None = None) -> tuple[dict, bool]:
-    """Register the fp32 weights in `artifact_path`, trained by `job`, as a new version of `job.name`.
+                     transformation: str, tags: dict[str, str], parent: dict | None = None,
+                     format: str = "torch_fp32") -> tuple[dict, bool]:
+    """Register the weights in `artifact_path` (fp32, or a LoRA adapter), trained by `job`, as a new version of `job.name`.
 
     Returns (the version record, whether it is new): a folder registered before is found by its
     location and returned unchanged."""
@@ -59,7 +60,7 @@ def register_trained(registry, job: TrainJob, artifact_path: str, *, config_hash
         return existing, False
     params = flatten_dict({"model": job.model.model_dump(mode="json"), "train": job.train.model_dump(mode="json")})
     record = ray.get(registry.register_version.remote(
-        job.name, artifact_path, "torch_fp32",
+        job.name, artifact_path, format,
         config=redact_secrets(job.model_dump(mode="json")), config_hash=config_hash,
         metrics=metrics, transformation=transformation, parent=parent, tags=tags,
         params={k: v for k, v in params.items() if not isinstance(v, (list, dict))},
@@ -80,6 +81,8 @@ def train_and_register(job: TrainJob, registry) -> dict:
             tags={"run": job.name, "step": "0", "source": job.model.path, **folder_provenance(job.model.path)},
         )
         return record
+    if job.train.finetune != "full":
+        return train_adapter_and_register(job, registry)
     teacher = None
     if job.train.distill is not None:  # the teacher comes from the registry, by version or alias
         d = job.train.distill
@@ -97,5 +100,39 @@ def train_and_register(job: TrainJob, registry) -> dict:
         transformation="distilled" if teacher else "trained",
         parent={"model": teacher["model"], "version": teacher["version"]} if teacher else None,
         tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
+    )
+    return record
+
+
+def base_job(job: TrainJob) -> TrainJob:
+    """The job that registers an adapter job's base model as it is (`train.steps: 0`, `imported`)."""
+    return TrainJob.model_validate({**job.model_dump(mode="json", include={"name", "storage_path", "registry", "model", "data"}),
+                                    "train": {"steps": 0}})
+
+
+def train_adapter_and_register(job: TrainJob, registry) -> dict:
+    """`train.finetune: lora | qlora`: the base model is registered first (as it is, `imported`;
+    found again when it already is), then the adapter trained on it is registered as a
+    `lora_adapter` version whose parent is that base version (transformation `lora`)."""
+    from app.models.lora import ADAPTER_FORMAT, count_adapter_params
+
+    base = base_job(job)
+    imported = import_pretrained(base)
+    base_record, _ = register_trained(
+        registry, base, imported.artifact_path, config_hash=imported.config_hash, metrics={}, transformation="imported",
+        tags={"run": job.name, "step": "0", "source": job.model.path, **folder_provenance(job.model.path)},
+    )
+    result = fit(job)
+    lc = job.train.lora
+    trainable = count_adapter_params(result.artifact_path)
+    targets = lc.target_modules if isinstance(lc.target_modules, str) else ",".join(lc.target_modules or ["peft-default"])
+    record, _ = register_trained(
+        registry, job, result.artifact_path, config_hash=result.config_hash,
+        metrics={**result.metrics, "trainable_params": float(trainable), "lora_rank": float(lc.r)},
+        transformation="lora", format=ADAPTER_FORMAT,
+        parent={"model": base_record["model"], "version": base_record["version"]},
+        tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path, "finetune": job.train.finetune,
+              "lora_rank": str(lc.r), "lora_alpha": str(lc.alpha), "target_modules": targets,
+              "trainable_params": str(trainable)},
     )
     return record

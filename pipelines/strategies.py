@@ -123,6 +123,8 @@ class TorchStrategy:
         self.device = device
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.precision = tc.precision
+        # train.finetune lora | qlora: checkpoints hold the trainable (adapter) weights only
+        self.partial_weights = tc.finetune != "full"
         model = model.to(device)
         self.module = model
         if tc.strategy == "fsdp":
@@ -206,7 +208,15 @@ class TorchStrategy:
         else:
             from safetensors.torch import load_file
 
-            self.module.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
+            weights = load_file(str(folder / "model.safetensors"), device=str(self.device))
+            if self.partial_weights:  # the adapter's weights; the frozen base is loaded from model.path
+                trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+                if set(weights) != trainable:
+                    raise ValueError(f"{folder}/model.safetensors holds {len(weights)} tensors, not the {len(trainable)} "
+                                     "adapter weights of this model (train.lora changed?); start under a new `name`")
+                self.module.load_state_dict(weights, strict=False)
+            else:
+                self.module.load_state_dict(weights)
             self.optimizer.load_state_dict(torch.load(folder / DDP_OPTIMIZER, map_location=self.device, weights_only=True))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -382,8 +392,13 @@ class DeepSpeedStrategy:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        # The fp32 master weights (not the bf16 module copy); a collective under stage 3.
-        return {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
+        # The fp32 master weights (not the bf16 module copy); a collective under stage 3. A frozen
+        # parameter (a LoRA base) has none: it is not in the optimizer, its module copy is the weight.
+        out = {}
+        for name, p in self.module.named_parameters():
+            master = safe_get_full_fp32_param(p)
+            out[name] = (master if master is not None else p).detach().float().cpu()
+        return out
 
     # --- pruning access: whole fp32 master weights (a collective: every rank, same order)
     def weight_views(self, names: list[str]):

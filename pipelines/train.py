@@ -39,6 +39,7 @@ from app import telemetry
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -52,6 +53,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         (decay if p.ndim >= 2 and "pos_emb" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    """AdamW over the parameters that train (frozen ones, e.g. a LoRA base, are not in it)."""
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def build_train_model(job: TrainJob, device, labels=None) -> torch.nn.Module:
+    """The model a worker trains: built from its section, and with `train.finetune: lora | qlora`
+    a PeftModel over the frozen base (qlora: loaded in 4 bits on `device`)."""
+    if job.train.finetune == "full":
+        return build_model(job.model, labels=labels)
+    from app.models.lora import apply_lora, load_qlora_base
+
+    base = load_qlora_base(job, device) if job.train.finetune == "qlora" else build_model(job.model)
+    return apply_lora(base, job)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -93,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(tc.seed)  # same init on every rank and for every strategy
 
     data = build_data(job.data, job.model)  # first: an hf classifier's head takes its labels from the data
-    model = build_model(job.model, labels=getattr(data, "labels", None))
+    model = build_train_model(job, device, labels=getattr(data, "labels", None))
 
     pooler = getattr(model, "encoder", None) and getattr(model.encoder, "pooler", None)
     if metric_kind(job.model) == "embedding" and pooler is not None:
@@ -101,10 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # it, and DDP refuses parameters that get none. Frozen, it is saved as loaded.
         pooler.requires_grad_(False)
 
-    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups(m, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
-
-    strategy = build_strategy(job, model, make_optimizer, device)
+    strategy = build_strategy(job, model, lambda m: build_optimizer(m, tc), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         strategy.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
@@ -113,12 +127,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     teacher = _load_teacher(job, loop_config.get("teacher_artifact"), device)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
+        if tc.finetune != "full":
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            _say(f"[train] {tc.finetune}: r {tc.lora.r}, alpha {tc.lora.alpha}, {n_train} trainable parameters "
+                 f"({n_train / n_params:.2%} of {n_params}); the base is frozen")
         _say(f"[train] {job.name}: {job.model.kind} {n_params / 1e6:.2f}M params, {world} workers on {device.type}, "
              f"strategy {tc.strategy}, precision {tc.precision}, data {data.describe()}, config {config_hash(job)}")
         if job.model.kind == "hf":
             from app.models.hf import model_cost
 
-            _say(f"[train] {job.model.path}: {model_cost(model, job.data.max_length).line()}")
+            _say(f"[train] {job.model.path}: {model_cost(model.get_base_model() if tc.finetune != 'full' else model, job.data.max_length).line()}")
 
     # --- resume
     start_step, seeded = 0, False
@@ -358,6 +376,13 @@ def _evaluate(job: TrainJob, strategy, data, rank: int, world: int, teacher=None
 def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:
     strategy.save(folder)                 # every rank: its shard (DCP / DeepSpeed), or rank 0 (DDP)
     full = strategy.full_state_dict()     # a collective: every rank takes part
+    if rank == 0 and job.train.finetune != "full":
+        # adapters: the checkpoint's weights are the adapter's alone (the base is model.path, frozen),
+        # also written in peft's layout (adapter/), which the artifact is made of
+        from app.models.lora import adapter_state, save_adapter
+
+        full = adapter_state(strategy.module, full)
+        save_adapter(folder / ADAPTER_DIR, strategy.module, full)
     if rank == 0:
         save_fp32(folder, full, job, {"step": step, "metrics": metrics, "strategy": job.train.strategy})
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -523,14 +548,24 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
     step = int(metrics.get("step", tc.steps))
     chash = config_hash(job)
     # Ray Train rotates checkpoints (keep_last); the registry needs a folder that stays.
-    artifact = storage / job.name / "artifacts" / f"trained-{chash}-step{step:08d}"
+    adapter = tc.finetune != "full"
+    artifact = storage / job.name / "artifacts" / f"{'lora' if adapter else 'trained'}-{chash}-step{step:08d}"
     with result.checkpoint.as_directory() as ckpt_dir:
         if not artifact.exists():
             tmp = artifact.with_name(artifact.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name in ("model.safetensors", "config.json"):
-                shutil.copy2(Path(ckpt_dir) / name, tmp / name)
+            if adapter:  # peft's adapter files, and the meta with the adapter format
+                from app.artifacts import read_meta, write_meta
+                from app.models.lora import ADAPTER_FILES, ADAPTER_FORMAT
+
+                for name in ADAPTER_FILES:
+                    shutil.copy2(Path(ckpt_dir) / ADAPTER_DIR / name, tmp / name)
+                _, meta = read_meta(ckpt_dir)
+                write_meta(tmp, job, ADAPTER_FORMAT, {k: v for k, v in meta.items() if k not in ("format", "config_hash", "job")})
+            else:
+                for name in ("model.safetensors", "config.json"):
+                    shutil.copy2(Path(ckpt_dir) / name, tmp / name)
             os.replace(tmp, artifact)
     return TrainResult(metrics=metrics, checkpoint_path=result.checkpoint.path, artifact_path=str(artifact),
                        step=step, config_hash=chash)

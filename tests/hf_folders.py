@@ -130,3 +130,47 @@ def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         if t in eos:
             return new[:i + 1]
     return new
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+"""A small chat template: `<user> text <assistant> answer </s> `; the generation prompt is `<assistant>`."""
+
+
+def save_chat_tokenizer(folder: Path, words: list[str], chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """A word-level tokenizer with `<s>` / `</s>` (bos / eos), the words of the plain template and of
+    CHAT_TEMPLATE, and `words`; no special tokens are added around a text. `chat_template` None:
+    the folder has none (the plain template applies)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "<s>", "</s>"]
+    template = ["<", ">", "system", "user", "assistant", "###", "System", "User", "Assistant", ":"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + template + list(words)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+
+
+def tiny_chat_llama(folder: Path, words: list[str], *, chat_template: str | None = CHAT_TEMPLATE, hidden: int = 64,
+                    initializer_range: float = 0.02) -> Path:
+    """A 2-layer LlamaForCausalLM (`hidden` wide, output head tied to the embedding) with
+    save_chat_tokenizer's tokenizer; eos `</s>` in its generation config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    save_chat_tokenizer(folder, words, chat_template)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True, initializer_range=initializer_range)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

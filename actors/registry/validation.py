@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 from actors.registry.schema import MAX_KEY_LEN
 from app.config.base import MODEL_NAME_PATTERN
 
-TRANSFORMATIONS = ("trained", "quantized", "pruned", "distilled", "tuned", "imported")
+TRANSFORMATIONS = ("trained", "quantized", "pruned", "distilled", "tuned", "imported", "lora", "merged")
 """How a version was produced from its parent (or from nothing, for `trained`/`imported`)."""
 
 ARTIFACT_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")

@@ -2,7 +2,9 @@
 
 Reads a train config's text dataset (files, or the standard library's docstrings) as training would (same split, same checks, the model
 folder's own tokenizer) and prints rows, token-length percentiles and how many examples
-exceed `data.max_length`, label counts, exact duplicates and the train/val overlap. No Ray.
+exceed `data.max_length`, label counts, exact duplicates and the train/val overlap; for instruction
+rows (`data.format: instructions`) the lengths of the rendered examples and the share of tokens
+that are trained on (completion / assistant tokens). No Ray.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from app.config.data import TEXT_DATA
 
 
 def cmd_data(args) -> int:
-    from app.data.stats import data_stats, format_stats
+    from app.data.stats import data_stats, format_stats, instruction_stats
     from app.data.text import read_splits
     from app.models.hf import load_tokenizer
 
@@ -23,7 +25,9 @@ def cmd_data(args) -> int:
     if not isinstance(job.data, TEXT_DATA):
         raise ConfigError(f"data: `data stats` reads text datasets (data.kind), not the built-in {job.data.name!r}")
     splits = read_splits(job.data)
-    stats = data_stats(splits.train, splits.val, load_tokenizer(job.model.path), job.data.max_length)
+    instructions = getattr(job.data, "format", "text") == "instructions"
+    stats = (instruction_stats if instructions else data_stats)(splits.train, splits.val, load_tokenizer(job.model.path),
+                                                                 job.data.max_length)
     stats["bad_rows_skipped"] = splits.bad_rows
     if args.json:
         print(json.dumps(stats), file=args.out)

@@ -31,6 +31,10 @@ class FileDataConfig(Section):
 
     kind: Literal["jsonl", "csv", "parquet", "text"]
     """File format; `text` is one example per non-blank line (field `text_field`)."""
+    format: Literal["text", "instructions"] = "text"
+    """`text`: each row is a text (`text_field`, ...). `instructions` (jsonl, `model.task: causal_lm`): each row is `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}` (at least one assistant turn) or `{"prompt": "...", "completion": "..."}`; the loss is on the assistant / completion tokens only. Messages are rendered with the tokenizer's chat template when the folder has one (`tokenizer.chat_template`), otherwise with the plain template `### System:\\n{content}\\n\\n` / `### User:\\n{content}\\n\\n` / `### Assistant:\\n{content}<eos>\\n\\n` (each assistant turn is followed by the tokenizer's eos token, when it has one, and trained on). A prompt / completion row is `{prompt}{completion}<eos>` with no template (put any separator in the texts). Examples longer than `max_length` are cut at the end."""
+    packing: bool = False
+    """format `instructions`, training batches only: pack several examples into each row of up to `max_length` tokens (whole examples, greedy in a seeded order). Each example attends only to itself (a block-diagonal causal mask) and its positions restart at 0, so a packed row computes what its examples would alone; validation batches are not packed."""
     path: str | None = None
     """One file, split into train / val by a hash of each row's content (`val_fraction`, `seed`)."""
     train_path: str | None = None
@@ -69,6 +73,13 @@ class FileDataConfig(Section):
                 setattr(self, key, os.path.abspath(value))
         if self.kind == "text" and (self.text_pair_field or self.label_field):
             raise ValueError("data.kind 'text' has one text per line: no data.text_pair_field or data.label_field")
+        if self.format == "instructions":
+            if self.kind != "jsonl":
+                raise ValueError(f"data.format 'instructions' reads jsonl rows (messages or prompt / completion), not data.kind {self.kind!r}")
+            if self.text_pair_field or self.label_field or self.labels:
+                raise ValueError("data.format 'instructions' takes no data.text_pair_field, data.label_field or data.labels")
+        elif self.packing:
+            raise ValueError("data.packing packs instruction examples: it needs data.format 'instructions'")
         if self.labels is not None:
             if not self.label_field:
                 raise ValueError("data.labels needs data.label_field")
@@ -135,6 +146,10 @@ def check_model_fits_data(model: Any, data: DataConfig | TextDataConfig) -> None
     if isinstance(data, DocstringsDataConfig):
         if model.task == "sequence_classification":
             raise ValueError("model.task 'sequence_classification' needs labelled data; data.kind 'docstrings' has no labels")
+        return
+    if data.format == "instructions":
+        if model.task != "causal_lm":
+            raise ValueError(f"data.format 'instructions' trains a causal LM (model.task 'causal_lm'), not model.task {model.task!r}")
         return
     if model.task == "sequence_classification" and not data.label_field:
         raise ValueError("model.task 'sequence_classification' needs data.label_field (the column with the class)")

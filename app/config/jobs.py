@@ -75,6 +75,8 @@ class TrainJob(JobBase):
             raise ValueError("model.vocab_size must be 256 for the byte-level lm-code data")
         if self.train.distill is not None:
             check_distill(self)
+        if self.train.finetune != "full":
+            check_adapter_training(self)
         if self.train.distill is not None and self.train.distill.teacher == self.name:
             # Whether the teacher exists, is torch_fp32 and fits the data is asked of the registry
             # when training starts; this file alone cannot tell.
@@ -98,6 +100,34 @@ def check_distill(job: TrainJob) -> None:
         raise ValueError(f"train.distill.loss {d.loss!r} compares embeddings (hf task 'embedding'); {what} distills logits with 'kl'")
     if d.student_layers is not None and not embedding:
         raise ValueError("train.distill.student_layers cuts an hf embedding teacher (model.kind 'hf', model.task 'embedding') to a student")
+
+
+# strategies whose wrapping of a model with frozen base weights is tested (tests/ray/test_lora_train.py)
+ADAPTER_STRATEGIES = {"lora": ("ddp", "fsdp", "zero2"), "qlora": ("ddp",)}
+
+
+def check_adapter_training(job: TrainJob) -> None:
+    """`train.finetune: lora | qlora` trains adapters on a frozen hf causal LM."""
+    tc, how = job.train, f"train.finetune: {job.train.finetune}"
+    if job.model.kind != "hf" or job.model.task != "causal_lm":
+        what = f"model.task {job.model.task!r}" if job.model.kind == "hf" else f"model.kind {job.model.kind!r}"
+        raise ValueError(f"{how} adapts an hf causal LM (model.kind 'hf', model.task 'causal_lm'), not {what}")
+    if tc.strategy not in ADAPTER_STRATEGIES[tc.finetune]:
+        raise ValueError(f"{how} with train.strategy: {tc.strategy} is not supported; use train.strategy "
+                         f"{' | '.join(ADAPTER_STRATEGIES[tc.finetune])}")
+    if tc.steps == 0:
+        raise ValueError(f"{how} trains adapters: train.steps must be >= 1")
+    if tc.distill is not None or tc.callbacks:
+        raise ValueError(f"{how} trains adapters only: no train.distill or train.callbacks (they change or read the full weights)")
+    if tc.finetune == "qlora":
+        import importlib.util
+
+        if not tc.use_gpu:
+            raise ValueError("train.finetune: qlora quantizes the base to 4 bits with bitsandbytes on CUDA: it needs "
+                             "train.use_gpu: true (use train.finetune: lora on CPU)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("train.finetune: qlora needs the bitsandbytes package, which is not installed "
+                             "(pip install bitsandbytes, or use train.finetune: lora)")
 
 
 def check_import(job: TrainJob) -> None:

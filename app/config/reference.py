@@ -17,7 +17,7 @@ from app.config.jobs import CompressJob, OptimizeJob, ServeApp, TrainJob, TuneJo
 from app.config.model import GPTConfig, HFModelConfig, ViTConfig
 from app.config.registry import MlflowMirrorConfig, RegistryConfig
 from app.config.serve import AutoRollbackConfig, AutoscalingSettings, ServeConfig, ServedModel
-from app.config.train import DistillConfig, EarlyStoppingConfig, MagnitudePruningConfig, TrainConfig
+from app.config.train import DistillConfig, EarlyStoppingConfig, LoraSettings, MagnitudePruningConfig, TrainConfig
 from app.config.tune import SearchDimension, TuneConfig, TuneScheduler, TuneSearcher
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -35,6 +35,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`train`", TrainConfig),
     ("`train.callbacks[]` (name: magnitude_pruning)", MagnitudePruningConfig),
     ("`train.callbacks[]` (name: early_stopping)", EarlyStoppingConfig),
+    ("`train.lora`", LoraSettings),
     ("`train.distill`", DistillConfig),
     ("`compress`", CompressConfig),
     ("`tune`", TuneConfig),

@@ -99,6 +99,25 @@ class DistillConfig(Section):
         return self
 
 
+class LoraSettings(Section):
+    """Low-rank adapters (peft LoRA) trained on a frozen `hf` causal LM (`train.finetune: lora | qlora`)."""
+
+    r: int = Field(8, ge=1, le=1024)
+    """Rank of each adapter (the update of a weight W is B @ A with A: r x in, B: out x r)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale of the update: alpha / r."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names (or name suffixes, e.g. `[q_proj, v_proj]`) that get adapters; `all-linear`: every Linear layer but the output head; default: peft's choice for the architecture (e.g. q_proj, v_proj for Llama)."""
+
+    @model_validator(mode="after")
+    def _targets(self) -> "LoraSettings":
+        if isinstance(self.target_modules, list) and (not self.target_modules or not all(t.strip() for t in self.target_modules)):
+            raise ValueError(f"train.lora.target_modules: give module names, got {self.target_modules}")
+        return self
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -143,6 +162,10 @@ class TrainConfig(Section):
     """Write a checkpoint every N steps (a multiple of `eval_every`), and at the last step."""
     keep_last: int = Field(2, ge=1)
     """Checkpoints kept by Ray Train."""
+    finetune: Literal["full", "lora", "qlora"] = "full"
+    """`full`: every weight trains. `lora`: the `hf` model's weights stay frozen and only low-rank adapters (`train.lora`, peft) train; the result is registered as an adapter version whose parent is the base model's version. `qlora`: lora over a 4-bit (NF4, bitsandbytes) base; needs CUDA (`train.use_gpu`) and bitsandbytes."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """Adapter settings for `finetune: lora | qlora`."""
     distill: DistillConfig | None = None
     """Train this model as a student of a registered teacher (knowledge distillation); unset = plain training."""
     contrastive_scale: float = Field(20.0, gt=0.0, le=100.0)

@@ -65,6 +65,23 @@ def data_stats(train: list[Example], val: list[Example], tokenizer, max_length: 
     }
 
 
+def instruction_stats(train: list, val: list, tokenizer, max_length: int) -> dict:
+    """`data_stats` of instruction rows (app/data/instructions.py): lengths of the rendered
+    examples, and per split `completion_token_share` (trained tokens / all tokens, after cutting to
+    max_length) and `dropped_no_completion` (examples max_length leaves without a trained token)."""
+    from app.data.instructions import completion_share, encode_all
+
+    out = {"max_length": max_length}
+    for name, examples in (("train", train), ("val", val)):
+        enc = encode_all(examples, tokenizer, max_length)
+        out[name] = {**split_stats(examples, enc.lengths, max_length),
+                     "completion_token_share": round(completion_share(enc), 4), "dropped_no_completion": enc.dropped}
+    train_keys = {ex.key for ex in train}
+    out["overlap"] = {"val_rows": sum(1 for ex in val if ex.key in train_keys),
+                      "distinct_texts": len(train_keys & {ex.key for ex in val})}
+    return out
+
+
 def format_stats(stats: dict) -> str:
     """A plain-text table of `data_stats`' result, one column per split."""
     train, val = stats["train"], stats["val"]
@@ -76,6 +93,9 @@ def format_stats(stats: dict) -> str:
         ("duplicate rows", train["duplicate_rows"], val["duplicate_rows"]),
         ("duplicated texts", train["duplicated_texts"], val["duplicated_texts"]),
     ]
+    for key in ("completion_token_share", "dropped_no_completion"):
+        if key in train:
+            rows.append((key.replace("_", " "), train[key], val[key]))
     for label in sorted(set(train["labels"]) | set(val["labels"])):
         rows.append((f"label {label}", train["labels"].get(label, 0), val["labels"].get(label, 0)))
     rows.append(("val rows also in train", "", stats["overlap"]["val_rows"]))

@@ -36,6 +36,10 @@ def read_splits(cfg: TextDataConfig) -> Splits:
         from app.data.docstrings import docstring_splits
 
         return docstring_splits(cfg)
+    if cfg.format == "instructions":
+        from app.data.instructions import instruction_splits
+
+        return instruction_splits(cfg)
     fields = Fields(cfg.text_field, cfg.text_pair_field, cfg.label_field, tuple(cfg.labels) if cfg.labels else None)
     return load_splits(
         cfg.kind, fields, path=cfg.path, train_path=cfg.train_path, val_path=cfg.val_path,
@@ -89,7 +93,20 @@ class FileTextData:
         self.bad_rows, self.reasons = splits.bad_rows, splits.reasons
         self.n_train, self.n_val = len(splits.train), len(splits.val)
         self.train_pairs = self.val_pairs = None
-        if model.task == "embedding":  # texts and pairs apart (see the module docstring)
+        self.instructions = isinstance(cfg, FileDataConfig) and cfg.format == "instructions"
+        if self.instructions:  # token ids with completion-only labels (app/data/instructions.py)
+            from app.data.instructions import encode_all, pack_rows
+
+            self.train = encode_all(splits.train, tokenizer, cfg.max_length)
+            self.val = encode_all(splits.val, tokenizer, cfg.max_length)
+            if not self.train.input_ids or not self.val.input_ids:
+                raise ValueError(f"data.max_length {cfg.max_length} leaves no completion tokens in the "
+                                 f"{'train' if not self.train.input_ids else 'val'} split")
+            self.n_train, self.n_val = len(self.train.input_ids), len(self.val.input_ids)
+            # packing: fixed rows of whole examples; a train batch draws rows instead of examples
+            self.rows = (pack_rows([len(ids) for ids in self.train.input_ids], cfg.max_length, cfg.seed) if cfg.packing
+                         else [[i] for i in range(self.n_train)])
+        elif model.task == "embedding":  # texts and pairs apart (see the module docstring)
             self.train, self.train_pairs = (tokenize(part, tokenizer, cfg.max_length) for part in _texts_and_pairs(splits.train))
             self.val, self.val_pairs = (tokenize(part, tokenizer, cfg.max_length) for part in _texts_and_pairs(splits.val))
         else:
@@ -105,18 +122,36 @@ class FileTextData:
             out["labels"] = len(self.labels)
         if self.bad_rows:
             out["bad_rows_skipped"] = self.bad_rows
+        if self.instructions:
+            out["format"] = "instructions"
+            if self.cfg.packing:
+                out["packed_rows"] = len(self.rows)
+            if self.train.dropped + self.val.dropped:
+                out["dropped_no_completion_left"] = self.train.dropped + self.val.dropped
         return out
 
     def train_batch(self, seed: int, step: int, rank: int, batch_size: int) -> Batch:
+        if self.instructions:
+            from app.data.instructions import batch
+
+            idx = np.random.default_rng([seed, step, rank]).integers(0, len(self.rows), size=batch_size)
+            return batch(self.train, [self.rows[i] for i in idx], self.pad_id)
         idx = np.random.default_rng([seed, step, rank]).integers(0, self.n_train, size=batch_size)
         return pad_batch(self.train, idx, self.pad_id, self.task, self.train_pairs)
 
     def val_batches(self, n_batches: int, batch_size: int) -> Iterator[Batch]:
         """The val set in order, at most n_batches batches (fewer when the set is smaller)."""
         for start in range(0, min(self.n_val, n_batches * batch_size), batch_size):
+            if self.instructions:
+                from app.data.instructions import batch
+
+                yield batch(self.val, [[i] for i in range(start, min(start + batch_size, self.n_val))], self.pad_id)
+                continue
             yield pad_batch(self.val, range(start, min(start + batch_size, self.n_val)), self.pad_id, self.task, self.val_pairs)
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        if self.instructions:
+            return next(self.val_batches(1, batch_size))[0]
         x, _ = pad_batch(self.val, range(min(batch_size, self.n_val)), self.pad_id, "causal_lm")
         return x
 

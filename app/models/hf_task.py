@@ -9,6 +9,11 @@ vectors (B, H); any other call (keywords, as transformers' own code makes) goes 
 `forward`. Subclassing instead of wrapping keeps parameter names, and so the consolidated
 `model.safetensors`, exactly those of the Auto class: it loads back with `load_state_dict`.
 
+Packed examples (`data.packing`): the attention-mask row may carry segment numbers 1, 2, ... (0 =
+padding) instead of 1s. `forward` then builds a block-diagonal causal 4D mask (a token sees the
+earlier tokens of its own example only) and position ids restarting at 0 for each example, so
+each example computes what it would alone (transformers takes a prepared 4D mask as it is).
+
 Tied weights (a causal LM's output head sharing the token embedding, `tie_word_embeddings`):
 `state_dict()` leaves out the second name of a shared tensor (safetensors refuses to write two
 names for one storage; transformers' `save_pretrained` drops the same key), and
@@ -50,6 +55,26 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return tied
 
 
+def segment_attention(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments (B, T): example number per token (0 = padding) -> (4D mask (B, 1, T, T), position ids (B, T)).
+
+    The mask lets a token attend to itself and the earlier tokens of its own example; boolean
+    (True = attend) for SDPA, additive float (0 / dtype min) for eager attention."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T); padding sees padding: no empty rows
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = index - torch.cummax(index * starts, dim=1).values  # (B, T): 0 at each example's first token
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[:, None], positions
+    if attn_implementation != "sdpa":
+        raise ValueError(f"packed examples need sdpa or eager attention, this model uses {attn_implementation!r}")
+    return allowed[:, None], positions
+
+
 class _PackedForward:
     """Mixed in before the transformers class (see the module docstring)."""
 
@@ -58,6 +83,9 @@ class _PackedForward:
         if not (isinstance(x, torch.Tensor) and x.dim() == 3):
             return super().forward(*args, **kwargs)
         kwargs = unpack(x)
+        if kwargs["attention_mask"].max() > 1:
+            kwargs["attention_mask"], kwargs["position_ids"] = segment_attention(
+                kwargs["attention_mask"], getattr(self.config, "_attn_implementation", "sdpa"), self.dtype)
         if "token_type_ids" in kwargs and not hasattr(self.config, "type_vocab_size"):
             del kwargs["token_type_ids"]  # decoders (Llama) have no token types; some tokenizers still make them
         out = super().forward(**kwargs)
