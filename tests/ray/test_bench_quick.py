@@ -19,6 +19,7 @@ BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.name != "report.py")
 RESULT_KEYS = {  # what each script's JSON holds besides its goals
     "embeddings": {"threads", "texts", "columns"},
+    "llm_serving": {"model", "anchor", "points"},
     "pruning": {"steps", "results"},
     "quantization": {"threads", "results"},
     "serve_batching": {"machine", "models", "serve_floor"},
