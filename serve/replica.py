@@ -57,7 +57,7 @@ from ray import serve
 from app import telemetry
 from app.artifact_roots import check_under_roots
 from app.config.registry import RegistryConfig
-from app.data.chat_template import ChatFormatError, render_chat, uses_own_template
+from app.data.chat_template import ChatFormatError, render_chat
 from app.inference import (
     NonFiniteOutputError,
     Predictor,
@@ -816,14 +816,14 @@ class BatchedModelServer:
         if adapter is not None and adapter not in self.adapter_sources:
             raise ModelRequestError(404, "model", f"model {self.model!r} has no adapter {adapter!r} "
                                                   f"(adapters: {sorted(self.adapter_sources) or 'none'})")
-        own_template = False
+        chat = False
         if messages is not None:
             tokenizer = getattr(pred, "tokenizer", None)
             try:
                 prompt = render_chat(tokenizer, messages)
             except ChatFormatError as err:
                 raise ModelRequestError(422, err.field, err.message) from None
-            own_template = uses_own_template(tokenizer)
+            chat = True
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
             raise ModelRequestError(422, "max_new_tokens", f"must be between 1 and {self.max_new_tokens} for model {self.model!r}")
         if not 0 <= float(temperature) <= 10:
@@ -833,7 +833,7 @@ class BatchedModelServer:
         if not prompt:
             raise ModelRequestError(422, "prompt", "prompt is empty")
         if isinstance(pred, TextPredictor):
-            if own_template:  # the template's text holds the model's special tokens already
+            if chat:  # either template's text holds the special tokens already (its own, or the plain template's bos / eos)
                 row = np.asarray(pred.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
                 if len(row) > pred.max_tokens:
                     raise ModelRequestError(422, "messages", f"the chat has {len(row)} tokens; the limit is {pred.max_tokens}")

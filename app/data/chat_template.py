@@ -4,23 +4,23 @@ fine-tuning on chat data.
 With a tokenizer that carries a chat template (`tokenizer.chat_template`, from the folder's
 `tokenizer_config.json` or `chat_template.jinja`) the text is that template's rendering
 (`apply_chat_template(..., tokenize=False)`), which usually holds the model's own special
-tokens: tokenize it with `add_special_tokens=False` (`uses_own_template` says which case).
+tokens: tokenize it with `add_special_tokens=False`.
 
 Without one (a tokenizer with no template, or the byte-level GPT, `tokenizer=None`) the plain
-template is used, one line per message, and an open `assistant:` line for the answer:
+template is used, the one fine-tuning on chat rows uses too (so a model tuned on it is served
+the same text): the tokenizer's bos token, then per message
 
-    system: You are terse.
-    user: hello
-    assistant: hi
-    user: and now?
-    assistant:
+    ### System:\n{content}\n\n      ### User:\n{content}\n\n      ### Assistant:\n{content}{eos}\n\n
 
-i.e. `f"{role}: {content}\\n"` per message, then `"assistant:"` when `add_generation_prompt`.
+and an open `### Assistant:\n` for the answer when `add_generation_prompt`. The bos and eos
+tokens are part of the text here too: tokenize it with `add_special_tokens=False` in both cases.
 """
 
 from __future__ import annotations
 
 ROLES = ("system", "user", "assistant")
+PLAIN_TURN = {"system": "### System:\n{}\n\n", "user": "### User:\n{}\n\n", "assistant": "### Assistant:\n"}
+"""The plain template's turn headers; an assistant turn is its header, the content, eos and a blank line."""
 
 
 class ChatFormatError(ValueError):
@@ -63,5 +63,12 @@ def render_chat(tokenizer, messages: list, add_generation_prompt: bool = True) -
     messages = check_messages(messages)
     if uses_own_template(tokenizer):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant:" if add_generation_prompt else "")
+    bos = (getattr(tokenizer, "bos_token", None) or "") if tokenizer is not None else ""
+    eos = (getattr(tokenizer, "eos_token", None) or "") if tokenizer is not None else ""
+    text = bos
+    for m in messages:
+        if m["role"] == "assistant":
+            text += PLAIN_TURN["assistant"] + m["content"] + eos + "\n\n"
+        else:
+            text += PLAIN_TURN[m["role"]].format(m["content"])
+    return text + (PLAIN_TURN["assistant"] if add_generation_prompt else "")

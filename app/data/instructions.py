@@ -34,11 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.data.chat_template import PLAIN_TURN, ROLES
 from app.data.files import MAX_REASONS, BadRow, DataFileError, ReadResult, Splits, _jsonl_records, split_examples
 
-ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-PLAIN_TURN = {"system": "### System:\n{}\n\n", "user": "### User:\n{}\n\n", "assistant": "### Assistant:\n"}
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,8 @@ def test_error_body_is_openais_shape():
 
 def test_plain_chat_template_and_a_tokenizers_own():
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    assert render_chat(None, messages) == "system: be brief\nuser: hi\nassistant:"
-    assert render_chat(None, messages, add_generation_prompt=False) == "system: be brief\nuser: hi\n"
+    assert render_chat(None, messages) == "### System:\nbe brief\n\n### User:\nhi\n\n### Assistant:\n"
+    assert render_chat(None, messages, add_generation_prompt=False) == "### System:\nbe brief\n\n### User:\nhi\n\n"
 
     class Templated:
         chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -201,3 +201,24 @@ def test_v1_errors_are_openais_and_name_the_field(api):
     _openai_error(client.get("/v1/nothing"), 404, None)
     ours = client.post("/api/v1/models/nope/generate", json={"prompt": "hi"})
     assert ours.status_code == 404 and "error_code" in ours.json()  # /api/v1 keeps our shape
+
+
+@pytest.mark.parametrize("template", ["own", "plain"])
+def test_a_served_chat_prompt_is_the_text_fine_tuning_trained_before_the_answer(tmp_path, template):
+    """A model tuned on chat rows sees at serving time exactly the text that preceded the answers
+    it was trained on: the generation prompt of the conversation up to its last assistant turn
+    is the start of the training text, up to where the trained span begins."""
+    from transformers import AutoTokenizer
+
+    from app.data.instructions import InstructionExample, render
+    from hf_folders import save_chat_tokenizer
+
+    save_chat_tokenizer(tmp_path, ["be", "brief", "hi", "hello", "again", "bye"],
+                        **({} if template == "own" else {"chat_template": None}))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    turns = (("system", "be brief"), ("user", "hi"), ("assistant", "hello"), ("user", "again"), ("assistant", "bye"))
+    text, spans = render(InstructionExample(messages=turns, prompt=None, completion=None, file="f", line=1), tok)
+    served = render_chat(tok, [{"role": r, "content": c} for r, c in turns[:-1]])
+    assert text[:spans[-1][0]] == served
+    assert text[spans[-1][0]:].lstrip().startswith("bye")
+
