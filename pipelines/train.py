@@ -30,7 +30,7 @@ from ray.train import UserCallback
 from app.artifacts import save_fp32
 from app.config.jobs import TrainJob
 from app.config.base import config_hash
-from app.data import build_data
+from app.data import build_data, train_batches
 from app.compression.distillation import distillation_loss, embedding_distillation_loss, in_batch_contrastive_loss
 from app.evaluation import eval_sums, embedding_sums, metric_kind, metrics_from_sums, task_loss, training_metric
 from app.models import build_model
@@ -92,7 +92,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _write_pid(job, rank)
     torch.manual_seed(tc.seed)  # same init on every rank and for every strategy
 
-    data = build_data(job.data, job.model)  # first: an hf classifier's head takes its labels from the data
+    # first: an hf classifier's head takes its labels from the data
+    if loop_config.get("streamed") is not None:  # file data streamed through Ray Data: this worker's shard
+        from app.data.stream import StreamedTextData
+
+        data = StreamedTextData(job.data, job.model, loop_config["streamed"], ray.train.get_dataset_shard("train"))
+    else:
+        data = build_data(job.data, job.model)
     model = build_model(job.model, labels=getattr(data, "labels", None))
 
     pooler = getattr(model, "encoder", None) and getattr(model.encoder, "pooler", None)
@@ -157,12 +163,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # --- train
     t_log, seen_since_log, steps_since_log, loss_acc = time.perf_counter(), 0, 0, 0.0
     t_start = time.perf_counter()
+    batches = train_batches(data, tc.seed, start_step * tc.grad_accum_steps, rank, tc.batch_size)
     for step in range(start_step, tc.steps):
         strategy.train()
         step_loss = 0.0
         for micro in range(tc.grad_accum_steps):
-            # Batches are a function of (seed, micro-batch index, rank): the step count is the data position.
-            x, y = (t.to(device) for t in data.train_batch(tc.seed, step * tc.grad_accum_steps + micro, rank, tc.batch_size))
+            # In memory, batches are a function of (seed, micro-batch index, rank): the step count is the
+            # data position. Streamed, they come from this worker's shard (app/data/stream.py).
+            x, y = (t.to(device) for t in next(batches))
             if kind == "embedding":
                 loss = embedding_loss(job, *embedding_targets(strategy.forward, teacher, x, y))
             elif teacher is None:
@@ -488,12 +496,25 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from app.config.data import FileDataConfig
+    from app.data.stream import should_stream, survey_files, train_dataset
+
     storage = Path(job.storage_path).resolve()
     tc = job.train
+    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from}
+    datasets = None
+    if isinstance(job.data, FileDataConfig) and should_stream(job.data):
+        # one streamed pass checks the rows and keeps the val rows; Ray Train shards the train Dataset
+        summary = survey_files(job.data, keep_val=tc.eval_batches * tc.batch_size)
+        loop_config["streamed"] = summary
+        datasets = {"train": train_dataset(job.data, job.model, summary["labels"])}
+        skipped = f", {summary['bad_rows']} bad rows skipped: " + "; ".join(summary["reasons"]) if summary["bad_rows"] else ""
+        print(f"[data] streaming {job.data.kind} files through Ray Data: {summary['n_train']} train rows, "
+              f"{summary['n_val']} val rows{skipped}", flush=True)  # the driver: no Ray Train print patch here
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact,
-                           "initial_checkpoint": resume_from},
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
