@@ -8,10 +8,13 @@ consolidated weights to a durable artifact folder the registry points at.
 Resume: re-running a job with the same `name` and `storage_path` continues from its latest
 checkpoint (Ray Train restores it); model, optimizer, scheduler, scaler, RNG and the step count
 (which is also the data position, since batches are a function of (seed, step, rank)) come back.
+File data streamed through Ray Data (app/data/stream.py) is the exception: `fit` hands the train
+Dataset to the TorchTrainer, each worker iterates its shard, and a resumed run starts an epoch over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -440,19 +443,29 @@ def import_pretrained(job: TrainJob) -> TrainResult:
     if not artifact.exists():
         labels = None
         if job.model.task == "sequence_classification":
-            from app.data.text import read_splits
             from app.models.hf import HFModelError, has_classification_head, load_hf_config
 
             if not has_classification_head(load_hf_config(job.model.path)):
                 raise HFModelError(f"train.steps 0: {job.model.path} has no classification head to import; "
                                    "train one on the labelled data (train.steps >= 1)")
-            labels = read_splits(job.data).labels
+            labels = read_labels(job.data)
         tmp = artifact.with_name(artifact.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_fp32(tmp, build_model(job.model, labels=labels), job, {"step": 0, "metrics": {}, "imported_from": job.model.path})
         os.replace(tmp, artifact)
     print(f"[import] {job.model.path} as it is: {artifact}", flush=True)  # the driver: no Ray Train print patch here
     return TrainResult(metrics={}, checkpoint_path="", artifact_path=str(artifact), step=0, config_hash=chash)
+
+
+def read_labels(data) -> list[str] | None:
+    """The class names a classifier trains on: in memory, or from one streamed pass over large files."""
+    from app.config.data import FileDataConfig
+    from app.data.stream import should_stream, survey_files
+    from app.data.text import read_splits
+
+    if isinstance(data, FileDataConfig) and should_stream(data):
+        return survey_files(data, keep_val=0)["labels"]
+    return read_splits(data).labels
 
 
 def cut_student(job: TrainJob, teacher_artifact: str) -> TrainJob:
@@ -541,6 +554,10 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
             tmp.mkdir(parents=True)
             for name in ("model.safetensors", "config.json"):
                 shutil.copy2(Path(ckpt_dir) / name, tmp / name)
+            if datasets is not None and loop_config["streamed"]["labels"]:
+                # loading the artifact then needs no second pass over the files for its class names
+                meta = json.loads((tmp / "config.json").read_text())
+                (tmp / "config.json").write_text(json.dumps({**meta, "labels": loop_config["streamed"]["labels"]}, indent=2, sort_keys=True))
             os.replace(tmp, artifact)
     return TrainResult(metrics=metrics, checkpoint_path=result.checkpoint.path, artifact_path=str(artifact),
                        step=step, config_hash=chash)
