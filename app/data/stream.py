@@ -49,7 +49,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from app.config.data import FileDataConfig
 from app.config.model import HFModelConfig
 from app.data.files import (
-    MAX_REASONS, BadRow, DataFileError, Example, Fields, Tokenized, _hash_fraction, _READERS, check_row, tokenize,
+    MAX_REASONS, BadRow, DataFileError, Example, Fields, Tokenized, _hash_fraction, _READERS, _wanted, check_row, tokenize,
 )
 
 # Rows per block a read task yields: a few thousand keeps a task's memory small and its
@@ -95,10 +95,6 @@ def _parquet_group_records(path: Path, fields: Fields, group: int, first_row: in
         for record in batch.to_pylist():
             row += 1
             yield row, record
-
-
-def _wanted(fields: Fields) -> list[str]:
-    return [name for name in (fields.text_field, fields.text_pair_field, fields.label_field) if name]
 
 
 def rows_blocks(records: Iterator[tuple[int, Any]], path: str, file_index: int, fields: Fields,
@@ -418,10 +414,10 @@ def _tokenized(batch: dict, prefix: str) -> Tokenized:
         return [list(map(int, row)) for row in batch[name]] if name in batch else None
 
     return Tokenized(input_ids=lists(f"{prefix}input_ids"), attention_mask=lists(f"{prefix}attention_mask"),
-                     token_type_ids=lists(f"{prefix}token_type_ids"), labels=lists_or_none(batch.get("label_id")))
+                     token_type_ids=lists(f"{prefix}token_type_ids"), labels=_ints(batch.get("label_id")))
 
 
-def lists_or_none(values) -> list[int] | None:
+def _ints(values) -> list[int] | None:
     return None if values is None else [int(v) for v in values]
 
 
