@@ -269,12 +269,13 @@ def ray_summaries(source: FileRowsDatasource, keep_val: int) -> Iterator[dict]:
 
 def _data_error_inside(err: BaseException) -> DataFileError | None:
     """The DataFileError a Ray task raised (a read task: a file that is not UTF-8), which reaches the
-    driver wrapped (a RayTaskError holding it as `.cause`, inside Ray Data's own error)."""
+    driver wrapped (a RayTaskError holding it as `.cause`), its message followed by lines that Ray
+    Data's retry logic appends; our messages are one line, so the first line is ours."""
     seen: BaseException | None = err
     while seen is not None:
         inner = getattr(seen, "cause", seen)
         if isinstance(inner, DataFileError):
-            return DataFileError(str(inner.args[0]) if inner.args else str(inner))
+            return DataFileError(str(inner.args[0] if inner.args else inner).split("\n", 1)[0])
         seen = seen.__cause__
     return None
 

@@ -114,3 +114,20 @@ def test_classifier_trains_on_the_streamed_file(streamed):
     assert read_meta(res.artifact_path)[1]["labels"] == ["neg", "pos"]  # loading it needs no pass over the file
     assert res.metrics["val_loss"] == pytest.approx(after["val_loss"], rel=1e-3)  # the workers evaluated the same rows
     assert after["val_loss"] < before["val_loss"], (before, after)
+
+
+def test_an_error_inside_a_read_task_reaches_the_driver_as_itself(ray_cluster, tmp_path):
+    """Bytes that are not UTF-8 deep in the file (past what the driver reads to check the file):
+    the read task raises, and the driver gets the same DataFileError the in-memory path raises."""
+    from app.config.data import FileDataConfig
+    from app.data.files import DataFileError
+    from app.data.text import read_splits
+
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b"".join(b'{"text": "the cat sat %d"}\n' % i for i in range(5000)) + b'{"text": "\xff"}\n')
+    cfg = FileDataConfig(kind="jsonl", path=str(path), stream=True)
+    with pytest.raises(DataFileError) as memory:
+        read_splits(cfg)
+    with pytest.raises(DataFileError) as streamed_error:
+        survey_files(cfg, keep_val=8)
+    assert str(streamed_error.value) == str(memory.value) and str(memory.value).startswith(f"{path}: not UTF-8 text")
