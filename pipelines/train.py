@@ -8,10 +8,13 @@ consolidated weights to a durable artifact folder the registry points at.
 Resume: re-running a job with the same `name` and `storage_path` continues from its latest
 checkpoint (Ray Train restores it); model, optimizer, scheduler, scaler, RNG and the step count
 (which is also the data position, since batches are a function of (seed, step, rank)) come back.
+File data streamed through Ray Data (app/data/stream.py) is the exception: `fit` hands the train
+Dataset to the TorchTrainer, each worker iterates its shard, and a resumed run starts an epoch over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,7 +33,7 @@ from ray.train import UserCallback
 from app.artifacts import save_fp32
 from app.config.jobs import TrainJob
 from app.config.base import config_hash
-from app.data import build_data
+from app.data import build_data, train_batches
 from app.compression.distillation import distillation_loss, embedding_distillation_loss, in_batch_contrastive_loss
 from app.evaluation import eval_sums, embedding_sums, metric_kind, metrics_from_sums, task_loss, training_metric
 from app.models import build_model
@@ -109,7 +112,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _write_pid(job, rank)
     torch.manual_seed(tc.seed)  # same init on every rank and for every strategy
 
-    data = build_data(job.data, job.model)  # first: an hf classifier's head takes its labels from the data
+    # first: an hf classifier's head takes its labels from the data
+    if loop_config.get("streamed") is not None:  # file data streamed through Ray Data: this worker's shard
+        from app.data.stream import StreamedTextData
+
+        data = StreamedTextData(job.data, job.model, loop_config["streamed"], ray.train.get_dataset_shard("train"))
+    else:
+        data = build_data(job.data, job.model)
     model = build_train_model(job, device, labels=getattr(data, "labels", None))
 
     pooler = getattr(model, "encoder", None) and getattr(model.encoder, "pooler", None)
@@ -176,12 +185,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # --- train
     t_log, seen_since_log, tokens_since_log, steps_since_log, loss_acc = time.perf_counter(), 0, 0, 0, 0.0
     t_start = time.perf_counter()
+    batches = train_batches(data, tc.seed, start_step * tc.grad_accum_steps, rank, tc.batch_size)
     for step in range(start_step, tc.steps):
         strategy.train()
         step_loss = 0.0
         for micro in range(tc.grad_accum_steps):
-            # Batches are a function of (seed, micro-batch index, rank): the step count is the data position.
-            x, y = (t.to(device) for t in data.train_batch(tc.seed, step * tc.grad_accum_steps + micro, rank, tc.batch_size))
+            # In memory, batches are a function of (seed, micro-batch index, rank): the step count is the
+            # data position. Streamed, they come from this worker's shard (app/data/stream.py).
+            x, y = (t.to(device) for t in next(batches))
             if kind == "embedding":
                 loss = embedding_loss(job, *embedding_targets(strategy.forward, teacher, x, y))
             elif teacher is None:
@@ -468,19 +479,29 @@ def import_pretrained(job: TrainJob) -> TrainResult:
     if not artifact.exists():
         labels = None
         if job.model.task == "sequence_classification":
-            from app.data.text import read_splits
             from app.models.hf import HFModelError, has_classification_head, load_hf_config
 
             if not has_classification_head(load_hf_config(job.model.path)):
                 raise HFModelError(f"train.steps 0: {job.model.path} has no classification head to import; "
                                    "train one on the labelled data (train.steps >= 1)")
-            labels = read_splits(job.data).labels
+            labels = read_labels(job.data)
         tmp = artifact.with_name(artifact.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_fp32(tmp, build_model(job.model, labels=labels), job, {"step": 0, "metrics": {}, "imported_from": job.model.path})
         os.replace(tmp, artifact)
     print(f"[import] {job.model.path} as it is: {artifact}", flush=True)  # the driver: no Ray Train print patch here
     return TrainResult(metrics={}, checkpoint_path="", artifact_path=str(artifact), step=0, config_hash=chash)
+
+
+def read_labels(data) -> list[str] | None:
+    """The class names a classifier trains on: in memory, or from one streamed pass over large files."""
+    from app.config.data import FileDataConfig
+    from app.data.stream import should_stream, survey_files
+    from app.data.text import read_splits
+
+    if isinstance(data, FileDataConfig) and should_stream(data):
+        return survey_files(data, keep_val=0)["labels"]
+    return read_splits(data).labels
 
 
 def cut_student(job: TrainJob, teacher_artifact: str) -> TrainJob:
@@ -524,12 +545,25 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from app.config.data import FileDataConfig
+    from app.data.stream import should_stream, survey_files, train_dataset
+
     storage = Path(job.storage_path).resolve()
     tc = job.train
+    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from}
+    datasets = None
+    if isinstance(job.data, FileDataConfig) and should_stream(job.data):
+        # one streamed pass checks the rows and keeps the val rows; Ray Train shards the train Dataset
+        summary = survey_files(job.data, keep_val=tc.eval_batches * tc.batch_size)
+        loop_config["streamed"] = summary
+        datasets = {"train": train_dataset(job.data, job.model, summary["labels"])}
+        skipped = f", {summary['bad_rows']} bad rows skipped: " + "; ".join(summary["reasons"]) if summary["bad_rows"] else ""
+        print(f"[data] streaming {job.data.kind} files through Ray Data: {summary['n_train']} train rows, "
+              f"{summary['n_val']} val rows{skipped}", flush=True)  # the driver: no Ray Train print patch here
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact,
-                           "initial_checkpoint": resume_from},
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
@@ -566,6 +600,10 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
             else:
                 for name in ("model.safetensors", "config.json"):
                     shutil.copy2(Path(ckpt_dir) / name, tmp / name)
+            if datasets is not None and loop_config["streamed"]["labels"]:
+                # loading the artifact then needs no second pass over the files for its class names
+                meta = json.loads((tmp / "config.json").read_text())
+                (tmp / "config.json").write_text(json.dumps({**meta, "labels": loop_config["streamed"]["labels"]}, indent=2, sort_keys=True))
             os.replace(tmp, artifact)
     return TrainResult(metrics=metrics, checkpoint_path=result.checkpoint.path, artifact_path=str(artifact),
                        step=step, config_hash=chash)

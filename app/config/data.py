@@ -57,6 +57,10 @@ class FileDataConfig(Section):
     """Salt of the train/val split hash."""
     skip_bad_rows: bool = False
     """Count and report bad rows (missing field, wrong type, empty text, unknown label) instead of failing on the first."""
+    stream: bool | Literal["auto"] = "auto"
+    """Stream the files through Ray Data (read in blocks, checked and tokenized by Ray tasks, sharded to the Ray Train workers) instead of reading them into each worker's memory: `auto` streams when the files together exceed `stream_above_mb`; `true` / `false` force it. Streamed, the driver first makes one pass over the files (bad rows, row counts, labels, the val rows evaluated), and a resumed run starts its epoch over."""
+    stream_above_mb: float = Field(256.0, gt=0)
+    """`stream: auto` streams above this many MB (10^6 bytes) of files, together."""
 
     @model_validator(mode="after")
     def _files(self) -> "FileDataConfig":

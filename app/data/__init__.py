@@ -14,6 +14,7 @@ would have seen, so the data position is just the step count.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,6 +133,16 @@ class DigitsData:
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         return torch.from_numpy(self.x_val[:batch_size])
+
+
+def train_batches(data, seed: int, start: int, rank: int, batch_size: int) -> Iterator[Batch]:
+    """A worker's micro-batches from micro-batch `start` on. In-memory data: `train_batch(seed, i,
+    rank, batch_size)` for i = start, start + 1, ..., a pure function of the index, so a resumed run
+    continues exactly. Streamed file data (app/data/stream.py): this worker's shard of the Ray
+    Dataset, epoch after epoch (a resumed run starts an epoch over)."""
+    if hasattr(data, "stream_batches"):  # StreamedTextData (not imported here: it imports Ray Data)
+        return ((x, y) for x, y, _ in data.stream_batches(seed, rank, batch_size))
+    return (data.train_batch(seed, i, rank, batch_size) for i in itertools.count(start))
 
 
 def build_data(data: DataConfig | TextDataConfig, model: GPTConfig | ViTConfig | HFModelConfig):

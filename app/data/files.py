@@ -6,14 +6,15 @@ or, with `skip_bad_rows`, is counted and its reason kept. Rows are then split in
 deterministically, or come from separate train and val files, and are tokenized with the
 model folder's own tokenizer.
 
-This module is the small-file path: it holds the whole file in memory. Files larger than one
-machine's memory go through Ray Data instead (`ray.data.read_json` / `read_csv` /
-`read_parquet` / `read_text`, streamed and sharded to the Ray Train workers); `check_row` is
-the per-record check for that path too, so both report bad rows the same way.
+This module is the small-file path: it holds the whole file in memory. Larger files (above
+`data.stream_above_mb`, or with `data.stream: true`) are streamed through Ray Data by
+app/data/stream.py, whose datasource reads with the readers here and checks every record with
+`check_row` and splits it with `_hash_fraction`, so both paths give the same rows, the same
+split and the same bad-row messages.
 
 Expected config section (wired by the caller): `data: {kind: jsonl | csv | parquet | text,
 path | train_path + val_path, text_field, text_pair_field, label_field, labels, max_length,
-val_fraction, seed, skip_bad_rows}`.
+val_fraction, seed, skip_bad_rows, stream, stream_above_mb}`.
 """
 
 from __future__ import annotations
