@@ -58,7 +58,7 @@ class FileDataConfig(Section):
     skip_bad_rows: bool = False
     """Count and report bad rows (missing field, wrong type, empty text, unknown label) instead of failing on the first."""
     stream: bool | Literal["auto"] = "auto"
-    """Stream the files through Ray Data (read in blocks, checked and tokenized by Ray tasks, sharded to the Ray Train workers) instead of reading them into each worker's memory: `auto` streams when the files together exceed `stream_above_mb`; `true` / `false` force it. Streamed, the driver first makes one pass over the files (bad rows, row counts, labels, the val rows evaluated), and a resumed run starts its epoch over."""
+    """Stream the files through Ray Data (read in blocks, checked and tokenized by Ray tasks, sharded to the Ray Train workers) instead of reading them into each worker's memory: `auto` streams when the files together exceed `stream_above_mb`; `true` / `false` force it. `format: instructions` is always read into memory. Streamed, the driver first makes one pass over the files (bad rows, row counts, labels, the val rows evaluated), and a resumed run starts its epoch over."""
     stream_above_mb: float = Field(256.0, gt=0)
     """`stream: auto` streams above this many MB (10^6 bytes) of files, together."""
 
@@ -82,6 +82,9 @@ class FileDataConfig(Section):
                 raise ValueError(f"data.format 'instructions' reads jsonl rows (messages or prompt / completion), not data.kind {self.kind!r}")
             if self.text_pair_field or self.label_field or self.labels:
                 raise ValueError("data.format 'instructions' takes no data.text_pair_field, data.label_field or data.labels")
+            if self.stream is True:
+                raise ValueError("data.stream: instruction rows are read into memory (streaming covers text and "
+                                 "labelled rows); set data.stream to false or auto")
         elif self.packing:
             raise ValueError("data.packing packs instruction examples: it needs data.format 'instructions'")
         if self.labels is not None:

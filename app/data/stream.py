@@ -64,6 +64,8 @@ SHUFFLE_BATCHES = 16
 
 def should_stream(cfg: FileDataConfig) -> bool:
     """Whether a file data section is read through Ray Data (see the module docstring)."""
+    if getattr(cfg, "format", "text") == "instructions":
+        return False  # instruction rows (chat rendering, packing) have only the in-memory reader
     if cfg.stream != "auto":
         return bool(cfg.stream)
     size = sum(os.path.getsize(p) for p in (cfg.path, cfg.train_path, cfg.val_path) if p is not None)

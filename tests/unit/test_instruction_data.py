@@ -154,3 +154,16 @@ def test_data_stats_reports_instruction_rows(tmp_path, capsys):
     assert stats["train"]["completion_token_share"] == pytest.approx(3 / 11, abs=1e-4)
     assert main(["data", "stats", str(config)]) == 0
     assert "completion token share" in capsys.readouterr().out
+
+
+def test_instruction_rows_are_never_streamed():
+    from app.config.jobs import TrainJob
+    from app.data.stream import should_stream
+
+    tree = {"name": "x", "model": {"kind": "hf", "path": "configs/examples/tiny-chat-llama", "task": "causal_lm"},
+            "data": {"kind": "jsonl", "format": "instructions", "path": "configs/examples/swap-words.jsonl"},
+            "train": {"finetune": "lora", "steps": 10, "warmup_steps": 1}}
+    with pytest.raises(ValueError, match="data.stream: instruction rows are read into memory"):
+        TrainJob.model_validate({**tree, "data": {**tree["data"], "stream": True}})
+    tiny_threshold = TrainJob.model_validate({**tree, "data": {**tree["data"], "stream_above_mb": 1e-6}})
+    assert not should_stream(tiny_threshold.data)  # auto, far above the threshold: still in memory
