@@ -20,9 +20,9 @@ from typing import Any
 from ray import serve
 
 from app.config.jobs import ServeApp
-from app.models.adapters import AdapterError, check_adapter_folder
+from app.config.serve import ServeConfig, ServedModel, registered_adapter_ref
+from app.models.adapters import check_adapter_folder, registered_adapter_folder
 from app.runtime import verbose
-from app.config.serve import ServeConfig, ServedModel
 from serve.access import IngressAuth
 from serve.ingress import IngressSettings, TemperIngress
 from serve.protocol import API_PREFIX, model_deployment_name
@@ -94,7 +94,10 @@ def _fixed_ingress_config(cfg: ServeConfig) -> dict:
 def adapter_folders(m: ServedModel) -> dict[str, str] | None:
     """A served model's adapter folders with relative paths made absolute here (the driver's working
     directory): the replicas run in other working directories."""
-    return {name: str(Path(folder).expanduser().resolve()) for name, folder in m.adapters.items()} if m.adapters else None
+    if not m.adapters:
+        return None
+    return {name: source if registered_adapter_ref(source) is not None else str(Path(source).expanduser().resolve())
+            for name, source in m.adapters.items()}
 
 
 def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
@@ -201,11 +204,13 @@ def check_versions(app_cfg: ServeApp) -> list[dict]:
                     f"but backend {m.backend!r} was asked for"
                 )
             records.append(record)
-        for name, folder in (m.adapters or {}).items():
+        for name, source in (m.adapters or {}).items():
+            ref = registered_adapter_ref(source)
             try:
-                check_adapter_folder(folder, name)
-            except AdapterError as err:
-                raise ValueError(f"serve.models[{m.model}].adapters.{name}: {err}") from None
+                check_adapter_folder(source if ref is None else registered_adapter_folder(
+                    ray.get(registry.get_version.remote(m.model, ref)), m.model, name), name)
+            except Exception as err:  # AdapterError, or the registry's RegistryNotFound (wrapped by Ray)
+                raise ValueError(f"serve.models[{m.model}].adapters.{name}: {getattr(err, 'cause', None) or err}") from None
     return records
 
 

@@ -57,6 +57,7 @@ from ray import serve
 from app import telemetry
 from app.artifact_roots import check_under_roots
 from app.config.registry import RegistryConfig
+from app.config.serve import registered_adapter_ref
 from app.data.chat_template import ChatFormatError, render_chat
 from app.inference import (
     NonFiniteOutputError,
@@ -71,7 +72,7 @@ from app.inference import (
     load_predictor,
     score_text,
 )
-from app.models.adapters import AdapterError, AdapterSet
+from app.models.adapters import AdapterError, AdapterSet, registered_adapter_folder
 from app.stop_strings import find_stop
 from serve.protocol import ModelRequestError, ModelServerError
 
@@ -505,8 +506,9 @@ class BatchedModelServer:
             if ref != self._target_ref:
                 return False
             old = self._loaded
+            adapters = await self._adapter_folders()
             self._loaded = LoadedVersion(record["version"], pred.backend, record["artifact_uri"], pred,
-                                         self._adapter_set(pred, record["version"]))
+                                         self._adapter_set(pred, record["version"], adapters))
             self._swaps += old is not None
             log.info(
                 "model %s (%s): serving version %s (%s, %s)%s", self.model, ref, record["version"], pred.backend,
@@ -514,17 +516,28 @@ class BatchedModelServer:
             )
             return True
 
-    def _adapter_set(self, pred: Predictor | TextPredictor, version: int) -> AdapterSet | None:
-        """The (empty) adapter set of a newly loaded version, when adapters are configured.
+    async def _adapter_folders(self) -> dict[str, str]:
+        """Adapter name -> peft folder: a configured folder as it is, a `version:<ref>` source resolved
+        in the registry now (an alias follows its current version at each load of the base)."""
+        out = {}
+        for name, source in self.adapter_sources.items():
+            ref = registered_adapter_ref(source)
+            if ref is None:
+                out[name] = source
+                continue
+            record = await self._registry.get_version.remote(self.model, ref)
+            check_under_roots(record["artifact_uri"], self._artifact_roots)
+            out[name] = registered_adapter_folder(record, self.model, name)
+        return out
 
-        Adapter sources are peft folders. A registered adapter version would plug in here: resolve
-        its registry record to the folder it stores (`artifact_uri`) and pass that as the source."""
+    def _adapter_set(self, pred: Predictor | TextPredictor, version: int, folders: dict[str, str]) -> AdapterSet | None:
+        """The (empty) adapter set of a newly loaded version, when adapters are configured."""
         if not self.adapter_sources:
             return None
         if not (isinstance(pred, TextPredictor) and pred.supports_kv_cache):
             raise ValueError(f"model {self.model!r} version {version}: serve.models[].adapters need an hf causal_lm "
                              f"on a torch backend, not a {pred.task!r} model on {pred.backend!r}")
-        return AdapterSet(pred._torch_model, self.adapter_sources, self.max_adapters)
+        return AdapterSet(pred._torch_model, folders, self.max_adapters)
 
     async def _poll_alias(self) -> None:
         """Re-resolve an alias ref every `alias_poll_interval_s`; a moved alias is hot-swapped."""

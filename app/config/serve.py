@@ -72,6 +72,14 @@ ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Adapter names: what follows `<model>:` in a `/v1` request's model field."""
 
 
+ADAPTER_VERSION_PREFIX = "version:"
+
+
+def registered_adapter_ref(source: str) -> str | None:
+    """The version ref of an adapter source `version:<ref>` (a registered adapter); None for a folder."""
+    return source[len(ADAPTER_VERSION_PREFIX):] if source.startswith(ADAPTER_VERSION_PREFIX) else None
+
+
 class ServedModel(Section):
     """One registry model behind batched replicas: one deployment per traffic route."""
 
@@ -102,7 +110,7 @@ class ServedModel(Section):
     auto_rollback: AutoRollbackConfig | None = None
     """Watch `traffic`'s canary route and roll its alias back when it errs or slows down (needs `traffic`)."""
     adapters: dict[str, str] | None = None
-    """hf causal LMs on a torch backend: LoRA adapters served on this model's base, name -> peft adapter folder (`adapter_config.json` + `adapter_model.safetensors`), e.g. `{support: /models/lora-support}`. A request picks one by name (`/v1` model `<model>:<adapter>`); it is loaded on first use."""
+    """hf causal LMs on a torch backend: LoRA adapters served on this model's base, name -> a peft adapter folder (`adapter_config.json` + `adapter_model.safetensors`), e.g. `{support: /models/lora-support}`, or `version:<ref>`, a registered `lora_adapter` version of this model (a number or an alias; what `train.finetune: lora` registers), e.g. `{swap: "version:2"}`. A request picks one by name (`/v1` model `<model>:<adapter>`); it is loaded on first use."""
     max_adapters: int = Field(4, ge=1, le=256)
     """Adapters kept loaded per replica; above it the least recently used one is evicted (and loaded again when asked for)."""
 
@@ -139,9 +147,12 @@ class ServedModel(Section):
                     f"serve.models[].autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}) "
                     f"must be <= max_ongoing_requests ({self.max_ongoing_requests}): replicas never reach it"
                 )
-        for name in self.adapters or {}:
+        for name, source in (self.adapters or {}).items():
             if not re.fullmatch(ADAPTER_NAME_PATTERN, name):
                 raise ValueError(f"serve.models[].adapters: name {name!r} must match {ADAPTER_NAME_PATTERN}")
+            ref = registered_adapter_ref(source)
+            if ref is not None and (ref == "latest" or not re.fullmatch(VERSION_REF_PATTERN, ref)):
+                raise ValueError(f"serve.models[].adapters.{name}: {source!r}: `version:` takes a version number or an alias")
         if self.auto_rollback is not None:
             routes = self.routes()
             for role in ("canary", "baseline"):

@@ -84,6 +84,17 @@ class AdapterStats:
     evictions: int = 0
 
 
+def registered_adapter_folder(record: dict, model: str, name: str) -> str:
+    """The folder of a registered adapter version (its registry record), for adapter `name` of `model`."""
+    from app.artifacts import local_path
+    from app.models.lora import ADAPTER_FORMAT
+
+    if record["format"] != ADAPTER_FORMAT:
+        raise AdapterError(f"adapter {name!r}: {model} v{record['version']} is a {record['format']!r} version, "
+                           f"not a {ADAPTER_FORMAT!r} one (what train.finetune: lora registers)")
+    return str(local_path(record["artifact_uri"]))
+
+
 class AdapterSet:
     """The LoRA adapters of one loaded base causal LM (see the module docstring).
 

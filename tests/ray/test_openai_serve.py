@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes over real HTTP, called with the official `openai` client: one Serve
 app (auth on, an API key as the client's api_key) hosts a tiny Llama causal LM with three LoRA
-adapters (at most two loaded), a tiny BERT embedder and a tiny built-in GPT. Answers are compared with transformers'
+adapters (at most two loaded; two given as peft folders, the third as a registered `lora_adapter`
+version, `version:2`), a tiny BERT embedder and a tiny built-in GPT. Answers are compared with transformers'
 own greedy decoding of the base model and of each adapter merged into it (peft's merge_and_unload)."""
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def api_key(ray_cluster, models, tmp_path_factory):
         store.close()
         handle = get_or_create_registry(reg, auth=registry_auth(auth, True))
         ray_cluster.get(handle.register_version.remote("lm", models["lm"], "torch_fp32", credentials=admin))
+        # adapter a3 is served from the registry: a lora_adapter version (v2) of the same model
+        ray_cluster.get(handle.register_version.remote("lm", models["adapters"]["a3"], "lora_adapter", transformation="lora",
+                                                       parent={"model": "lm", "version": 1}, credentials=admin))
         ray_cluster.get(handle.register_version.remote("emb", models["emb"], "torch_fp32", credentials=admin))
         ray_cluster.get(handle.register_version.remote("code", models["gpt"], "torch_fp32", credentials=admin))
         app_cfg = ServeApp(registry=reg, auth=auth, serve=ServeConfig(
             app_name=f"temper-openai-{uuid.uuid4().hex[:6]}", port=free_port(), route_prefix="/temper",
             models=[ServedModel(model="lm", version="1", max_new_tokens=12, cpus_per_replica=0.5,
-                                adapters=models["adapters"], max_adapters=2),
+                                adapters={**models["adapters"], "a3": "version:2"}, max_adapters=2),
                     ServedModel(model="emb", version="1", cpus_per_replica=0.5),
                     ServedModel(model="code", version="1", max_new_tokens=12, cpus_per_replica=0.5)]))
         for url in serving(app_cfg):
@@ -109,8 +113,9 @@ def reference(models):
     for name, folder in models["adapters"].items():
         nets[name] = merged_lora_model(models["llama"], folder)
 
-    def answer(prompt: str, adapter: str | None = None, max_tokens: int = MAX_TOKENS) -> dict:
-        ids = tok(prompt)["input_ids"]
+    def answer(prompt: str, adapter: str | None = None, max_tokens: int = MAX_TOKENS, chat: bool = False) -> dict:
+        # a rendered chat carries its special tokens (bos) in the text: tokenized as it is
+        ids = tok(prompt, add_special_tokens=not chat)["input_ids"]
         new = greedy_ids(nets[adapter], ids, max_tokens)
         eos = nets[None].generation_config.eos_token_id
         return {"text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": len(ids),
@@ -136,7 +141,7 @@ def test_completion_equals_transformers_greedy_with_exact_usage(client, referenc
 
 
 def test_chat_streamed_and_whole_equal_transformers_greedy_on_the_rendered_chat(client, reference):
-    want = reference(render_chat(reference.tokenizer, CHAT))
+    want = reference(render_chat(reference.tokenizer, CHAT), chat=True)
     whole = client.chat.completions.create(model="lm", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
     assert whole.choices[0].message.content == want["text"] and whole.choices[0].message.role == "assistant"
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (want["prompt_tokens"], want["completion_tokens"])
@@ -229,7 +234,7 @@ def test_adapters_answer_as_their_merged_models_and_are_evicted_past_the_limit(c
     streamed = client.chat.completions.create(model="lm:a3", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
                                               stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    assert text == reference(render_chat(reference.tokenizer, CHAT), "a3")["text"]
+    assert text == reference(render_chat(reference.tokenizer, CHAT), "a3", chat=True)["text"]
     state = adapter_state()
     assert (state["loaded"], state["loads"], state["evictions"]) == (["a2", "a3"], 3, 1)  # a1 was least recently used
     with pytest.raises(openai.NotFoundError) as err:
