@@ -17,7 +17,9 @@ and overall, and a paired significance test between two versions scored on the s
 
 How a prompt becomes tokens: a string prompt is tokenized as the model's tokenizer does one text
 (its special tokens included, e.g. Llama's BOS); a chat prompt (the turns before the reference)
-goes through the tokenizer's chat template with the generation prompt added. The reference
+is rendered as serving and fine-tuning render it (`app.data.chat_template.render_chat`: the
+tokenizer's chat template with the generation prompt, or the plain template when the folder has
+none) and tokenized as it is (the rendered text carries its special tokens). The reference
 follows the prompt's tokens, tokenized without special tokens.
 """
 
@@ -121,13 +123,11 @@ def text_perplexity(pred: "TextPredictor", texts: Sequence[str], batch_size: int
 
 def prompt_ids(pred: "TextPredictor", prompt: str | tuple[dict[str, str], ...]) -> list[int]:
     """A prompt's token ids (see the module docstring)."""
+    from app.data.chat_template import render_chat
+
     if isinstance(prompt, str):
         return pred.tokenize(prompt)
-    if getattr(pred.tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the model folder {pred.job.model.path} has no chat template, so messages rows cannot be "
-                         "rendered; use prompt/completion rows")
-    ids = pred.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(pred.tokenizer(render_chat(pred.tokenizer, list(prompt)), add_special_tokens=False)["input_ids"])
 
 
 def _check_length(pred: "TextPredictor", n: int, pair: EvalPair, what: str) -> None:

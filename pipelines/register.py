@@ -96,7 +96,8 @@ def train_and_register(job: TrainJob, registry) -> dict:
             job = cut_student(job, teacher["artifact_uri"])
     result = fit(job, teacher_artifact=teacher["artifact_uri"] if teacher else None)
     record, _ = register_trained(
-        registry, job, result.artifact_path, config_hash=result.config_hash, metrics=result.metrics,
+        registry, job, result.artifact_path, config_hash=result.config_hash,
+        metrics={**result.metrics, **instruction_eval_metrics(job, result.artifact_path)},
         transformation="distilled" if teacher else "trained",
         parent={"model": teacher["model"], "version": teacher["version"]} if teacher else None,
         tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path},
@@ -108,6 +109,37 @@ def base_job(job: TrainJob) -> TrainJob:
     """The job that registers an adapter job's base model as it is (`train.steps: 0`, `imported`)."""
     return TrainJob.model_validate({**job.model_dump(mode="json", include={"name", "storage_path", "registry", "model", "data"}),
                                     "train": {"steps": 0}})
+
+
+def instruction_eval_metrics(job: TrainJob, artifact_path: str, max_pairs: int = 64) -> dict[str, float]:
+    """For `data.format: instructions`: exact match, token F1 (greedy answers) and perplexity of the
+    trained model on up to `max_pairs` held-out rows with a reference answer (a prompt/completion
+    row, or a chat whose last turn is the assistant's), as `eval_*` metrics to register with the
+    version; {} for other data. Chats are rendered as serving renders them."""
+    if getattr(job.data, "format", "text") != "instructions":
+        return {}
+    from app.config.evaluation import EvalConfig
+    from app.data.eval_pairs import EvalPair
+    from app.data.instructions import instruction_splits
+    from app.eval_lm import lm_eval_metrics
+    from app.inference import load_predictor
+
+    pairs = []
+    for ex in instruction_splits(job.data).val[:max_pairs]:
+        if ex.messages is None:
+            pairs.append(EvalPair(ex.prompt, ex.completion, ex.line))
+        elif ex.messages[-1][0] == "assistant":
+            turns = tuple({"role": role, "content": content} for role, content in ex.messages[:-1])
+            pairs.append(EvalPair(turns, ex.messages[-1][1], ex.line))
+    if not pairs:
+        return {}
+    pred = load_predictor(artifact_path)
+    longest = max(len(pred.tokenizer(p.reference, add_special_tokens=False)["input_ids"]) for p in pairs)
+    cfg = EvalConfig(data=job.data.path or job.data.val_path, max_new_tokens=min(longest + 2, 256))
+    metrics = lm_eval_metrics(pred, pairs, cfg)
+    print(f"[eval] {len(pairs)} held-out instruction rows: exact_match {metrics['eval_exact_match']:.4f}, "
+          f"token_f1 {metrics['eval_token_f1']:.4f}, perplexity {metrics['eval_perplexity']:.4f}", flush=True)
+    return metrics
 
 
 def train_adapter_and_register(job: TrainJob, registry) -> dict:
@@ -128,7 +160,8 @@ def train_adapter_and_register(job: TrainJob, registry) -> dict:
     targets = lc.target_modules if isinstance(lc.target_modules, str) else ",".join(lc.target_modules or ["peft-default"])
     record, _ = register_trained(
         registry, job, result.artifact_path, config_hash=result.config_hash,
-        metrics={**result.metrics, "trainable_params": float(trainable), "lora_rank": float(lc.r)},
+        metrics={**result.metrics, **instruction_eval_metrics(job, result.artifact_path), "trainable_params": float(trainable),
+                 "lora_rank": float(lc.r)},
         transformation="lora", format=ADAPTER_FORMAT,
         parent={"model": base_record["model"], "version": base_record["version"]},
         tags={"run": job.name, "step": str(result.step), "checkpoint": result.checkpoint_path, "finetune": job.train.finetune,

@@ -24,7 +24,7 @@ class EvalConfig(Section):
     """How two causal-LM versions are evaluated side by side on the same prompts."""
 
     data: str
-    """JSONL file of prompt/reference pairs (relative paths: from the current directory): `{"prompt", "completion"}` rows, or `{"messages": [...]}` rows whose last turn is the assistant's reference answer (the turns before it are rendered with the model's chat template)."""
+    """JSONL file of prompt/reference pairs (relative paths: from the current directory): `{"prompt", "completion"}` rows, or `{"messages": [...]}` rows whose last turn is the assistant's reference answer (the turns before it are rendered with the model's chat template, or the plain template without one)."""
     max_new_tokens: int = Field(32, ge=1, le=4096)
     """Greedy generation stops after this many new tokens, or earlier at the model's end-of-sequence token (exact_match, token_f1)."""
     metrics: list[LMMetric] = Field(default_factory=lambda: ["exact_match", "token_f1", "perplexity"], min_length=1)

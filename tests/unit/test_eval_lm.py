@@ -139,14 +139,18 @@ def test_greedy_answers_are_model_generate_without_the_stop_token(lm):
     assert any(a for a in answers)  # the wide random model says something
 
 
-def test_a_chat_prompt_goes_through_the_chat_template_and_none_is_refused(lm):
+def test_a_chat_prompt_goes_through_the_chat_template_or_the_plain_one(lm):
     import copy
     import dataclasses
 
+    from app.data.chat_template import render_chat
+
     pred, model = lm
     turns = ({"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}, {"role": "user", "content": "a dog"})
-    with pytest.raises(ValueError, match="has no chat template, so messages rows cannot be rendered"):
-        prompt_ids(pred, turns)
+    # no template in the folder: the plain one serving and fine-tuning use, tokenized as rendered
+    plain = render_chat(pred.tokenizer, list(turns))
+    assert plain.endswith("### User:\na dog\n\n### Assistant:\n")
+    assert prompt_ids(pred, turns) == pred.tokenizer(plain, add_special_tokens=False)["input_ids"]
     chat = dataclasses.replace(pred, tokenizer=copy.deepcopy(pred.tokenizer))
     chat.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                                     "{% if add_generation_prompt %}assistant{% endif %}")

@@ -97,6 +97,19 @@ def test_lora_learns_to_swap_two_words(tmp_path):
     assert before == 0.0 and after >= 0.4, (before, after)  # measured: 0.0 -> 0.67 (33 of 49)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)  # the base did not move
 
+    # what registering the adapter records: the same held-out rows, rendered as serving renders chats
+    from app.artifacts import write_meta
+    from app.models.lora import ADAPTER_FORMAT, adapter_state, save_adapter
+    from pipelines.register import instruction_eval_metrics
+
+    folder = tmp_path / "adapter"
+    save_adapter(folder, model, adapter_state(model, model.state_dict()))
+    write_meta(folder, job, ADAPTER_FORMAT)
+    metrics = instruction_eval_metrics(job, str(folder))
+    assert metrics["eval_prompts"] == len(data.val.input_ids)
+    assert abs(metrics["eval_exact_match"] - after) <= 0.1, (metrics, after)
+    assert metrics["eval_token_f1"] >= metrics["eval_exact_match"] and metrics["eval_perplexity"] < 5
+
 
 def test_adapter_saves_loads_and_merges_to_the_same_logits(tmp_path):
     from app.artifacts import load_fp32, write_meta
