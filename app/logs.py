@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 LogFormat = Literal["json", "text", "off"]
 LOG_FORMAT_ENV = "TEMPER_LOG_FORMAT"
-"""Environment variable choosing the training report lines' format: json (default), text or off."""
+"""Environment variable choosing the format of training's progress and report lines: text (the
+default, for people), json (one object per line) or off."""
 
 
 def format_event(event: str, fields: dict[str, Any], fmt: LogFormat = "json") -> str:
@@ -26,9 +27,9 @@ def format_event(event: str, fields: dict[str, Any], fmt: LogFormat = "json") ->
     return " ".join([event] + [f"{k}={v}" for k, v in fields.items() if v is not None])
 
 
-def env_format() -> LogFormat:
-    """The format `TEMPER_LOG_FORMAT` asks for; an unknown value is a ValueError naming it."""
-    value = os.environ.get(LOG_FORMAT_ENV, "json").strip().lower() or "json"
+def env_format(default: LogFormat = "json") -> LogFormat:
+    """The format `TEMPER_LOG_FORMAT` asks for (`default` when unset); an unknown value is a ValueError naming it."""
+    value = os.environ.get(LOG_FORMAT_ENV, default).strip().lower() or default
     if value not in ("json", "text", "off"):
         raise ValueError(f"{LOG_FORMAT_ENV}={value!r}: expected json, text or off")
     return value  # type: ignore[return-value]

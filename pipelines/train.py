@@ -38,6 +38,7 @@ from app.compression.distillation import distillation_loss, embedding_distillati
 from app.evaluation import eval_sums, embedding_sums, metric_kind, metrics_from_sums, task_loss, training_metric
 from app.models import build_model
 from app import telemetry
+from app.logs import emit, env_format, line_logger
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # --- setup: the worker re-validates what the driver sent (a dict crossed a process boundary)
     job = TrainJob.model_validate(loop_config["job"])
+    log_format = loop_config.get("log_format", "text")  # TEMPER_LOG_FORMAT of the driver (see fit)
+    report_log = line_logger("temper.train")
     tc = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -229,8 +232,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 telemetry.record(telemetry.TRAIN_TOKENS_PER_S, lambda: m_tokens.set(tokens_rate, tags))
             if rank == 0:
                 per_step = (now - t_start) / (done - start_step)
-                _say(f"[train] step {done}/{tc.steps} loss {avg_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                     f"grad_norm {info.grad_norm:.3f} {rate * world:.0f} samples/s eta {_fmt_eta(per_step * (tc.steps - done))}")
+                if log_format == "json":
+                    emit(report_log, "train_step", {
+                        "run": job.name, "step": done, "steps": tc.steps, "loss": avg_loss, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": info.grad_norm, "samples_per_s": rate * world, "eta_s": per_step * (tc.steps - done)}, "json")
+                elif log_format != "off":
+                    _say(f"[train] step {done}/{tc.steps} loss {avg_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                         f"grad_norm {info.grad_norm:.3f} {rate * world:.0f} samples/s eta {_fmt_eta(per_step * (tc.steps - done))}")
             t_log, seen_since_log, tokens_since_log, steps_since_log, loss_acc = now, 0, 0, 0, 0.0
 
         pausing = done == tc.pause_at_step
@@ -243,7 +251,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 value = metrics[metric_name]
                 telemetry.record(telemetry.EVAL_METRIC, lambda: m_eval.set(value, {"run": job.name, "metric": metric_name}))
-                _say(f"[eval] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
+                if log_format == "json":  # the whole report: what Ray Train records for this step
+                    emit(report_log, "train_report", {"run": job.name, **metrics}, "json")
+                elif log_format != "off":
+                    _say(f"[eval] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))
             if done % tc.checkpoint_every == 0 or done == tc.steps or pausing or state.should_stop:
                 _report_checkpoint(job, strategy, scheduler, callbacks, done, metrics, rank)
             else:
@@ -550,7 +561,10 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
 
     storage = Path(job.storage_path).resolve()
     tc = job.train
-    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from}
+    # Progress and report lines: text for people (default), or TEMPER_LOG_FORMAT=json for one JSON
+    # object per line (a step line per log_every, a report line per evaluation) for log pipelines.
+    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from,
+                   "log_format": env_format(default="text")}
     datasets = None
     if isinstance(job.data, FileDataConfig) and should_stream(job.data):
         # one streamed pass checks the rows and keeps the val rows; Ray Train shards the train Dataset
