@@ -9,10 +9,10 @@ process in every column:
 Steady-state rates exclude start-up: each Ray column runs twice, with N and 2N steps, and the
 rate is N / (t(2N) - t(N)) (start-up, the final evaluation and the final checkpoint cancel out);
 the start-up cost itself is reported as t(N) - N / rate. Goals: (b) >= 0.95x (a)'s steps/s; (c)
->= 1.6x (b)'s samples/s on a model where compute dominates (default: d=384, 6 layers, 128-token
-blocks, batch 16: ~11M parameters).
+>= 1.6x (b)'s samples/s on a model where compute dominates (default: d=256, 4 layers, 128-token
+blocks, batch 8: ~3.3M parameters, about half a second per step on one core).
 
-    .venv/bin/python benchmarks/train_overhead.py [--steps 60] [--d-model 384] [--n-layer 6] [--quick]
+    .venv/bin/python benchmarks/train_overhead.py [--steps 60] [--d-model 256] [--n-layer 4] [--quick]
 
 `--quick` (a smoke run, about a minute): a 2-layer d=64 model, 6 steps.
 """
@@ -90,10 +90,10 @@ def ray_column(args, root: str, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--d-model", type=int, default=384)
-    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="a tiny model and a few steps")
     ap.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
