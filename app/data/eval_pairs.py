@@ -17,9 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.data.chat_template import ROLES
 from app.data.files import DataFileError
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)

@@ -214,13 +214,20 @@ def read_examples(path: str | Path, kind: str, fields: Fields, *, skip_bad_rows:
         raise DataFileError(f"{path}: a text file has one text per line: no text_pair_field or label_field")
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
+    return collect_rows(path, _READERS[kind](path, fields), lambda record, line: check_row(record, fields, str(path), line),
+                        skip_bad_rows)
+
+
+def collect_rows(path: Path, records: Iterator[tuple[int, dict | BadRow]], check, skip_bad_rows: bool) -> ReadResult:
+    """The good rows of one file: `check(record, line)` makes each an example or raises BadRow; a
+    bad row raises DataFileError unless `skip_bad_rows`, which counts it and keeps its reason."""
     result = ReadResult(examples=[])
     try:
-        for line, record in _READERS[kind](path, fields):
+        for line, record in records:
             try:
                 if isinstance(record, BadRow):
                     raise record
-                result.examples.append(check_row(record, fields, str(path), line))
+                result.examples.append(check(record, line))
             except BadRow as e:
                 if not skip_bad_rows:
                     raise DataFileError(f"{e} (skip_bad_rows counts such rows instead)") from None

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from app.data.chat_template import PLAIN_TURN, ROLES
-from app.data.files import MAX_REASONS, BadRow, DataFileError, ReadResult, Splits, _jsonl_records, split_examples
+from app.data.files import (
+    MAX_REASONS, BadRow, DataFileError, ReadResult, Splits, _jsonl_records, collect_rows, split_examples,
+)
 
 IGNORE_INDEX = -100
 
@@ -105,24 +107,8 @@ def read_instructions(path: str | Path, *, skip_bad_rows: bool = False) -> ReadR
     path = Path(path)
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
-    result = ReadResult(examples=[])
-    try:
-        for line, record in _jsonl_records(path, None):
-            try:
-                if isinstance(record, BadRow):
-                    raise record
-                result.examples.append(check_instruction_row(record, str(path), line))
-            except BadRow as e:
-                if not skip_bad_rows:
-                    raise DataFileError(f"{e} (skip_bad_rows counts such rows instead)") from None
-                result.bad_rows += 1
-                if len(result.reasons) < MAX_REASONS:
-                    result.reasons.append(str(e))
-    except UnicodeDecodeError as e:
-        raise DataFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if not result.examples:
-        raise DataFileError(f"{path}: no usable rows" + (f" ({result.bad_rows} bad)" if result.bad_rows else ""))
-    return result
+    return collect_rows(path, _jsonl_records(path, None), lambda record, line: check_instruction_row(record, str(path), line),
+                        skip_bad_rows)
 
 
 def instruction_splits(cfg) -> Splits:
