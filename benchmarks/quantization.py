@@ -28,7 +28,7 @@ from app.evaluation import primary_metric, task_loss
 from app.inference import load_predictor
 from app.models import build_model
 from pipelines.compress import measure
-from pipelines.train import lr_factor, param_groups
+from pipelines.optimization import lr_factor, param_groups
 
 WORKLOADS = {
     "digits-vit": {"model": {"kind": "vit"}, "data": {"name": "digits"}, "train_steps": 300},

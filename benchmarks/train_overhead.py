@@ -31,7 +31,8 @@ import torch
 from app.config.jobs import TrainJob
 from app.data import build_data
 from app.models import build_model
-from pipelines.train import fit, lr_factor, param_groups
+from pipelines.optimization import lr_factor, param_groups
+from pipelines.train import fit
 
 
 def job_for(args, root: str, name: str, workers: int, steps: int) -> TrainJob:

@@ -37,6 +37,7 @@ from app.data import build_data, train_batches
 from app.compression.distillation import distillation_loss, embedding_distillation_loss, in_batch_contrastive_loss
 from app.evaluation import eval_sums, embedding_sums, metric_kind, metrics_from_sums, task_loss, training_metric
 from app.models import build_model
+from pipelines.optimization import build_optimizer, build_train_model, lr_factor
 from app import telemetry
 from app.logs import emit, env_format, line_logger
 
@@ -47,40 +48,6 @@ ADAPTER_DIR = "adapter"
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (Linear, Embedding); none on norms, biases and position tables."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "pos_emb" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
-    """AdamW over the parameters that train (frozen ones, e.g. a LoRA base, are not in it)."""
-    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def build_train_model(job: TrainJob, device, labels=None) -> torch.nn.Module:
-    """The model a worker trains: built from its section, and with `train.finetune: lora | qlora`
-    a PeftModel over the frozen base (qlora: loaded in 4 bits on `device`)."""
-    if job.train.finetune == "full":
-        return build_model(job.model, labels=labels)
-    from app.models.lora import apply_lora, load_qlora_base
-
-    base = load_qlora_base(job, device) if job.train.finetune == "qlora" else build_model(job.model)
-    return apply_lora(base, job)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _say(msg: str) -> None:

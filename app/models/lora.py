@@ -48,7 +48,8 @@ def load_qlora_base(job, device: torch.device) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         check_folder(job.model.path), quantization_config=quant, device_map={"": device.index or 0},
         local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    return as_task_model(prepare_model_for_kbit_training(model))
+    # Non-reentrant activation checkpointing: torch warns that the reentrant default will change.
+    return as_task_model(prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False}))
 
 
 def apply_lora(model: nn.Module, job) -> nn.Module:

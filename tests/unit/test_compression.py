@@ -21,7 +21,7 @@ from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums, task_loss
 from app.inference import classify, generate_text, load_predictor, score_text
 from app.models import build_model
-from pipelines.train import lr_factor, param_groups
+from pipelines.optimization import lr_factor, param_groups
 
 
 def _train_digits(steps: int = 250) -> tuple[torch.nn.Module, TrainJob]:

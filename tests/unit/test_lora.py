@@ -44,7 +44,7 @@ def _job(tmp_path: Path, **train) -> TrainJob:
 def _setup(job: TrainJob):
     from app.data import build_data
     from pipelines.strategies import build_strategy
-    from pipelines.train import build_optimizer, build_train_model
+    from pipelines.optimization import build_optimizer, build_train_model
 
     data = build_data(job.data, job.model)
     torch.manual_seed(job.train.seed)
@@ -79,7 +79,7 @@ def _exact_match(model, data) -> float:
 
 def test_lora_learns_to_swap_two_words(tmp_path):
     from app.evaluation import task_loss
-    from pipelines.train import lr_factor
+    from pipelines.optimization import lr_factor
 
     job = _job(tmp_path)
     tc = job.train

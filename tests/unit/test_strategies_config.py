@@ -7,7 +7,7 @@ import pytest
 from app.config.base import ConfigError
 from app.config.jobs import TrainJob, parse_config
 from pipelines.strategies import deepspeed_config
-from pipelines.train import lr_factor, param_groups
+from pipelines.optimization import lr_factor, param_groups
 
 BASE = {"name": "t", "model": {"kind": "gpt"}, "data": {"name": "lm-code"}}
 
