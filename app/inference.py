@@ -6,7 +6,9 @@ and returns a `Predictor` whose `logits(x)` maps numpy inputs to numpy logits:
 - lm (gpt):         int64 (B, T) byte ids -> (B, T, 256)
 
 Task helpers (`classify`, `score_text`, `generate_text`) turn logits into answers and are
-what the batched Serve replica calls on a whole batch.
+what the batched Serve replica calls on a whole batch. The module is over 500 lines and one idea,
+answering with an artifact whatever its format: the predictors and decoders below share the
+padding and position rules that make a row in a batch compute what it would alone.
 
 `hf` artifacts (a `transformers` model from a local folder) load as a `TextPredictor`: texts
 in, tokenized with the folder's own tokenizer, batches padded to their longest member; out

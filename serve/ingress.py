@@ -16,7 +16,8 @@ Read top to bottom:
 Traffic weights are the ingress's live part (`user_config`, applied by `reconfigure`); which
 fields of the config are live and how the app is assembled is in `serve/deploy.py`. The model
 server (batching, generation, hot swap) is in `serve/replica.py`, the error body and request
-schemas in `serve/protocol.py`.
+schemas in `serve/protocol.py`. The module is over 500 lines and one idea, the app's HTTP front:
+the routes, their error bodies, the traffic table and the request middleware are one FastAPI app.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Plain synchronous SQLAlchemy Core over any SQL database (a SQLite file by default, PostgreSQL
 on clusters), without Ray: the actor (actors/registry/actor.py) wraps one store, and read-only
 commands open one directly (`actors.registry.client.open_store`). Every write method runs in
-one transaction that is committed before it returns. The module is long because it is one
+one transaction that is committed before it returns. The module is over 500 lines and still one
 idea: each method is a transaction over the same tables, built on the same ref resolution and
 record assembly (`_resolve`, `_records`), which splitting reads from writes would tear apart.
 

@@ -2,6 +2,9 @@
 
 When: `data.stream: true`, or `auto` (the default) when the files together exceed
 `data.stream_above_mb`. Below that, app/data/files.py reads them into each worker's memory.
+The module is over 500 lines and one idea, a file's rows through Ray Data from the read task to a
+worker's batches: the datasource, the survey and the worker-side reader share one row format and
+one split hash, which separate modules would have to re-agree on.
 
 Reading: `FileRowsDatasource` is a Ray Data datasource whose read task streams one jsonl / csv /
 text file (one task per file: a line number needs every line before it, and a quoted csv value

@@ -1,6 +1,7 @@
 """Serve rollout logic without Ray: traffic split and sticky keys, the auto-rollback decision, the
 serve config schema, what `build_app` hands Serve, the `serve deploy` file, the API's routing /
-backpressure / streaming over fake handles, and the client's retries."""
+backpressure / streaming over fake handles, and the client's retries. Over 500 lines in one
+module because these are one subject, the rollout, tested through the same fake handles."""
 
 from __future__ import annotations
 
