@@ -1,6 +1,7 @@
 """`hf` models on file datasets under Ray Train (2 workers): a tiny BERT classifier on a JSONL
-file and a tiny Llama causal LM (output head tied to the embedding) on a text file, each under
-ddp, fsdp (one shard unit per transformer layer, found from the model) and zero3.
+file under ddp, fsdp (one shard unit per transformer layer, found from the model) and zero3, and a
+tiny Llama causal LM (output head tied to the embedding) on a text file under fsdp and zero3 (the
+sharded paths, where tied weights are the hard part; ddp saves the module's own state dict).
 Checked: the validation loss drops from the untrained model's; the causal LM pauses and resumes
 under zero3 (resume under ddp and fsdp is the same code path as the built-in GPT's, tested in
 test_strategies.py); the classifier is pruned to its target sparsity under fsdp (unstructured) and
@@ -10,7 +11,7 @@ Auto class with the logits of the Temper model holding the same weights. And a 2
 student cut from a registered 4-layer BERT teacher, distilled on the text file (ddp), moves
 towards the teacher's vectors and is registered with the teacher as its parent.
 
-Eight fits of a few seconds of compute each (and one import), run two at a time.
+Seven fits of a few seconds of compute each (and one import), run two at a time.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ PRUNING = {"fsdp": {"name": "magnitude_pruning", "kind": "unstructured", "final_
                     "update_every": 4},
            "zero3": {"name": "magnitude_pruning", "kind": "2:4", "start_step": 8}}
 STRATEGIES = ["ddp", "fsdp", "zero3"]
+LM_STRATEGIES = ["fsdp", "zero3"]
 RESUMED_LM = ("zero3",)
 
 
@@ -121,14 +123,15 @@ def runs(ray_cluster, tmp_path_factory):
     for s in STRATEGIES:
         callbacks = [MagnitudePruningConfig.model_validate(PRUNING[s])] if s in PRUNING else []
         jobs["cls", s] = _with(base["cls"], strategy=s, callbacks=callbacks)
-        jobs["lm", s] = _with(base["lm"], strategy=s)
+        if s in LM_STRATEGIES:
+            jobs["lm", s] = _with(base["lm"], strategy=s)
 
     def paused_then_resumed(job: TrainJob):
         paused = fit(job.model_copy(update={"train": job.train.model_copy(update={"pause_at_step": 8})}))
         return paused, fit(job)
 
     tasks = {("cls", s): partial(fit, jobs["cls", s]) for s in STRATEGIES}
-    tasks.update({("lm", s): partial(paused_then_resumed if s in RESUMED_LM else fit, jobs["lm", s]) for s in STRATEGIES})
+    tasks.update({("lm", s): partial(paused_then_resumed if s in RESUMED_LM else fit, jobs["lm", s]) for s in LM_STRATEGIES})
     tasks["emb"] = partial(_distilled, base["emb-teacher"], base["emb"])
     with running_two_at_a_time(tasks) as result:
         return jobs, {key: result(key) for key in tasks}
@@ -175,7 +178,7 @@ def test_classifier_is_pruned_inside_the_layers_only(runs, strategy):
     assert all(int((weights[n] == 0).sum()) == 0 for n in untouched)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LM_STRATEGIES)
 def test_causal_lm_learns_and_reloads_with_tied_weights(runs, strategy):
     from transformers import AutoModelForCausalLM
 
