@@ -3,7 +3,9 @@
 Reads top to bottom: setup (validate config, seed, model, data, optimizer, schedule, AMP)
 -> resume (from `ray.train.get_checkpoint()`) -> train (step, log, eval + report, checkpoint)
 -> done. The driver side (`fit`) builds the trainer and copies the final checkpoint's
-consolidated weights to a durable artifact folder the registry points at.
+consolidated weights to a durable artifact folder the registry points at. The module is over 500
+lines and one idea, one training run: the worker loop, its checkpoint helpers and `fit` share the
+checkpoint layout and the loop config. (What a worker trains, without Ray: pipelines/optimization.py.)
 
 Resume: re-running a job with the same `name` and `storage_path` continues from its latest
 checkpoint (Ray Train restores it); model, optimizer, scheduler, scaler, RNG and the step count
@@ -65,10 +67,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
     from pipelines.callbacks import TrainState, build_callbacks
+    from pipelines.session import current
     from pipelines.strategies import build_strategy
 
     # --- setup: the worker re-validates what the driver sent (a dict crossed a process boundary)
@@ -76,9 +76,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log_format = loop_config.get("log_format", "text")  # TEMPER_LOG_FORMAT of the driver (see fit)
     report_log = line_logger("temper.train")
     tc = job.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    session = current()  # Ray Train's, or a local one (fit_in_process)
+    rank, world = session.rank_and_world()
+    device = session.device()
     _write_pid(job, rank)
     torch.manual_seed(tc.seed)  # same init on every rank and for every strategy
 
@@ -86,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("streamed") is not None:  # file data streamed through Ray Data: this worker's shard
         from app.data.stream import StreamedTextData
 
-        data = StreamedTextData(job.data, job.model, loop_config["streamed"], ray.train.get_dataset_shard("train"))
+        data = StreamedTextData(job.data, job.model, loop_config["streamed"], session.dataset_shard("train"))
     else:
         data = build_data(job.data, job.model)
     model = build_train_model(job, device, labels=getattr(data, "labels", None))
@@ -119,13 +119,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # --- resume
     start_step, seeded = 0, False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            start_step = _load_checkpoint(Path(ckpt_dir), job, strategy, scheduler, callbacks)
-        if rank == 0:
-            _say(f"[train] resumed from checkpoint at step {start_step}")
-    elif loop_config.get("initial_checkpoint"):  # this run has none yet: seed it from another run's (PBT)
+    with session.checkpoint_dir() as ckpt_dir:
+        if ckpt_dir is not None:
+            start_step = _load_checkpoint(ckpt_dir, job, strategy, scheduler, callbacks)
+            if rank == 0:
+                _say(f"[train] resumed from checkpoint at step {start_step}")
+    if ckpt_dir is None and loop_config.get("initial_checkpoint"):  # this run has none yet: seed it from another run's (PBT)
         start_step = _load_checkpoint(Path(loop_config["initial_checkpoint"]), job, strategy, scheduler, callbacks)
         seeded = True
         if rank == 0:
@@ -149,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if seeded:  # started from another run's final checkpoint: this run still ends with one of its own
             _report_checkpoint(job, strategy, scheduler, callbacks, start_step, metrics, rank)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
         return
 
     # --- train
@@ -225,7 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if done % tc.checkpoint_every == 0 or done == tc.steps or pausing or state.should_stop:
                 _report_checkpoint(job, strategy, scheduler, callbacks, done, metrics, rank)
             else:
-                ray.train.report(metrics)
+                session.report(metrics)
         if state.should_stop:
             if rank == 0:
                 _say(f"[train] stopped early at step {done} (train.callbacks early_stopping)")
@@ -258,15 +257,14 @@ def embedding_loss(job: TrainJob, pred: torch.Tensor, target: torch.Tensor) -> t
 
 def _report_checkpoint(job: TrainJob, strategy, scheduler, callbacks, step: int, metrics: dict, rank: int) -> None:
     """Write this rank's part of the step's checkpoint and report it with the metrics."""
-    import ray.train
+    from pipelines.session import current
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _save_checkpoint(folder, job, strategy, scheduler, callbacks, step, metrics, rank)
         # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
-        ckpt = ray.train.Checkpoint.from_directory(tmp) if any(folder.iterdir()) else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_step{step:08d}")
+        current().report(metrics, folder if any(folder.iterdir()) else None, f"checkpoint_step{step:08d}")
     seconds = time.perf_counter() - t0
     telemetry.record(telemetry.TRAIN_CHECKPOINT_S, lambda: telemetry.gauge(telemetry.TRAIN_CHECKPOINT_S, ("run", "rank"))
                      .set(seconds, {"run": job.name, "rank": str(rank)}))
@@ -559,32 +557,80 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.name!r} finished without a checkpoint")
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    labels = loop_config["streamed"]["labels"] if datasets is not None else None
+    with result.checkpoint.as_directory() as ckpt_dir:
+        return _durable_result(job, result.metrics, Path(ckpt_dir), result.checkpoint.path, labels)
+
+
+def _durable_result(job: TrainJob, reported: dict, ckpt_dir: Path, ckpt_path: str, labels: list | None) -> TrainResult:
+    """The run's result, its final checkpoint's weights copied to an artifact folder that stays
+    (checkpoints rotate with keep_last; the registry points at the artifact)."""
+    tc = job.train
+    metrics = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     step = int(metrics.get("step", tc.steps))
     chash = config_hash(job)
-    # Ray Train rotates checkpoints (keep_last); the registry needs a folder that stays.
     adapter = tc.finetune != "full"
-    artifact = storage / job.name / "artifacts" / f"{'lora' if adapter else 'trained'}-{chash}-step{step:08d}"
-    with result.checkpoint.as_directory() as ckpt_dir:
-        if not artifact.exists():
-            tmp = artifact.with_name(artifact.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if adapter:  # peft's adapter files, and the meta with the adapter format
-                from app.artifacts import read_meta, write_meta
-                from app.models.lora import ADAPTER_FILES, ADAPTER_FORMAT
+    artifact = Path(job.storage_path).resolve() / job.name / "artifacts" / f"{'lora' if adapter else 'trained'}-{chash}-step{step:08d}"
+    if not artifact.exists():
+        tmp = artifact.with_name(artifact.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if adapter:  # peft's adapter files, and the meta with the adapter format
+            from app.artifacts import read_meta, write_meta
+            from app.models.lora import ADAPTER_FILES, ADAPTER_FORMAT
 
-                for name in ADAPTER_FILES:
-                    shutil.copy2(Path(ckpt_dir) / ADAPTER_DIR / name, tmp / name)
-                _, meta = read_meta(ckpt_dir)
-                write_meta(tmp, job, ADAPTER_FORMAT, {k: v for k, v in meta.items() if k not in ("format", "config_hash", "job")})
-            else:
-                for name in ("model.safetensors", "config.json"):
-                    shutil.copy2(Path(ckpt_dir) / name, tmp / name)
-            if datasets is not None and loop_config["streamed"]["labels"]:
-                # loading the artifact then needs no second pass over the files for its class names
-                meta = json.loads((tmp / "config.json").read_text())
-                (tmp / "config.json").write_text(json.dumps({**meta, "labels": loop_config["streamed"]["labels"]}, indent=2, sort_keys=True))
-            os.replace(tmp, artifact)
-    return TrainResult(metrics=metrics, checkpoint_path=result.checkpoint.path, artifact_path=str(artifact),
-                       step=step, config_hash=chash)
+            for name in ADAPTER_FILES:
+                shutil.copy2(ckpt_dir / ADAPTER_DIR / name, tmp / name)
+            _, meta = read_meta(ckpt_dir)
+            write_meta(tmp, job, ADAPTER_FORMAT, {k: v for k, v in meta.items() if k not in ("format", "config_hash", "job")})
+        else:
+            for name in ("model.safetensors", "config.json"):
+                shutil.copy2(ckpt_dir / name, tmp / name)
+        if labels:  # streamed data: loading the artifact then needs no second pass over the files for its class names
+            meta = json.loads((tmp / "config.json").read_text())
+            (tmp / "config.json").write_text(json.dumps({**meta, "labels": labels}, indent=2, sort_keys=True))
+        os.replace(tmp, artifact)
+    return TrainResult(metrics=metrics, checkpoint_path=ckpt_path, artifact_path=str(artifact), step=step, config_hash=chash)
+
+
+def runs_in_process(job: TrainJob) -> bool:
+    """Whether `fit_in_process` can run the job: one worker, and data read into memory (streamed
+    data is sharded to Ray Train workers by Ray Data)."""
+    from app.config.data import FileDataConfig
+    from app.data.stream import should_stream
+
+    return job.train.num_workers == 1 and not (isinstance(job.data, FileDataConfig) and should_stream(job.data))
+
+
+def fit_in_process(job: TrainJob, teacher_artifact: str | None = None, *, on_report=None,
+                   resume_from: str | None = None) -> TrainResult:
+    """A one-worker run of the same loop in this process, without a TorchTrainer: what a Tune
+    trial with `train.num_workers: 1` runs (the trial's process is already a Ray worker holding
+    the run's CPUs). Checkpoints go where Ray Train puts them (pipelines/session.py); a re-run
+    resumes from the newest; `on_report(metrics, checkpoint path or None)` sees every report as it
+    happens. `resume_from` as in `fit`."""
+    import torch.distributed as dist
+
+    from pipelines.session import LocalSession, local
+
+    if not runs_in_process(job):
+        raise ValueError(f"{job.name}: fit_in_process runs one worker on data in memory (train.num_workers is {job.train.num_workers})")
+    tc = job.train
+    session = LocalSession(Path(job.storage_path).resolve() / "train" / job.name, tc.keep_last, tc.use_gpu, on_report)
+    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from,
+                   "log_format": env_format(default="text")}
+    if not dist.is_initialized():
+        # FSDP and DeepSpeed shard over a process group: here one of one rank, in memory (no
+        # port), kept for the process's life (DeepSpeed caches its groups across engines).
+        # DeepSpeed also reads the launcher's variables even when handed a group.
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        dist.init_process_group("nccl" if session.device().type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("fit_in_process runs one rank, but this process is in a larger process group")
+    with local(session):
+        train_loop_per_worker(loop_config)
+    found = session.checkpoints()
+    if not found:
+        raise RuntimeError(f"training run {job.name!r} finished without a checkpoint")
+    return _durable_result(job, session.latest_metrics or {}, found[-1], str(found[-1]), None)

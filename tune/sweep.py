@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: Ray Tune over Temper's Ray Train pipeline.
 
 Reads top to bottom: the search space, scheduler and searcher built from `tune:` -> the trial
-(a function trainable that fits one TorchTrainer and forwards each evaluation to Tune as it
+(a function trainable that runs one training run and forwards each evaluation to Tune as it
 happens) -> the sweep driver (new or restored by name) -> results (table, curves, the best
 trial registered as a `tuned` version).
 
@@ -9,9 +9,12 @@ It is one idea, a sweep from its config to its registered winner, and over 500 l
 trial, the driver and the results table share the sweep's paths and trial records.
 
 Ray 2.60 refuses `Tuner(TorchTrainer)` (`Improper 'run'`); a function trainable that fits a
-TorchTrainer per trial is the supported pattern (Ray's "Using Ray Train with Ray Tune" guide).
-The trial itself reserves almost nothing (`{"cpu": 0.01}`); its training workers reserve
-`train.num_workers x train.cpus_per_worker`.
+TorchTrainer per trial is the supported pattern (Ray's "Using Ray Train with Ray Tune" guide),
+and what a trial of 2+ workers does: the trial itself reserves almost nothing (`{"cpu": 0.01}`),
+its training workers reserve `train.num_workers x train.cpus_per_worker`. A one-worker trial
+runs the same training loop in its own process (pipelines/train.fit_in_process) and reserves
+that worker's CPUs (and GPU) itself: a TorchTrainer would start a controller and a worker actor,
+two more processes importing torch and Ray Train, for the same work.
 
 Where things live (`<storage>` = the job's storage_path):
     <storage>/tune/<name>/                   Tune's experiment (stable name -> `--resume NAME`)
@@ -149,6 +152,17 @@ def _trial_job(job: TuneJob, values: dict, run_name: str, trials_dir: Path) -> T
     return TrainJob.model_validate(tree)
 
 
+def trial_resources(job: TuneJob, values: dict) -> dict[str, float]:
+    """What the trial process reserves: a one-worker trial trains in it (that worker's CPUs and
+    GPU); a larger one only waits on its TorchTrainer, whose workers reserve their own."""
+    from pipelines.train import runs_in_process
+
+    trial_job = TrainJob.model_validate({**trial_tree(job, values), "name": "resources"})
+    if not runs_in_process(trial_job):
+        return {"cpu": 0.01}
+    return {"cpu": trial_job.train.cpus_per_worker, **({"gpu": 1} if trial_job.train.use_gpu else {})}
+
+
 def _log_attempt(folder: Path, event: str, **extra) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "attempts.jsonl", "a") as f:
@@ -170,9 +184,8 @@ def run_trial(values: dict, job_json: dict) -> None:
       again: its saved final report is handed to Tune.
     """
     from ray import tune
-    from ray.util.queue import Empty, Queue
 
-    from pipelines.train import fit
+    from pipelines.train import runs_in_process
 
     job = TuneJob.model_validate(job_json)
     paths = SweepPaths.of(job.name, job.storage_path)
@@ -197,6 +210,49 @@ def run_trial(values: dict, job_json: dict) -> None:
         tune.report(record["metrics"], checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt.is_dir() else None)
         return
     _log_attempt(folder, "start", values=values, given_checkpoint=given.path if given else None, resume_from=resume_from)
+
+    if runs_in_process(trial_job):
+        last, result = _run_in_process(trial_job, folder, resume_from)
+    else:
+        last, result = _run_with_trainer(trial_job, folder, run_name, resume_from)
+    record = {"metrics": (last or {}).get("metrics") or result.metrics, "checkpoint": result.checkpoint_path,
+              "artifact": result.artifact_path, "values": values}
+    tmp = done.with_suffix(".partial")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, done)
+    _log_attempt(folder, "finished", step=record["metrics"].get("step"))
+
+
+def _run_in_process(trial_job: TrainJob, folder: Path, resume_from: str | None):
+    """The one-worker run in this trial's process; each report goes straight to Tune, whose
+    `report` raises when a scheduler stops the trial, which ends the run where it stands."""
+    from ray import tune
+
+    from pipelines.train import fit_in_process
+
+    last: dict = {}
+
+    def forward(metrics: dict, checkpoint: str | None) -> None:
+        last.update(metrics=_scalars(metrics), checkpoint=checkpoint)
+        tune.report(last["metrics"], checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+    try:
+        result = fit_in_process(trial_job, on_report=forward, resume_from=resume_from)
+    except BaseException:
+        step = last.get("metrics", {}).get("step", 0)
+        if step < trial_job.train.steps:
+            _log_attempt(folder, "stopped", step=step)
+        raise
+    return last or None, result
+
+
+def _run_with_trainer(trial_job: TrainJob, folder: Path, run_name: str, resume_from: str | None):
+    """The run on its own Ray Train workers (a TorchTrainer in a thread of this trial); each
+    report reaches this thread through a queue and is forwarded to Tune."""
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from pipelines.train import fit
 
     reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
@@ -234,13 +290,7 @@ def run_trial(values: dict, job_json: dict) -> None:
     ray.kill(reports.actor)
     if "error" in outcome:
         raise outcome["error"]
-    result = outcome["result"]
-    record = {"metrics": (last or {}).get("metrics") or result.metrics, "checkpoint": result.checkpoint_path,
-              "artifact": result.artifact_path, "values": values}
-    tmp = done.with_suffix(".partial")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, done)
-    _log_attempt(folder, "finished", step=record["metrics"].get("step"))
+    return last, outcome["result"]
 
 
 def _abort_run(controller) -> None:
@@ -399,10 +449,12 @@ def run_sweep(job: TuneJob, registry=None, *, resume: bool = False, resume_error
     checkpoint) or `restart_errored` (from scratch)."""
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig as RayTuneConfig, Tuner
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
 
     paths = SweepPaths.of(job.name, job.storage_path)
     metric, mode = objective(job)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job_json=job.model_dump(mode="json")), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job_json=job.model_dump(mode="json")),
+                                    lambda values: resource_dict_to_pg_factory(trial_resources(job, values)))
     exists = Tuner.can_restore(str(paths.experiment))
     if resume and not exists:
         raise FileNotFoundError(f"no Tune experiment state under {paths.experiment}: nothing to resume")
