@@ -544,7 +544,8 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
         train_loop_config=loop_config,
         datasets=datasets,
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker},
+            placement_strategy=tc.placement,
         ),
         run_config=RunConfig(
             name=job.name,

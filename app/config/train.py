@@ -134,6 +134,8 @@ class TrainConfig(Section):
     """ZeRO-3 only: keep parameter partitions in CPU memory."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs each worker reserves."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' placement-group bundles on nodes: `PACK` as few nodes as possible (the default), `SPREAD` one per node where it can (a worker group restarted after a node loss may still pack onto the nodes left), `STRICT_*` refuse to start otherwise."""
     use_gpu: bool = False
     """One GPU per worker with NCCL; gloo on CPU otherwise."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -1,5 +1,5 @@
-"""cluster/ manifests parse, the RayJob runs the quickstart, and the runtime env is complete
-(the alert rules and the dashboard: test_monitoring.py)."""
+"""cluster/ manifests parse, the RayJob runs the quickstart, the pip runtime env is complete and
+the default one installs nothing (the alert rules and the dashboard: test_monitoring.py)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,23 @@ def _requirements(lines) -> dict:
     return {canonicalize_name(r.name): r for r in reqs}
 
 
+def test_default_runtime_env_uploads_our_code_and_installs_nothing():
+    """cluster/runtime_env.yaml is for nodes that hold the dependencies: the repository as working
+    directory (every package of ours inside it, none excluded) and no pip, conda, uv or container
+    section that would make Ray build an environment per job."""
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    assert not {"pip", "conda", "uv", "container", "image_uri", "py_executable"} & set(env), sorted(env)
+    root = CLUSTER.parent
+    for pkg in ("app", "actors", "pipelines", "serve", "tune", "configs"):
+        assert (root / pkg).is_dir() and pkg not in env.get("excludes", []), pkg
+    pip_env = yaml.safe_load((CLUSTER / "runtime_env.pip.yaml").read_text())
+    assert {k: v for k, v in pip_env.items() if k != "pip"} == env, "the two runtime envs differ beyond `pip`"
+
+
 def test_runtime_env_lists_every_dependency():
     """Every runtime dependency of pyproject.toml (torch and ray may come with the image) is in the
-    runtime_env with the same extras and version range, or with constraints.txt's exact pin; every
+    pip runtime_env with the same extras and version range, or with constraints.txt's exact pin; every
     `==` version satisfies pyproject's range; nothing is listed that the project does not depend on."""
     import tomllib
 
@@ -40,13 +54,13 @@ def test_runtime_env_lists_every_dependency():
     deps = _requirements(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
     pins = _requirements(line.split("#")[0].strip() for line in (root / "constraints.txt").read_text().splitlines()
                          if line.split("#")[0].strip())
-    env = _requirements(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["pip"]["packages"])
+    env = _requirements(yaml.safe_load((CLUSTER / "runtime_env.pip.yaml").read_text())["pip"]["packages"])
     assert deps and env
 
     missing = sorted(set(deps) - set(env) - {"torch", "ray"})
-    assert not missing, f"cluster/runtime_env.yaml lacks {missing} (pyproject.toml dependencies)"
+    assert not missing, f"cluster/runtime_env.pip.yaml lacks {missing} (pyproject.toml dependencies)"
     stray = sorted(set(env) - set(deps))
-    assert not stray, f"cluster/runtime_env.yaml lists {stray}, which pyproject.toml does not depend on"
+    assert not stray, f"cluster/runtime_env.pip.yaml lists {stray}, which pyproject.toml does not depend on"
     for name, req in env.items():
         dep = deps[name]
         assert req.extras >= dep.extras, f"{name}: runtime_env extras {req.extras} lack {dep.extras - req.extras}"
@@ -81,7 +95,7 @@ def test_runtime_env_covers_every_third_party_import():
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     imported.add(node.module.split(".")[0])
     third_party = sorted(m for m in imported - set(ours) - set(sys.stdlib_module_names) if m != "__future__")
-    env = _requirements(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["pip"]["packages"])
+    env = _requirements(yaml.safe_load((CLUSTER / "runtime_env.pip.yaml").read_text())["pip"]["packages"])
     covered = set(env)
     for name in env:
         covered |= {canonicalize_name(Requirement(r).name) for r in requires(name) or () if "extra ==" not in r}
@@ -90,4 +104,4 @@ def test_runtime_env_covers_every_third_party_import():
     dists = packages_distributions()
     uncovered = [m for m in third_party
                  if not {canonicalize_name(d) for d in dists.get(m, [m])} & (covered | exempt)]
-    assert "torch" in third_party and not uncovered, f"imported but not in cluster/runtime_env.yaml: {uncovered}"
+    assert "torch" in third_party and not uncovered, f"imported but not in cluster/runtime_env.pip.yaml: {uncovered}"
