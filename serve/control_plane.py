@@ -22,9 +22,10 @@ validated its config). Only jobs submitted here (they carry `temper_*` metadata)
 for: other Ray jobs of the cluster are a 404, so this API cannot stop them.
 
 Versions: each route calls the registry actor's own method (the one the `registry` CLI calls)
-with the request's credentials, so the actor checks the role and writes the audit row as it does
-for any caller; the ingress checks the same table first, so a refused call costs no actor call
-when ingress auth is on. The actor's errors map to 401 / 403 / 404 / 409 / 422.
+with the request's credentials, so the actor checks the role and writes the audit row (allowed
+or refused) as it does for any caller. The ingress authenticates every caller first (401, 429);
+it applies the role table to writes itself only when the actor does not (its auth off). The
+actor's errors map to 401 / 403 / 404 / 409 / 422.
 """
 
 from __future__ import annotations
@@ -218,8 +219,6 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
             await admit(request, operation if isinstance(operation, str) else operation(request), target(request))
         return [Depends(admitted)]
 
-    def alias_move(rollback: bool) -> Callable[[Request], str]:
-        return lambda request: alias_operation(str(request.path_params.get("alias")), rollback=rollback)
 
     def on_model(request: Request) -> str:
         return f"model {request.path_params.get('model')}"
@@ -242,6 +241,9 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
             raise APIError(504, f"the Ray Jobs API did not answer within {request_timeout_s} s (serve.request_timeout_s)") from None
         except (ConnectionError, OSError) as err:  # requests' ConnectionError is an OSError
             raise APIError(503, f"the Ray Jobs API is unreachable: {type(err).__name__}", headers=unavailable) from None
+        except RuntimeError as err:  # the Jobs API answered an error, e.g. "No available agent to submit job" while the
+            # cluster's dashboard agent starts: the cluster's trouble, not the request's
+            raise APIError(503, f"the Ray Jobs API refused the call: {str(err)[:300]}", headers=unavailable) from None
 
     def described(info: Any, job_id: str) -> dict:
         meta = info.metadata or {}
@@ -338,7 +340,23 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
         except Exception as err:
             raise registry_error(err) from None
 
-    def write(request: Request) -> dict:
+    actor_checks: dict[int, bool] = {}  # id(registry handle) -> whether that actor enforces roles
+
+    async def write(request: Request, operation: str, target: str) -> dict:
+        """Let a registry write through (the door admitted any known caller, as for `read`) and return
+        the actor's keyword arguments: the request's credentials. An actor with auth on checks the
+        role itself, so a refusal lands in its audit log like any other caller's; with an actor
+        that does not check (auth off there), the ingress applies the table here."""
+        if access is not None and access.enabled:
+            handle = registry() if registry is not None else None
+            if handle is not None and id(handle) not in actor_checks:
+                settings = await ask(request, "settings")
+                actor_checks[id(handle)] = bool(settings["auth"]["enabled"])
+            if not actor_checks.get(id(handle), False):
+                try:
+                    check(getattr(request.state, "principal", None), operation, target)
+                except PermissionDenied as err:
+                    raise APIError(403, str(err), "authorization") from None
         return {"credentials": credentials_from(request.headers), "actor": "http"}
 
     Model = PathParam(pattern=MODEL_NAME_PATTERN, description="A registry model name")
@@ -365,29 +383,33 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
         return await ask(request, "compare", model, _ref(a), _ref(b))
 
     @api.delete(f"{API_PREFIX}/models/{{model}}/versions/{{version}}", name="delete_version", response_model=DeletedVersion,
-                dependencies=needs("delete_version", on_model))
+                dependencies=needs("read", on_model))
     async def delete_version(request: Request, model: str = Model, version: str = Version,
                              force: bool = Query(False, description="also remove the aliases pointing at it"),
                              reason: str = Query("", max_length=500)) -> dict:
-        return await ask(request, "delete_version", model, _ref(version), force=force, reason=reason, **write(request))
+        return await ask(request, "delete_version", model, _ref(version), force=force, reason=reason,
+                         **await write(request, "delete_version", f"{model}/{version}"))
 
     @api.put(f"{API_PREFIX}/models/{{model}}/aliases/{{alias}}", name="set_alias", response_model=AliasChange,
-             dependencies=needs(alias_move(False), on_alias))
+             dependencies=needs("read", on_alias))
     async def set_alias(request: Request, body: AliasRequest, model: str = Model, alias: str = Alias) -> dict:
         version = _ref(body.version) if isinstance(body.version, str) else body.version
-        return await ask(request, "set_alias", model, alias, version, body.reason, **write(request))
+        return await ask(request, "set_alias", model, alias, version, body.reason,
+                         **await write(request, alias_operation(alias), f"{model}@{alias}"))
 
     @api.delete(f"{API_PREFIX}/models/{{model}}/aliases/{{alias}}", name="remove_alias", response_model=AliasChange,
-                dependencies=needs(alias_move(False), on_alias))
+                dependencies=needs("read", on_alias))
     async def remove_alias(request: Request, model: str = Model, alias: str = Alias,
                            reason: str = Query("", max_length=500)) -> dict:
-        return await ask(request, "remove_alias", model, alias, reason, **write(request))
+        return await ask(request, "remove_alias", model, alias, reason,
+                         **await write(request, alias_operation(alias), f"{model}@{alias}"))
 
     @api.post(f"{API_PREFIX}/models/{{model}}/aliases/{{alias}}/rollback", name="rollback_alias", response_model=AliasChange,
-              dependencies=needs(alias_move(True), on_alias))
+              dependencies=needs("read", on_alias))
     async def rollback_alias(request: Request, model: str = Model, alias: str = Alias,
                              body: ReasonRequest | None = None) -> dict:
-        return await ask(request, "rollback_alias", model, alias, body.reason if body else "", **write(request))
+        return await ask(request, "rollback_alias", model, alias, body.reason if body else "",
+                         **await write(request, alias_operation(alias, rollback=True), f"{model}@{alias}"))
 
 
 def _ref(version: str) -> int | str:
