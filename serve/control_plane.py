@@ -35,10 +35,11 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Callable, Literal
 
 from fastapi import Body, Depends, FastAPI, Path as PathParam, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import make_url
 
 from actors.registry.errors import RegistryConflict, RegistryNotFound
 from actors.registry.permissions import alias_operation, check
@@ -66,8 +67,8 @@ class TrainingJobRequest(BaseModel):
     verb: Literal["train", "tune", "run"] = "train"
     """`python -m app <verb>` runs the job."""
     config: dict[str, Any]
-    """The job config (the YAML file's content as JSON), e.g. configs/quickstart.yaml's. Relative
-    `storage_path`s resolve against the serving process's working directory."""
+    """The job config (the YAML file's content as JSON), e.g. configs/quickstart.yaml's, with an
+    absolute `storage_path` (and an absolute SQLite path in `registry.db_url`)."""
 
 
 class TrainingJob(BaseModel):
@@ -285,8 +286,15 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
             lines = str(err).splitlines()
             key = (lines[1] if len(lines) > 1 else lines[0]).split(":", 1)[0].strip()
             raise APIError(400, f"{err}", f"config.{key}" if key != "<root>" else "config", str(err)) from None
-        storage = Path(job.storage_path).resolve()
-        job = job.model_copy(update={"storage_path": str(storage)})
+        # An HTTP caller has no working directory here (and a Ray worker's is not theirs): paths must be absolute.
+        if not Path(job.storage_path).is_absolute():
+            raise APIError(400, f"config.storage_path: {job.storage_path!r} is relative; a job submitted over HTTP needs "
+                                "an absolute path (on storage the cluster's nodes share)", "config.storage_path")
+        db = make_url(job.registry.db_url)
+        if db.get_backend_name() == "sqlite" and not Path(db.database or "").is_absolute():
+            raise APIError(400, f"config.registry.db_url: the SQLite path {db.database!r} is relative; a job submitted "
+                                "over HTTP needs an absolute one (sqlite:////abs/path.db)", "config.registry.db_url")
+        storage = Path(job.storage_path)
         path = storage / job.name / "jobs" / f"{body.verb}-{config_hash(job)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(job.model_dump(mode="json"), indent=2, sort_keys=True))
@@ -414,7 +422,7 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
 
 def _ref(version: str) -> int | str:
     """A version ref from a path or query: digits are a number, anything else an alias (or latest)."""
-    return int(version) if version.isdigit() else version
+    return int(version) if version.isascii() and version.isdigit() else version  # "²".isdigit() too, and int() refuses it
 
 
 def registry_error(err: Exception) -> APIError:

@@ -227,6 +227,8 @@ def test_training_job_submit_progress_stop(api, app_cfg, keys, tmp_path):
     assert "train.batch_size" in err["error_message"]
     err = _error(api.post("/training/jobs", json={"config": {**config, "bogus": 1}}, headers=dev), 400, "400_0001")
     assert err["error_details"]["field"] == "config.bogus", err
+    err = _error(api.post("/training/jobs", json={"config": {**config, "storage_path": "runs"}}, headers=dev), 400, "400_0001")
+    assert err["error_details"]["field"] == "config.storage_path", err
     _error(api.post("/training/jobs", json={"config": config}, headers={"X-API-Key": keys["viewer"]}), 403, "403_0001")
     _error(api.post("/training/jobs", json={"config": config}), 401, "401_0001")
     assert _submissions(jobs) == before
@@ -284,3 +286,79 @@ def test_training_job_submit_progress_stop(api, app_cfg, keys, tmp_path):
 
     # ids of jobs not submitted here (or of none at all) are not ours
     _error(api.get("/training/jobs/raysubmit_doesnotexist", headers=viewer), 404, "404_0001")
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+FUZZ_EXAMPLES = 30
+"""Generated requests per operation, generation mode (valid / invalid input) and caller (admin
+key / none), plus the admin's valid ones on the served model: 21 x 2 x 2 x 30 + 11 x 30, ~2,500 in all."""
+NOT_FUZZED = {("POST", "/api/v1/training/jobs")}
+"""Operations the fuzzer leaves out: a valid generated job config would start a training job."""
+
+
+def test_fuzzing_from_the_openapi_schema_finds_no_server_error(api, app_cfg, keys, capsys):
+    """schemathesis generates requests from the running ingress's OpenAPI schema, with an admin key
+    and without: no answer is a 5xx, none takes longer than the request timeout, and a valid
+    request still answers afterwards. Runs last in the module: the admin's requests may move
+    aliases and delete versions."""
+    from collections import Counter
+
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    root = str(api.base_url).removesuffix("/").removesuffix(API_PREFIX)
+    schema = schemathesis.openapi.from_url(f"{root}{API_PREFIX}/openapi.json")
+    timeout_s = app_cfg.serve.request_timeout_s + 10
+    statuses: Counter = Counter()
+    failures: list[str] = []
+    session = requests.Session()
+    callers = {"admin": {"X-API-Key": keys["admin"]}, "anonymous": {}}
+    operations = [r.ok() for r in schema.get_all_operations()]
+    fuzzed = [op for op in operations if (op.method.upper(), op.path) not in NOT_FUZZED]
+    assert {("GET", "/api/v1/models/{model}/versions"), ("POST", "/api/v1/training/jobs/{job_id}/stop"),
+            ("POST", "/v1/chat/completions")} <= {(op.method.upper(), op.path) for op in fuzzed}
+
+    def send(case, headers: dict) -> None:
+        try:
+            resp = case.call(base_url=root, session=session, headers=headers, timeout=timeout_s)
+        except requests.Timeout:
+            failures.append(f"no answer within {timeout_s} s: {case.method} {case.formatted_path} {case.body!r:.200}")
+            return
+        statuses[resp.status_code] += 1
+        if resp.status_code >= 500:
+            failures.append(f"{resp.status_code} {case.method} {case.formatted_path} query={case.query} "
+                            f"body={case.body!r:.300}: {resp.text[:300]}")
+
+    runs = [(op, mode, headers, {}) for op in fuzzed
+            for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+            for headers in callers.values()]
+    # random model names mostly meet a 404: the admin's valid requests also go to the served model
+    runs += [(op, schemathesis.GenerationMode.POSITIVE, callers["admin"], {"model": "digits"})
+             for op in fuzzed if "{model}" in op.path]
+    for op, mode, headers, path_parameters in runs:
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode, path_parameters=path_parameters or None))
+        def fuzz(case) -> None:
+            send(case, headers)
+
+        try:
+            fuzz()
+        except Unsatisfiable:  # e.g. no invalid input exists for an operation without parameters
+            pass
+
+    total = sum(statuses.values())
+    with capsys.disabled():
+        print(f"\n[fuzz] {total} requests over {len(fuzzed)} operations; status codes: "
+              + ", ".join(f"{code} x{n}" for code, n in sorted(statuses.items())))
+    assert not failures, "\n".join(failures[:20])
+    assert total >= 2000, statuses
+    # still serving: a valid request answers
+    assert api.get("/health").status_code == 200
+    listed = api.get("/models/digits/versions", headers=callers["admin"])
+    assert listed.status_code == 200, listed.text
+    predicted = api.post("/models/digits/predict", json={"inputs": [[0.5] * 64]}, headers=callers["admin"])
+    assert predicted.status_code == 200, predicted.text
