@@ -10,7 +10,8 @@ Read top to bottom:
 1. the ingress's helpers: `RouteTable` (weighted split, sticky keys, live weights),
    `OutcomeReporter` (outcomes to the rollout watcher), metrics, the request middleware;
 2. `make_api`: the REST API under `/api/v1/` (testable with fake handles, no Ray), plus the
-   OpenAI-compatible routes under `/v1/` (`serve/openai_api.py`);
+   OpenAI-compatible routes under `/v1/` (`serve/openai_api.py`) and the control plane (training
+   jobs, model versions) under `/api/v1/` (`serve/control_plane.py`);
 3. `TemperIngress`.
 
 Traffic weights are the ingress's live part (`user_config`, applied by `reconfigure`); which
