@@ -42,6 +42,7 @@ from app.models import build_model
 from pipelines.optimization import build_optimizer, build_train_model, lr_factor
 from app import telemetry
 from app.logs import emit, env_format, line_logger
+from app.progress import progress_path, write_progress
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     kind = metric_kind(job.model)
     metric_name, _ = training_metric(kind)
+    progress = progress_path(job.storage_path, job.name)  # rank 0's latest numbers, for the HTTP control plane
+    if rank == 0:
+        write_progress(progress, {"run": job.name, "step": start_step, "steps": tc.steps, "metric": metric_name})
     tags = {"run": job.name, "rank": str(rank)}
     m_loss = telemetry.gauge(telemetry.TRAIN_LOSS, ("run", "rank"))
     m_rate = telemetry.gauge(telemetry.TRAIN_SAMPLES_PER_S, ("run", "rank"))
@@ -198,6 +202,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 telemetry.record(telemetry.TRAIN_TOKENS_PER_S, lambda: m_tokens.set(tokens_rate, tags))
             if rank == 0:
                 per_step = (now - t_start) / (done - start_step)
+                write_progress(progress, {"step": done, "steps": tc.steps, "loss": avg_loss, "lr": scheduler.get_last_lr()[0],
+                                          "samples_per_s": rate * world, "eta_s": per_step * (tc.steps - done)})
                 if log_format == "json":
                     emit(report_log, "train_step", {
                         "run": job.name, "step": done, "steps": tc.steps, "loss": avg_loss, "lr": scheduler.get_last_lr()[0],
@@ -216,6 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update(_memory_metrics(strategy, world))
             if rank == 0:
                 value = metrics[metric_name]
+                write_progress(progress, {"metric_value": value, "eval_step": done})
                 telemetry.record(telemetry.EVAL_METRIC, lambda: m_eval.set(value, {"run": job.name, "metric": metric_name}))
                 if log_format == "json":  # the whole report: what Ray Train records for this step
                     emit(report_log, "train_report", {"run": job.name, **metrics}, "json")

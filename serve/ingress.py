@@ -10,7 +10,8 @@ Read top to bottom:
 1. the ingress's helpers: `RouteTable` (weighted split, sticky keys, live weights),
    `OutcomeReporter` (outcomes to the rollout watcher), metrics, the request middleware;
 2. `make_api`: the REST API under `/api/v1/` (testable with fake handles, no Ray), plus the
-   OpenAI-compatible routes under `/v1/` (`serve/openai_api.py`);
+   OpenAI-compatible routes under `/v1/` (`serve/openai_api.py`) and the control plane (training
+   jobs, model versions) under `/api/v1/` (`serve/control_plane.py`);
 3. `TemperIngress`.
 
 Traffic weights are the ingress's live part (`user_config`, applied by `reconfigure`); which
@@ -41,6 +42,7 @@ from app import telemetry
 from app.config.serve import ServeConfig
 from app.logs import LogFormat, emit, line_logger
 from serve.access import AccessControl, IngressAuth
+from serve.control_plane import JobsClient, RegistryHandle, install_control_plane, job_submission_client
 from serve.openai_api import install_openai_routes, is_openai_path, openai_error_body, openai_status
 from serve.protocol import (
     API_PREFIX,
@@ -325,10 +327,13 @@ def _sse(event: str, data: dict) -> bytes:
 
 def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetrics | None = None,
              behind_serve_proxy: bool = False, routes: RouteTable | None = None,
-             reporter: OutcomeReporter | None = None, access: AccessControl | None = None) -> FastAPI:
+             reporter: OutcomeReporter | None = None, access: AccessControl | None = None,
+             registry: RegistryHandle | None = None, jobs: JobsClient | None = None) -> FastAPI:
     """The REST API. `servers` maps model name -> the handles of its route deployments in route
     order (or one handle): anything whose `.classify/.score/.generate/.info.remote(...)` returns
     an awaitable, so the API is testable with fakes. `metrics=None` records none (tests without Ray).
+    `registry` and `jobs` give the registry actor's handle and a Ray JobSubmissionClient to the
+    control-plane routes (`serve/control_plane.py`); without them those routes answer 503.
 
     Of `cfg.models[]` only the fixed fields are read (model, max_new_tokens, queue and replica
     settings): batch settings, version refs and traffic weights change live (the model servers
@@ -542,6 +547,8 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
     install_openai_routes(api, served=served, call=call, pick=pick, translate=translate, record=record,
                           dependencies_read=read, dependencies_use=use, request_timeout_s=cfg.request_timeout_s,
                           check_items=check_items)
+    install_control_plane(api, access=access, registry=registry, jobs=jobs, request_timeout_s=cfg.request_timeout_s,
+                          retry_after_s=cfg.retry_after_s)
     return api
 
 
@@ -564,16 +571,22 @@ class TemperIngress:
         self._registry = None
         self.access = AccessControl(self._authenticate)
 
+    def _registry_handle(self) -> Any:
+        """The registry actor (looked up once, and again after it was lost)."""
+        import ray
+
+        if self._registry is None:
+            self._registry = ray.get_actor(self.registry_cfg["actor_name"], namespace=self.registry_cfg["namespace"])
+        return self._registry
+
     async def _authenticate(self, credentials: str) -> dict:
         """The registry actor's answer about `credentials` (it holds the key hashes and the JWT settings)."""
         import ray
 
         if self.registry_cfg is None:
             raise APIError(503, "credentials cannot be checked: this ingress knows no registry")
-        if self._registry is None:
-            self._registry = ray.get_actor(self.registry_cfg["actor_name"], namespace=self.registry_cfg["namespace"])
         try:
-            return await self._registry.authenticate.remote(credentials)
+            return await self._registry_handle().authenticate.remote(credentials)
         except ray.exceptions.RayActorError as err:
             self._registry = None  # looked up again next time (the actor restarts under the same name)
             raise APIError(503, f"credentials cannot be checked now: the registry is unavailable ({type(err).__name__})",
@@ -586,4 +599,6 @@ class TemperIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True,
-                        routes=self.routes, reporter=self.reporter, access=self.access)
+                        routes=self.routes, reporter=self.reporter, access=self.access,
+                        registry=None if self.registry_cfg is None else self._registry_handle,
+                        jobs=job_submission_client(None))

@@ -547,8 +547,9 @@ HTTP_CALLS = {  # operation (README table) -> requests that perform it: (method,
     "predict": [("POST", "/models/digits/predict", {"inputs": [[0.5] * 64]}),
                 ("POST", "/models/code/generate", {"prompt": "de", "max_new_tokens": 2})],
 }
-"""The operations the ingress serves today; the rest of the table is enforced by the registry
-actor (tests/ray/test_auth_registry_actor.py)."""
+"""The model routes' operations; the control plane's (training jobs, version reads and writes) are
+checked over HTTP in tests/ray/test_control_plane.py, and the whole table on the registry actor
+in tests/ray/test_auth_registry_actor.py."""
 
 
 def _token(role: str, **claims) -> str:
