@@ -25,6 +25,9 @@ An `hf` causal LM decodes the same way with its folder's tokens: through the mod
 `transformers` cache on torch backends (`HFCacheDecoder`, left padding, attention mask and
 per-row positions), by recomputing right-padded contexts on ONNX (`RecomputeDecoder`); a row
 ends early at one of its end-of-sequence ids (`stop_ids`).
+Every decoder also takes rows into a batch that is already decoding (`join`: prefilled on their
+own, their cache left-padded to the batch's width and stacked under it), which is what
+continuous batching (`app.decode_batch.RunningBatch`) steps; `generate_steps` runs through it.
 """
 
 from __future__ import annotations
