@@ -131,7 +131,8 @@ class DecodeLoop:
                     self.on_step(stepped, admitted)
         finally:
             self._task = None
-            self._release(list(self._requests.values()))  # no step of this loop runs now
+            self._batch.retire()  # no step of this loop runs now: drop what finished, unpin it all
+            self._release(list(self._requests.values()))
 
     def _step(self, admitted: list[DecodeRequest]) -> list[DecodeSequence]:
         """(worker thread) pin the admitted sequences' adapters, drop the finished sequences, step."""

@@ -210,3 +210,9 @@ def test_a_closed_stream_leaves_the_batch_at_the_next_step(gpt):
     assert leave.cancelled and not leave.done and got == leave.tokens[:3]
     assert len(leave.tokens) <= left_at + 1 < 30  # it stopped decoding right away
     assert stay.tokens == generate_text(gpt, byte_row("def f(x):")[None], 30)[0].tolist()
+    assert loop._task is None and len(loop._batch) == 0 and not loop._requests  # ended with nothing held
+
+    again = DecodeSequence(byte_row("x = 1"), SamplingParams(5))  # the same loop starts again for a new request
+    out: list[int] = []
+    asyncio.run(_collect(loop, again, out))
+    assert out == generate_text(gpt, byte_row("x = 1")[None], 5)[0].tolist()
