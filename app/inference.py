@@ -47,7 +47,6 @@ from app.artifacts import (
 )
 from app.config.formats import ONNX_FORMATS
 from app.config.jobs import TrainJob
-from app.stop_strings import find_stop
 
 log = logging.getLogger(__name__)
 
