@@ -27,6 +27,9 @@ An `hf` causal LM decodes the same way with its folder's tokens: through the mod
 `transformers` cache on torch backends (`HFCacheDecoder`, left padding, attention mask and
 per-row positions), by recomputing right-padded contexts on ONNX (`RecomputeDecoder`); a row
 ends early at one of its end-of-sequence ids (`stop_ids`).
+Every decoder also takes rows into a batch that is already decoding (`join`: prefilled on their
+own, their cache left-padded to the batch's width and stacked under it), which is what
+continuous batching (`app.decode_batch.RunningBatch`) steps; `generate_steps` runs through it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from app.artifacts import (
 )
 from app.config.formats import ONNX_FORMATS
 from app.config.jobs import TrainJob
-from app.stop_strings import find_stop
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +421,25 @@ def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     return int(rng.choice(z.shape[0], p=p))
 
 
+def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`t` widened to `width` along `dim` by zeros (False) on the left: how a left-padded batch
+    takes rows whose real positions end at the same last column."""
+    short = width - t.shape[dim]
+    if short <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def leading_padding(valid: torch.Tensor) -> int:
+    """How many first columns of a left-padded (B, S) mask are padding in every row: once the
+    row with the longest context leaves a batch they can go (a running batch that rows keep
+    joining would otherwise only ever grow)."""
+    seen = valid.bool().any(0)
+    return int(seen.float().argmax()) if bool(seen.any()) else 0
+
+
 class KVCacheDecoder:
     """Batched incremental decoding of a torch GPT with a KV cache (see the module docstring)."""
 
@@ -454,6 +475,10 @@ class KVCacheDecoder:
             self.cache = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in self.cache]
             self.valid, self.next_pos = self.valid.index_select(0, sel), self.next_pos.index_select(0, sel)
             self.ctx = [self.ctx[i] for i in keep]
+            cut = leading_padding(self.valid)
+            if cut:
+                self.cache = [(k[:, :, cut:], v[:, :, cut:]) for k, v in self.cache]
+                self.valid = self.valid[:, cut:]
         for c, t in zip(self.ctx, tokens):
             c.append(int(t))
         if int(self.next_pos.max()) >= self.block_size:
@@ -469,6 +494,23 @@ class KVCacheDecoder:
             logits, self.cache = self.model.forward_kv(idx, self.next_pos.view(-1, 1), decode_mask(self.valid, 1), self.cache)
         self.next_pos = self.next_pos + 1
         return logits[:, -1].float().numpy()
+
+    def join(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Add rows to the running batch (continuous batching): they are prefilled on their own
+        and their cache, left-padded to the batch's width (or the batch's to theirs), is stacked
+        under the batch's; their next-token logits (n, V). The rows already decoding are not
+        recomputed: padding keys are masked and positions are per row, so each row still
+        computes what it would alone."""
+        new = KVCacheDecoder(self.model, self.block_size)
+        logits = new.start(rows)
+        width = max(self.valid.shape[1], new.valid.shape[1])
+        self.cache = [(torch.cat([left_pad(k0, width, 2), left_pad(k1, width, 2)]),
+                       torch.cat([left_pad(v0, width, 2), left_pad(v1, width, 2)]))
+                      for (k0, v0), (k1, v1) in zip(self.cache, new.cache)]
+        self.valid = torch.cat([left_pad(self.valid, width, 1), left_pad(new.valid, width, 1)])
+        self.next_pos = torch.cat([self.next_pos, new.next_pos])
+        self.ctx += new.ctx
+        return logits
 
 
 class RecomputeDecoder:
@@ -489,6 +531,13 @@ class RecomputeDecoder:
         for c, t in zip(self.ctx, tokens):
             c.append(int(t))
         return self._logits()
+
+    def join(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Add rows to the running batch; their next-token logits (n, V)."""
+        new = RecomputeDecoder(self.pred)
+        logits = new.start(rows)
+        self.ctx += new.ctx
+        return logits
 
     def _logits(self) -> np.ndarray:
         if isinstance(self.pred, TextPredictor):
@@ -517,6 +566,7 @@ class HFCacheDecoder:
     """
 
     def __init__(self, pred: "TextPredictor"):
+        self.pred = pred
         self.model = pred._torch_model
         self.pad_id = pred.tokenizer.pad_token_id if pred.tokenizer.pad_token_id is not None else 0
 
@@ -547,19 +597,67 @@ class HFCacheDecoder:
             self.mask, self.next_pos = self.mask.index_select(0, sel), self.next_pos.index_select(0, sel)
             if self.adapters is not None:
                 self.adapters = [self.adapters[i] for i in keep]
+            cut = leading_padding(self.mask)
+            if cut:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+                self.mask = self.mask[:, cut:]
         self.mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=torch.long)], dim=1)
         logits = self._forward(torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(-1, 1), self.next_pos.view(-1, 1))
         self.next_pos = self.next_pos + 1
+        return logits
+
+    def join(self, rows: list[np.ndarray], adapters: list[str | None] | None = None) -> np.ndarray:
+        """Add rows to the running batch (continuous batching): prefilled on their own, then each
+        layer's keys and values left-padded to one width and stacked under the batch's in a new
+        `DynamicCache`; their next-token logits (n, V). Padding keys are masked and positions are
+        per row, so each row still computes what it would alone."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        new = HFCacheDecoder(self.pred)
+        logits = new.start(rows, adapters)
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        for layer in (*self.cache.layers, *new.cache.layers):
+            if type(layer) is not DynamicLayer:  # a sliding-window layer drops keys: left padding would not line up
+                raise ValueError(f"rows can join a running batch through full-attention cache layers only, not {type(layer).__name__}")
+        self.cache = DynamicCache([
+            (torch.cat([left_pad(a.keys, width, 2), left_pad(b.keys, width, 2)]),
+             torch.cat([left_pad(a.values, width, 2), left_pad(b.values, width, 2)]))
+            for a, b in zip(self.cache.layers, new.cache.layers)])
+        self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(new.mask, width, 1)])
+        self.next_pos = torch.cat([self.next_pos, new.next_pos])
+        if self.adapters is not None or new.adapters is not None:
+            old_rows = self.adapters if self.adapters is not None else [None] * (len(self.next_pos) - len(rows))
+            self.adapters = old_rows + (new.adapters if new.adapters is not None else [None] * len(rows))
         return logits
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
         from app.models.adapters import row_adapters
 
         with torch.inference_mode(), row_adapters(self.adapters):
-            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+            out = self.model(input_ids=ids, attention_mask=self._attention_mask(ids.shape[1]), position_ids=positions,
                              past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         return out.logits[:, -1].float().numpy()
+
+
+    def _attention_mask(self, n_new: int) -> torch.Tensor:
+        """The mask handed to the model: for SDPA and eager attention the (B, 1, n_new, S) mask built
+        here (`decode_mask`: real keys at or before each query, and the query itself), else the
+        (B, S) padding mask. Why not always the 2D mask: from a padded 2D mask transformers 4.57
+        builds the 4D one through `torch.vmap` every forward pass, measured at 80-90 ms of a 150 ms
+        decode step of a 4-layer, 256-wide Llama on one CPU thread; a 4D mask is used as given."""
+        from app.models.gpt import decode_mask
+
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            return self.mask
+        allowed = decode_mask(self.mask.bool(), n_new)  # (B, 1, T, S) bool, True = attend
+        if impl == "sdpa":
+            return allowed
+        dtype = next(self.model.parameters()).dtype  # eager adds the mask to the scores
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def make_decoder(pred: "Predictor | TextPredictor", use_kv_cache: bool | None = None):
@@ -584,40 +682,26 @@ def generate_steps(
     contains one of its stop strings; that last token is yielded). Rows that are done leave the
     batch (their cache rows are dropped). `adapters`: each row's LoRA adapter (torch hf causal
     LMs; None: the base model)."""
+    from app.decode_batch import DecodeSequence, RunningBatch  # it builds on this module's decoders
+
     if len(rows) != len(params):
         raise ValueError(f"{len(rows)} rows but {len(params)} sampling params")
-    if not rows:
-        return
-    decoder = make_decoder(pred, use_kv_cache)
-    if adapters is not None and any(a is not None for a in adapters) and not isinstance(decoder, HFCacheDecoder):
-        raise ValueError(f"LoRA adapters need a torch hf causal LM; backend {pred.backend!r} has none")
-    rngs = [np.random.default_rng(p.seed) for p in params]
-    made: list[list[int]] = [[] for _ in rows]
-    active = [i for i, p in enumerate(params) if p.max_new_tokens > 0]
-    if not active:
-        return
-    if isinstance(decoder, HFCacheDecoder):
-        logits = decoder.start([rows[i] for i in active], None if adapters is None else [adapters[i] for i in active])
-    else:
-        logits = decoder.start([rows[i] for i in active])
-
-    def done(i: int) -> bool:
-        p = params[i]
-        return (len(made[i]) >= p.max_new_tokens or made[i][-1] in pred.stop_ids
-                or (bool(p.stop) and find_stop(pred.token_text(made[i]), p.stop) is not None))
-
+    seqs = [DecodeSequence(np.asarray(r), p, None if adapters is None else adapters[i])
+            for i, (r, p) in enumerate(zip(rows, params))]
+    batch = RunningBatch(pred, use_kv_cache)
+    joining = seqs
     while True:
-        tokens = [next_token(logits[j], params[i], rngs[i]) for j, i in enumerate(active)]
-        out: list[int | None] = [None] * len(rows)
-        for i, t in zip(active, tokens):
-            out[i] = t
-            made[i].append(t)
-        yield out
-        keep = [j for j, i in enumerate(active) if not done(i)]
-        if not keep:
+        stepped = batch.step(joining)
+        joining = []
+        if not stepped:
             return
-        active = [active[j] for j in keep]
-        logits = decoder.step(np.asarray([tokens[j] for j in keep], dtype=np.int64), np.asarray(keep))
+        failed = next((s.error for s in stepped if s.error is not None), None)
+        if failed is not None:
+            raise failed
+        made = {id(s): s.tokens[-1] for s in stepped}
+        yield [made.get(id(s)) for s in seqs]
+        if not batch.live:
+            return
 
 
 def generate_tokens(

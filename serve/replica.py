@@ -6,22 +6,22 @@ that owns the loaded version); the ingress and deploy code live in `serve/ingres
 `serve/deploy.py`.
 
 Read top to bottom:
-1. plain batch functions (`run_classify_batch`, `run_lm_batch`, `generation_events`), testable
+1. plain batch functions (`run_classify_batch`, `run_lm_batch`, `run_text_batch`), testable
    without Serve;
 2. `BatchedModelServer`: resolves a registry version ref, loads it, runs batches. Batch size,
    batch wait and the version ref live in `user_config`, so `reconfigure` changes them live;
    an alias ref is also re-resolved every `alias_poll_interval_s` (poll, not push: the registry
    does not know who serves its versions), and a moved alias is hot-swapped: load new ->
    switch -> drop old, while the old version keeps answering. A batch takes one snapshot of the
-   loaded version, so a swap never mixes versions within a batch.
+   loaded version, so a swap never mixes versions within a batch (generation: each loaded
+   version has its own decode loop, the old one finishing what it runs).
 
 `hf` text models (embedding, sequence_classification) answer `embed` / `classify_texts`: the
 replica tokenizes with the model folder's own tokenizer (refusing a text over the token limit
 unless the request asks to truncate) and the `text` queue runs every text of the batch's
 requests together, in sub-batches of similar length each padded to its longest member.
 An `hf` causal LM answers `score` / `generate` / `generate_stream` as the built-in GPT does,
-through the same queues and decode loop (`app.inference.generate_steps`), on its tokenizer's
-ids: a prompt over the token limit is refused, a generation ends at an end-of-sequence id, and
+through the same `lm` queue and decode loop, on its tokenizer's ids: a prompt over the token limit is refused, a generation ends at an end-of-sequence id, and
 streamed events carry each token's text (`TokenPieces`) instead of a bare byte id.
 
 Generation also takes `top_p`, stop strings (a row ends at the token completing one; the answer's
@@ -31,12 +31,13 @@ evicts the least recently used one past `max_adapters`. Rows of different adapte
 base) share a batch: peft's mixed-batch LoRA applies each row's own adapter, and each row's KV
 cache entries are computed with it, so no batch is split per adapter.
 
-Batching: five `@serve.batch` queues: `predict` (classifiers), `text` (hf embed / classify), `lm` (scoring), `generate_full`
-(generation answered in one piece: the whole decode loop in one thread hop) and
-`generate_batch` (streamed generation: an async generator yielding one decode step for every
-sequence of the batch, so tokens stream out as they are made). A request that finds its
-replica idle (nothing else in flight) skips the queue and runs at once: waiting
-`batch_wait_timeout_s` for company that is not coming would only add latency.
+Batching: three `@serve.batch` queues: `predict` (classifiers), `text` (hf embed / classify)
+and `lm` (scoring). A request that finds its replica idle (nothing else in flight) skips the
+queue and runs at once: waiting `batch_wait_timeout_s` for company that is not coming would
+only add latency. Generation (`generate`, answered in one piece, and `generate_stream`) is
+batched continuously instead (`serve/decode_loop.py`): one decode loop per loaded version owns
+the running batch, a request joins it at the next decode step (up to `max_batch_size`
+sequences) and leaves it as soon as it is done, so nobody waits for a longer generation.
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ from app.inference import (
     TextPredictor,
     TokenLimitError,
     classify,
-    generate_steps,
     generate_text,
-    generate_tokens,
     load_predictor,
     score_text,
 )
+from app.decode_batch import DecodeSequence
 from app.models.adapters import AdapterError, AdapterSet, registered_adapter_folder
 from app.stop_strings import find_stop
+from serve.decode_loop import DecodeLoop, DecodeStats
 from serve.protocol import ModelRequestError, ModelServerError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class LMRequest:
 
 @dataclass
 class GenerateItem:
-    """One generation request inside a batch."""
+    """One validated generation request (what the decode loop runs as a `DecodeSequence`)."""
 
     row: np.ndarray  # (T,) int64 prompt byte ids
     params: SamplingParams
@@ -227,23 +228,6 @@ def finish_reason(pred: Predictor | TextPredictor, tokens: list[int]) -> str:
     return "stop" if tokens and tokens[-1] in pred.stop_ids else "length"
 
 
-@contextlib.contextmanager
-def pinned_adapters(adapters: AdapterSet | None, items: list[GenerateItem]):
-    """The adapters `items` use, loaded and pinned (not evictable) while the block runs."""
-    used = sorted({i.adapter for i in items if i.adapter is not None})
-    if used and adapters is None:
-        raise AdapterError(f"adapters {used} asked for, but this model serves none")
-    taken = []
-    try:
-        for name in used:
-            adapters.acquire(name)
-            taken.append(name)
-        yield
-    finally:
-        for name in taken:
-            adapters.release(name)
-
-
 def generated(pred: Predictor | TextPredictor, tokens: list[int], params: SamplingParams) -> tuple[str, str]:
     """(text, finish_reason) of one finished generation: the text cut before a stop string
     (finish_reason 'stop'), 'stop' also at an end-of-sequence token, else 'length'."""
@@ -315,8 +299,8 @@ def run_lm_batch(pred: Predictor, requests: list[LMRequest]) -> list[list]:
     """Per request, per row: a score dict (`score`) or the list of generated byte ids (`generate`).
 
     Each (op, length, max_new_tokens) group runs as one numpy batch, without padding. The
-    server scores through here; it generates through `generation_events` (KV cache, padding,
-    streaming). A score whose NLL is not finite comes back as {"error": ...}.
+    server scores through here; it generates through its decode loop (`serve/decode_loop.py`:
+    KV cache, continuous batching, streaming). A score whose NLL is not finite comes back as {"error": ...}.
     """
     out: list[list] = [[None] * len(r.rows) for r in requests]
     for (op, _length, max_new), members in group_lm_rows(requests).items():
@@ -456,7 +440,9 @@ class BatchedModelServer:
         self._poll_error: str | None = None
         self._swaps = 0
         self._inflight = 0
-        self._gates = {name: BatchGate() for name in ("predict", "text", "lm", "generate", "generate_stream")}
+        self._gates = {name: BatchGate() for name in ("predict", "text", "lm")}
+        self._decode: tuple[LoadedVersion, DecodeLoop] | None = None
+        self._decode_stats = DecodeStats()
         self._stats = BatchStats()
         self._batch_hist = telemetry.histogram(
             telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "method")
@@ -481,7 +467,7 @@ class BatchedModelServer:
         except BaseException:
             self._target_ref = previous
             raise
-        for method in (self.predict, self.text, self.lm, self.generate_full, self.generate_batch):
+        for method in (self.predict, self.text, self.lm):
             method.set_max_batch_size(settings.max_batch_size)
             method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._settings = settings
@@ -650,70 +636,41 @@ class BatchedModelServer:
     async def lm(self, requests: list[LMRequest]) -> list[dict]:
         return await self._lm_batch(requests)
 
-    async def _generate_batch(self, items: list[GenerateItem], gated: bool = True) -> AsyncIterator[list]:
-        """First a header per item ({version, backend}), then one list per decode step: each
-        item's new byte id, or StopIteration once it is done (Serve's end-of-stream sentinel)."""
+    # ---- generation: continuous batching (serve/decode_loop.py), one decode loop per loaded version
+
+    def _decode_loop(self) -> tuple[LoadedVersion, DecodeLoop]:
+        """The loaded version and its decode loop (a hot swap starts a new loop; the old one
+        finishes what it runs)."""
         loaded = self._current()
-        self._record_batch("generate_stream", [i.enqueued for i in items], unqueued=not gated)
-        yield [{"version": loaded.version, "backend": loaded.backend, "route": self._route}] * len(items)
-        pred = loaded.predictor
-        adapters = [i.adapter for i in items] if any(i.adapter for i in items) else None
-        steps = generate_steps(pred, [i.row for i in items], [i.params for i in items], adapters=adapters)
-        # the built-in GPT streams byte ids (the ingress decodes UTF-8); an hf causal LM streams
-        # {token, text, stop}, decoded here with the folder's tokenizer
-        pieces = [TokenPieces(pred) for _ in items] if isinstance(pred, TextPredictor) else None
-        pins = pinned_adapters(loaded.adapters, items)
-        with self._gate("generate_stream", gated):
-            await asyncio.to_thread(pins.__enter__)  # may load an adapter (disk, peft)
-            try:
-                while True:
-                    step = await asyncio.to_thread(next, steps, None)  # one decode step for every active row
-                    if step is None:
-                        return
-                    self._tokens.inc(sum(t is not None for t in step), tags={"model": self.model, "route": self._route})
-                    yield [StopIteration if t is None else t if pieces is None else pieces[i].add(t)
-                           for i, t in enumerate(step)]
-            finally:
-                pins.__exit__(None, None, None)
+        if self._decode is None or self._decode[0] is not loaded:
+            self._decode = (loaded, DecodeLoop(loaded.predictor, loaded.adapters, self._decode_batch_cap,
+                                               self._decode_stats, self._on_decode_step))
+        return self._decode
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, items: list[GenerateItem]) -> AsyncIterator[list]:
-        """Streaming generation: tokens are handed out step by step."""
-        async for out in self._generate_batch(items):
-            yield out
+    def _decode_batch_cap(self) -> int:
+        self._check_batch_cap()
+        settings = self._settings
+        cap = self._batch_cap(settings) if settings is not None else {}
+        return cap.get("effective_max_batch_size", settings.max_batch_size if settings is not None else 16)
 
-    async def _generate_full_batch(self, items: list[GenerateItem], gated: bool = True) -> list[dict]:
-        """Non-streaming generation: the same decode loop, run to the end in one thread hop (nobody
-        sees a token before the last one, and per-token hand-offs cost CPU the batch needs)."""
-        loaded = self._current()
-        self._record_batch("generate", [i.enqueued for i in items], unqueued=not gated)
-        adapters = [i.adapter for i in items] if any(i.adapter for i in items) else None
+    def _on_decode_step(self, stepped: list[DecodeSequence], admitted: list) -> None:
+        """Metrics of one decode step: the admissions per entry point (a batch formed: its size
+        and each request's queue wait), the step's running batch size and its new tokens."""
+        for kind in ("generate", "generate_stream"):
+            mine = [r.enqueued for r in admitted if r.kind == kind]
+            if mine:
+                self._record_batch(kind, mine, unqueued=False)
+        if stepped:
+            self._batch_hist.observe(len(stepped), tags={"model": self.model, "method": "decode_step"})
+            self._tokens.inc(sum(s.error is None for s in stepped), tags={"model": self.model, "route": self._route})
 
-        def run() -> list[list[int]]:
-            with pinned_adapters(loaded.adapters, items):
-                return generate_tokens(loaded.predictor, [i.row for i in items], [i.params for i in items],
-                                       adapters=adapters)
-
+    async def _generate_tokens(self, loop: DecodeLoop, seq: DecodeSequence, kind: str, enqueued: float) -> AsyncIterator[int]:
+        self._inflight += 1
         try:
-            with self._gate("generate", gated):
-                tokens = await asyncio.to_thread(run)
-        except NonFiniteOutputError:
-            return [ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()] * len(items)
-        except AdapterError as err:
-            return [ModelServerError(500, str(err), loaded.version, loaded.backend).as_failure()] * len(items)
-        self._tokens.inc(sum(map(len, tokens)), tags={"model": self.model, "route": self._route})
-        pred = loaded.predictor
-        out = []
-        for item, t in zip(items, tokens):
-            text, finish = generated(pred, t, item.params)
-            out.append({"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": t,
-                        "text": text, "finish_reason": finish, "prompt_tokens": len(item.row), "adapter": item.adapter,
-                        "batch_size": len(items)})
-        return out
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate_full(self, items: list[GenerateItem]) -> list[dict]:
-        return await self._generate_full_batch(items)
+            async for token in loop.tokens(seq, kind, enqueued):
+                yield token
+        finally:
+            self._inflight -= 1
 
     def _tag(self, loaded: LoadedVersion, result: dict, batch_size: int) -> dict:
         if "error" in result:
@@ -734,21 +691,6 @@ class BatchedModelServer:
                 return (await direct([request], gated=False))[0]
             await self._gates[gate].admit()
             return await batched(request)
-        finally:
-            self._inflight -= 1
-
-    async def _token_events(self, item: GenerateItem) -> AsyncIterator:
-        self._inflight += 1
-        try:
-            if self._inflight == 1:
-                async for out in self._generate_batch([item], gated=False):
-                    if out[0] is StopIteration:
-                        return
-                    yield out[0]
-            else:
-                await self._gates["generate_stream"].admit()
-                async for event in self.generate_batch(item):
-                    yield event
         finally:
             self._inflight -= 1
 
@@ -887,7 +829,18 @@ class BatchedModelServer:
             await self._load_adapter(item)
         except (ModelRequestError, ModelServerError) as err:
             return err.as_refusal() if isinstance(err, ModelRequestError) else err.as_failure()
-        return await self._run(self._generate_full_batch, self.generate_full, "generate", item)
+        loaded, loop = self._decode_loop()
+        seq = DecodeSequence(item.row, item.params, item.adapter)
+        try:
+            tokens = [t async for t in self._generate_tokens(loop, seq, "generate", item.enqueued)]
+        except NonFiniteOutputError:
+            return ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()
+        except AdapterError as err:
+            return ModelServerError(500, str(err), loaded.version, loaded.backend).as_failure()
+        text, finish = generated(loaded.predictor, tokens, item.params)
+        return {"version": loaded.version, "backend": loaded.backend, "route": self._route, "tokens": tokens,
+                "text": text, "finish_reason": finish, "prompt_tokens": len(item.row), "adapter": item.adapter,
+                "batch_size": seq.batch_size}
 
     async def generate_stream(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                               seed: int | None = None, top_p: float = 1.0, stop: list[str] | None = None,
@@ -903,16 +856,19 @@ class BatchedModelServer:
         except (ModelRequestError, ModelServerError) as err:
             yield err.as_refusal() if isinstance(err, ModelRequestError) else err.as_failure()
             return
-        head: dict = {}
+        loaded, loop = self._decode_loop()
+        yield {"version": loaded.version, "backend": loaded.backend, "route": self._route, "prompt_tokens": len(item.row)}
+        # the built-in GPT streams byte ids (the ingress decodes UTF-8); an hf causal LM streams
+        # {token, text, stop}, decoded here with the folder's tokenizer
+        pieces = TokenPieces(loaded.predictor) if isinstance(loaded.predictor, TextPredictor) else None
+        seq = DecodeSequence(item.row, item.params, item.adapter)
         try:
-            async for event in self._token_events(item):
-                if isinstance(event, dict) and "version" in event:
-                    head = event = {**event, "prompt_tokens": len(item.row)}
-                yield event
+            async for token in self._generate_tokens(loop, seq, "generate_stream", item.enqueued):
+                yield token if pieces is None else pieces.add(token)
         except NonFiniteOutputError:
-            yield ModelServerError(500, NON_FINITE, head.get("version"), head.get("backend")).as_failure()
+            yield ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()
         except AdapterError as err:
-            yield ModelServerError(500, str(err), head.get("version"), head.get("backend")).as_failure()
+            yield ModelServerError(500, str(err), loaded.version, loaded.backend).as_failure()
 
     async def info(self) -> dict:
         """What /api/v1/models lists for this route."""
@@ -941,5 +897,6 @@ class BatchedModelServer:
         return {
             **self._stats.snapshot(), "version": loaded.version, "backend": loaded.backend, "route": self._route,
             "swaps": self._swaps, "alias_poll_error": self._poll_error, "inflight": self._inflight,
+            "decode": self._decode_stats.snapshot(),
             "replica": serve.get_replica_context().replica_id.unique_id,
         }

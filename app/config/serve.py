@@ -92,9 +92,9 @@ class ServedModel(Section):
     backend: ArtifactFormat | None = None
     """Expected backend of the version; when set, serving refuses a version of another format."""
     max_batch_size: int = Field(16, ge=1, le=1024)
-    """Largest dynamic batch (live-reconfigurable through `user_config`)."""
+    """Largest dynamic batch (live-reconfigurable through `user_config`); for generation, the most sequences decoding together in a replica's running batch (a request joins it at the next decode step)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
-    """How long a batch waits for more requests after the first (live-reconfigurable). A request that finds its replica idle skips the wait."""
+    """How long a batch waits for more requests after the first (live-reconfigurable). A request that finds its replica idle skips the wait. Generation never waits: it is batched continuously."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests a replica accepts at once; must be >= max_batch_size or batches are silently capped."""
     max_queued_requests: int = Field(64, ge=1)

@@ -86,3 +86,44 @@ def test_pickled_adapter_weights_are_refused(lm, tmp_path):
         check_adapter_folder(folder, "x")
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         check_adapter_folder(tmp_path, "y")
+
+
+def test_adapter_rows_joining_a_running_batch_equal_each_merged_model_and_are_unpinned_after(lm):
+    """Continuous batching with LoRA: a base row decodes, rows of two adapters join it at later
+    steps (serve's decode loop); each row still makes its own merged model's greedy tokens, and
+    once they are done no adapter stays pinned."""
+    import asyncio
+
+    from app.decode_batch import DecodeSequence
+    from serve.decode_loop import DecodeLoop
+
+    pred = load_predictor(lm["artifact"])
+    adapters = AdapterSet(pred._torch_model, lm["adapters"], max_loaded=4)
+    rows = [np.asarray(pred.tokenize(p)) for p in PROMPTS[:3]]
+    names = [None, "a1", "a2"]
+    seqs = [DecodeSequence(r, SamplingParams(MAX_NEW), n) for r, n in zip(rows, names)]
+    loop = DecodeLoop(pred, adapters, lambda: 8)
+
+    async def scenario():
+        outs = [[], [], []]
+
+        async def collect(i, delay_tokens):
+            if delay_tokens:  # join once the base row has made this many tokens
+                while len(seqs[0].tokens) < delay_tokens:
+                    await asyncio.sleep(0.001)
+            async for t in loop.tokens(seqs[i], "generate", 0.0):
+                outs[i].append(t)
+
+        await asyncio.gather(collect(0, 0), collect(1, 1), collect(2, 2))
+        return outs
+
+    outs = asyncio.run(scenario())
+    from transformers import AutoModelForCausalLM
+
+    reference = {None: AutoModelForCausalLM.from_pretrained(lm["folder"], local_files_only=True).eval(),
+                 "a1": merged_lora_model(lm["folder"], lm["adapters"]["a1"]),
+                 "a2": merged_lora_model(lm["folder"], lm["adapters"]["a2"])}
+    assert outs == [greedy_ids(reference[n], [int(t) for t in r], MAX_NEW) for n, r in zip(names, rows)]
+    assert [s.joined_step for s in seqs][0] == 0 and 0 < seqs[1].joined_step <= seqs[2].joined_step < MAX_NEW
+    assert adapters.pins == {} and set(adapters.loaded) == {"a1", "a2"}
+    assert loop._task is None and len(loop._batch) == 0
