@@ -233,9 +233,16 @@ def test_training_job_submit_progress_stop(api, app_cfg, keys, tmp_path):
     _error(api.post("/training/jobs", json={"config": config}), 401, "401_0001")
     assert _submissions(jobs) == before
 
-    # right after the cluster starts its dashboard agent may not take jobs yet: a 503 to retry
-    resp = wait_for(lambda: (r := api.post("/training/jobs", json={"verb": "train", "config": config}, headers=dev))
-                    .status_code != 503 and r, "the Jobs API to take a job", deadline_s=60, interval_s=2)
+    # right after the cluster starts its dashboard agent may not take jobs yet (a minute or more on
+    # a busy 2-core machine): a 503 to retry
+    last: dict = {}
+
+    def submitted():
+        last["response"] = r = api.post("/training/jobs", json={"verb": "train", "config": config}, headers=dev)
+        return r.status_code != 503 and r
+
+    resp = wait_for(submitted, lambda: f"the Jobs API to take a job (last answer: {getattr(last.get('response'), 'text', '')[:300]})",
+                    deadline_s=240, interval_s=3)
     assert resp.status_code == 201, resp.text
     job = resp.json()
     assert job["name"] == "cp-digits" and job["verb"] == "train" and job["job_id"]
