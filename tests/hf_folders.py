@@ -174,3 +174,49 @@ def tiny_chat_llama(folder: Path, words: list[str], *, chat_template: str | None
                          tie_word_embeddings=True, initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def tiny_llama_artifact(root: Path) -> tuple[str, object]:
+    """(torch_fp32 artifact folder, the transformers model saved into it): a 2-layer Llama from
+    `tiny_llama` at initializer_range 0.5 (greedy tokens vary with the context), as `train` would
+    register it on a text file of sentiment lines."""
+    from app.artifacts import save_fp32
+    from app.config.jobs import parse_config
+    from app.models import build_model
+
+    text = root / "lines.txt"
+    text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(40)))
+    job = parse_config("train", {
+        "name": "lm", "model": {"kind": "hf", "path": str(tiny_llama(root / "llama", initializer_range=0.5)), "task": "causal_lm"},
+        "data": {"kind": "text", "path": str(text), "max_length": 16, "val_fraction": 0.3}})
+    torch.manual_seed(0)
+    model = build_model(job.model).eval()
+    return str(save_fp32(root / "fp32", model, job)), model
+
+
+SWAP_WORDS = "red blue green gold pink gray black white cat dog cow pig hen fox owl bee".split()
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def swap_words_job(root: Path, name: str = "swap", **train):
+    """A LoRA job (TrainJob) on a word-swap chat task a tiny model learns in 200 steps: a tiny chat
+    Llama over SWAP_WORDS (initializer_range 0.2) and every ordered pair "a b" -> "b a" as JSONL in
+    `root` (written once), adapters on every projection; `train` overrides the train section."""
+    import itertools
+    import json
+
+    from app.config.jobs import TrainJob
+
+    folder = root / "llama"
+    if not folder.exists():
+        tiny_chat_llama(folder, SWAP_WORDS, initializer_range=0.2)
+        rows = [{"messages": [{"role": "user", "content": f"{a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}]}
+                for a, b in itertools.permutations(SWAP_WORDS, 2)]
+        (root / "swap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return TrainJob.model_validate({
+        "name": name, "storage_path": str(root / "runs"),
+        "model": {"kind": "hf", "path": str(folder), "task": "causal_lm"},
+        "data": {"kind": "jsonl", "path": str(root / "swap.jsonl"), "format": "instructions", "max_length": 16,
+                 "val_fraction": 0.2},
+        "train": {"num_workers": 1, "steps": 200, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "finetune": "lora",
+                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LLAMA_PROJECTIONS}, **train}})

@@ -16,17 +16,15 @@ process group, and stepped with the worker loop's batches.
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+from hf_folders import swap_words_job
 
-WORDS = "red blue green gold pink gray black white cat dog cow pig hen fox owl bee".split()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")
@@ -119,26 +117,6 @@ def test_gpt_bf16_logits_on_cuda_equal_cpu_fp32(tmp_path):
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
 
 
-def _qlora_job(tmp_path: Path):
-    from app.config.jobs import TrainJob
-    from hf_folders import tiny_chat_llama
-
-    folder = tmp_path / "llama"
-    tiny_chat_llama(folder, WORDS, initializer_range=0.2)
-    rows = [{"messages": [{"role": "user", "content": f"{a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}]}
-            for a, b in itertools.permutations(WORDS, 2)]
-    (tmp_path / "swap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return TrainJob.model_validate({
-        "name": "swap-qlora", "storage_path": str(tmp_path / "runs"),
-        "model": {"kind": "hf", "path": str(folder), "task": "causal_lm"},
-        "data": {"kind": "jsonl", "path": str(tmp_path / "swap.jsonl"), "format": "instructions", "max_length": 16,
-                 "val_fraction": 0.2},
-        "train": {"num_workers": 1, "use_gpu": True, "steps": 200, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5,
-                  "finetune": "qlora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
-                                                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                   "up_proj", "down_proj"]}}})
-
-
 def _exact_match(model, data, device) -> float:
     hits = 0
     model.eval()
@@ -158,7 +136,7 @@ def test_qlora_trains_adapters_over_a_4bit_base(nccl, tmp_path):
     from app.data import build_data
     from app.models.lora import adapter_state, save_adapter
 
-    job = _qlora_job(tmp_path)
+    job = swap_words_job(tmp_path, name="swap-qlora", use_gpu=True, finetune="qlora")
     data = build_data(job.data, job.model)
     losses, strategy = _train(job, nccl, steps=0)  # built, not stepped: the untrained adapter
     model = strategy.module

@@ -18,12 +18,12 @@ import torch
 
 from app.artifacts import save_fp32
 from app.config.data import DataConfig
-from app.config.jobs import TrainJob, parse_config
+from app.config.jobs import TrainJob
 from app.config.model import GPTConfig
 from app.decode_batch import DecodeSequence, RunningBatch
 from app.inference import SamplingParams, generate_text, generate_tokens, load_predictor
 from app.models import build_model
-from hf_folders import sentiment_rows, tiny_llama
+from hf_folders import tiny_llama_artifact
 from serve.decode_loop import DecodeLoop
 
 # greedy alone, this Llama makes 24+, 6, 16, 8, 7 and 2 tokens for these (the others end at eos)
@@ -34,15 +34,8 @@ GPT_BLOCK = 32
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """(TextPredictor of a tiny random Llama's torch_fp32 artifact, the transformers model)."""
-    root = tmp_path_factory.mktemp("cb-llama")
-    text = root / "lines.txt"
-    text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(40)))
-    job = parse_config("train", {
-        "name": "lm", "model": {"kind": "hf", "path": str(tiny_llama(root / "llama", initializer_range=0.5)), "task": "causal_lm"},
-        "data": {"kind": "text", "path": str(text), "max_length": 16, "val_fraction": 0.3}})
-    torch.manual_seed(0)
-    model = build_model(job.model).eval()
-    return load_predictor(str(save_fp32(root / "fp32", model, job))), model
+    folder, model = tiny_llama_artifact(tmp_path_factory.mktemp("cb-llama"))
+    return load_predictor(folder), model
 
 
 @pytest.fixture(scope="module")

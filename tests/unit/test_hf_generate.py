@@ -14,11 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.artifacts import save_fp32
-from app.config.jobs import parse_config
 from app.inference import SamplingParams, generate_steps, generate_tokens, load_predictor
-from app.models import build_model
-from hf_folders import sentiment_rows, tiny_llama
+from hf_folders import tiny_llama_artifact
 from serve.replica import LMRequest, run_lm_batch
 
 PROMPTS = ["the cat", "a dog ran fast on the mat", "red", "the big house sat on a small tree", "blue mat"]
@@ -27,15 +24,7 @@ PROMPTS = ["the cat", "a dog ran fast on the mat", "red", "the big house sat on 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     """(torch_fp32 artifact folder, the transformers model it was saved from)."""
-    root = tmp_path_factory.mktemp("hf-generate")
-    text = root / "lines.txt"
-    text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(40)))
-    job = parse_config("train", {
-        "name": "lm", "model": {"kind": "hf", "path": str(tiny_llama(root / "llama", initializer_range=0.5)), "task": "causal_lm"},
-        "data": {"kind": "text", "path": str(text), "max_length": 16, "val_fraction": 0.3}})
-    torch.manual_seed(0)
-    model = build_model(job.model).eval()
-    return str(save_fp32(root / "fp32", model, job)), model
+    return tiny_llama_artifact(tmp_path_factory.mktemp("hf-generate"))
 
 
 @pytest.fixture(scope="module")

@@ -11,34 +11,19 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.config.jobs import TrainJob
-from hf_folders import tiny_chat_llama
+from hf_folders import LLAMA_PROJECTIONS, swap_words_job
 
-WORDS = "red blue green gold pink gray black white cat dog cow pig hen fox owl bee".split()
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 
 
 def _job(tmp_path: Path, **train) -> TrainJob:
-    folder = tmp_path / "llama"
-    if not folder.exists():
-        tiny_chat_llama(folder, WORDS, initializer_range=0.2)
-        rows = [{"messages": [{"role": "user", "content": f"{a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}]}
-                for a, b in itertools.permutations(WORDS, 2)]
-        (tmp_path / "swap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return TrainJob.model_validate({
-        "name": "swap", "storage_path": str(tmp_path / "runs"),
-        "model": {"kind": "hf", "path": str(folder), "task": "causal_lm"},
-        "data": {"kind": "jsonl", "path": str(tmp_path / "swap.jsonl"), "format": "instructions", "max_length": 16,
-                 "val_fraction": 0.2},
-        "train": {"num_workers": 1, "steps": 200, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "finetune": "lora",
-                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS}, **train}})
+    return swap_words_job(tmp_path, **train)
 
 
 def _setup(job: TrainJob):
