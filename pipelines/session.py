@@ -80,7 +80,6 @@ class LocalSession:
         self.use_gpu = use_gpu
         self.on_report = on_report
         self.latest_metrics: dict | None = None
-        self.latest_checkpoint: Path | None = None
 
     def rank_and_world(self) -> tuple[int, int]:
         return 0, 1
@@ -115,7 +114,7 @@ class LocalSession:
             partial.rename(target)
             for old in self.checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-            self.latest_checkpoint = path = target
+            path = target
         self.latest_metrics = dict(metrics)
         if self.on_report is not None:
             self.on_report(dict(metrics), str(path) if path else None)
