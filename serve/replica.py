@@ -445,10 +445,10 @@ class BatchedModelServer:
         self._decode_stats = DecodeStats()
         self._stats = BatchStats()
         self._batch_hist = telemetry.histogram(
-            telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "method")
+            telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "app", "method")
         )
         self._wait_hist = telemetry.histogram(
-            telemetry.SERVE_QUEUE_WAIT_MS, tuple(telemetry.LATENCY_BOUNDARIES_MS), ("model", "route", "method")
+            telemetry.SERVE_QUEUE_WAIT_MS, tuple(telemetry.LATENCY_BOUNDARIES_MS), ("model", "app", "route", "method")
         )
         self._tokens = telemetry.counter(telemetry.SERVE_GENERATED_TOKENS, ("model", "route"))
         self._version_gauge = telemetry.gauge(telemetry.SERVE_SERVED_VERSION, ("model", "route"))
@@ -553,6 +553,15 @@ class BatchedModelServer:
         return self._loaded
 
     @property
+    def _app(self) -> str:
+        """The Serve application this replica belongs to: two applications may serve the same
+        model, and their batches are told apart by this tag ("-" outside a replica)."""
+        try:
+            return serve.get_replica_context().app_name or "-"
+        except Exception:  # not in a replica (unit tests)
+            return "-"
+
+    @property
     def _route(self) -> str:
         return self._settings.version if self._settings else "-"
 
@@ -592,9 +601,11 @@ class BatchedModelServer:
         self._check_batch_cap()
         now = time.perf_counter()
         self._stats.record(len(enqueued), method, unqueued)
-        self._batch_hist.observe(len(enqueued), tags={"model": self.model, "method": method})
+        self._batch_hist.observe(len(enqueued), tags={"model": self.model, "app": self._app, "method": method})
         for t in enqueued:
-            self._wait_hist.observe((now - t) * 1000, tags={"model": self.model, "route": self._route, "method": method})
+            self._wait_hist.observe(
+                (now - t) * 1000, tags={"model": self.model, "app": self._app, "route": self._route, "method": method}
+            )
 
     # ---- batched methods: a list of requests in, a list of results out (same order)
 
@@ -661,7 +672,7 @@ class BatchedModelServer:
             if mine:
                 self._record_batch(kind, mine, unqueued=False)
         if stepped:
-            self._batch_hist.observe(len(stepped), tags={"model": self.model, "method": "decode_step"})
+            self._batch_hist.observe(len(stepped), tags={"model": self.model, "app": self._app, "method": "decode_step"})
             self._tokens.inc(sum(s.error is None for s in stepped), tags={"model": self.model, "route": self._route})
 
     async def _generate_tokens(self, loop: DecodeLoop, seq: DecodeSequence, kind: str, enqueued: float) -> AsyncIterator[int]:

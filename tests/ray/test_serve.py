@@ -401,7 +401,9 @@ def test_batch_size_and_queue_wait_histograms_reach_prometheus(base_url, app_cfg
     want["+Inf"] = sum(predict.values())
     node = ray._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
-    tags = {"model": "digits", "method": "predict"}
+    # Only this module's application: a test or module before it may have served "digits" from
+    # another application, whose series stay on the endpoint for a while after it is deleted.
+    tags = {"model": "digits", "app": app_cfg.serve.app_name, "method": "predict"}
     seen: dict = {}
 
     def exported():
