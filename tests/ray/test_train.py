@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -61,22 +60,3 @@ def test_resume_with_another_model_config_is_refused(ray_cluster, tmp_path):
     other = _job(tmp_path, steps=40).model_copy(update={"model": _job(tmp_path, 40).model.model_copy(update={"d_model": 64})})
     with pytest.raises(Exception, match="another model/data config"):
         fit(other)
-
-
-def test_json_report_lines_with_temper_log_format(ray_cluster, tmp_path, monkeypatch):
-    """TEMPER_LOG_FORMAT=json: rank 0 writes one JSON object per progress line and per evaluation
-    report (what Ray Train records) instead of the text lines; found in this session's worker logs."""
-    import ray
-
-    monkeypatch.setenv("TEMPER_LOG_FORMAT", "json")
-    job = _job(tmp_path, steps=20).model_copy(update={"name": f"json-{uuid.uuid4().hex[:6]}"})
-    result = fit(job)
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    lines = [json.loads(text[text.index("{"):]) for path in logs.rglob("*.err") for text in path.read_text(errors="replace").splitlines()
-             if f'"run":"{job.name}"' in text]
-    reports = [e for e in lines if e["event"] == "train_report"]
-    steps = [e for e in lines if e["event"] == "train_step"]
-    assert [r["step"] for r in reports] == list(range(job.train.eval_every, 21, job.train.eval_every))
-    assert reports[-1]["val_loss"] == pytest.approx(result.metrics["val_loss"])
-    assert steps and all(set(e) >= {"loss", "lr", "samples_per_s", "eta_s", "steps"} for e in steps)
-
