@@ -28,15 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from app.config.base import config_hash
 from app.errors import TemperError
-from app.config.formats import FORMATS, ONNX_FORMATS
+from app.config.formats import WEIGHT_FILES
 from app.config.jobs import TrainJob
 from app.config.registry import redact_secrets
 from app.models import build_model
 
-WEIGHT_FILES = {
-    fmt: "model.onnx" if fmt in ONNX_FORMATS else "model_int8.safetensors" if fmt == "torch_int8" else "model.safetensors"
-    for fmt in FORMATS
-}
 HALF_DTYPES = {"torch_bf16": torch.bfloat16, "torch_fp16": torch.float16}
 
 

@@ -6,6 +6,7 @@ under `/api/v1/` on the ingress next to the model routes.
     GET    /api/v1/training/jobs/{job_id}/progress        the run's latest step, loss, metric, samples/s        read
     POST   /api/v1/training/jobs/{job_id}/stop            stop the Ray job (the run keeps its checkpoints)      train
     GET    /api/v1/models/{model}/versions                list versions                                         read
+    POST   /api/v1/models/{model}/versions                register an artifact as the next version              register
     GET    /api/v1/models/{model}/versions/{version}      one version (number, alias or latest)                 read
     DELETE /api/v1/models/{model}/versions/{version}      soft-delete a version                                 delete_version
     GET    /api/v1/models/{model}/compare?a=..&b=..       two versions side by side                             read
@@ -19,10 +20,16 @@ Jobs: the posted config is validated with the job models of `app/config/` first 
 `JobSubmissionClient` to the cluster's dashboard as `python -m app <verb> <file>`, run by this
 replica's Python with this replica's code first on PYTHONPATH (the job runs the code that
 validated its config). Only jobs submitted here (they carry `temper_*` metadata) are answered
-for: other Ray jobs of the cluster are a 404, so this API cannot stop them.
+for: other Ray jobs of the cluster are a 404, so this API cannot stop them. A job registers in this
+server's registry: its `registry` section is replaced by this server's (with the database URL the
+running actor opened), and one naming another actor is a 400 (else a caller could register into an
+actor or database of their choosing, past its roles and roots); with `registry.artifact_roots` set
+its `storage_path` must lie under one.
 
 Versions: each route calls the registry actor's own method (the one the `registry` CLI calls)
-with the request's credentials, so the actor checks the role and writes the audit row (allowed
+with the request's credentials (registering checks first that the artifact is a folder this
+server can see, under `registry.artifact_roots`, holding the format's weight file; the actor
+checks the roots again), so the actor checks the role and writes the audit row (allowed
 or refused) as it does for any caller. The ingress authenticates every caller first (401, 429);
 it applies the role table to writes itself only when the actor does not (its auth off). The
 actor's errors map to 401 / 403 / 404 / 409 / 422.
@@ -43,9 +50,13 @@ from sqlalchemy.engine import make_url
 
 from actors.registry.errors import RegistryConflict, RegistryNotFound
 from actors.registry.permissions import alias_operation, check
+from actors.registry.validation import TRANSFORMATIONS, check_artifact_uri
+from app.artifact_roots import check_under_roots
 from app.auth.identity import AuthError, PermissionDenied
 from app.config.base import MODEL_NAME_PATTERN, ConfigError, config_hash
+from app.config.formats import WEIGHT_FILES, ArtifactFormat
 from app.config.jobs import parse_config
+from app.config.registry import RegistryConfig
 from app.progress import progress_path, read_progress
 from serve.access import AccessControl, credentials_from
 from serve.protocol import API_PREFIX, APIError
@@ -131,6 +142,31 @@ class VersionList(BaseModel):
     versions: list[VersionRecord]
 
 
+class ParentRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: int | str
+    """A version number, an alias or `latest`."""
+
+
+class RegisterRequest(BaseModel):
+    """An artifact to register as the next version of a model (what `registry register` takes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_uri: str = Field(min_length=1, max_length=4096)
+    """The artifact folder: an absolute path on storage this server and the replicas share, or a URI."""
+    format: ArtifactFormat
+    parent: ParentRef | None = None
+    """The version this one was derived from (it must exist)."""
+    transformation: Literal[TRANSFORMATIONS] = "imported"  # type: ignore[valid-type]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    label: str | None = Field(None, max_length=128)
+    """An optional semantic name (e.g. 1.4.0), unique within the model."""
+
+
 class AliasRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -204,8 +240,12 @@ def code_root() -> str:
 
 
 def install_control_plane(api: FastAPI, *, access: AccessControl | None, registry: RegistryHandle | None,
-                          jobs: JobsClient | None, request_timeout_s: float, retry_after_s: int) -> None:
+                          jobs: JobsClient | None, request_timeout_s: float, retry_after_s: int,
+                          registry_cfg: dict | None = None) -> None:
     """Add the control-plane routes to `api` (see the module docstring)."""
+
+    own_registry = None if registry_cfg is None else RegistryConfig.model_validate(registry_cfg)
+    roots = own_registry.artifact_roots if own_registry is not None else []
 
     unavailable = {"Retry-After": str(retry_after_s)}
 
@@ -268,6 +308,17 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
             raise APIError(404, f"training job {job_id!r} does not exist", "job_id")
         return described(info, job_id)
 
+    async def job_registry(request: Request) -> dict:
+        """This server's registry section for a job: its config, with the database URL the running
+        actor opened (a relative SQLite path in the server's config is resolved against the
+        deploying process's folder, which a job's driver does not share). A URL whose password
+        the actor masks stays as configured (its password comes from `password_env` or the config)."""
+        tree = own_registry.model_dump(mode="json")
+        opened = (await ask(request, "settings"))["db_url"]
+        if "***" not in opened:
+            tree["db_url"] = opened
+        return tree
+
     JobId = PathParam(pattern=JOB_ID_PATTERN, description="The job id POST /training/jobs answered")
 
     @api.post(f"{API_PREFIX}/training/jobs", name="submit_training_job", status_code=201, response_model=TrainingJob,
@@ -280,8 +331,17 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
                 check(principal, VERB_OPERATIONS[body.verb], "a training job")
             except PermissionDenied as err:
                 raise APIError(403, str(err), "authorization") from None
+        config = dict(body.config)
+        if own_registry is not None:
+            given = config.get("registry")
+            if isinstance(given, dict) and (given.get("actor_name", "temper-registry"), given.get("namespace", "temper")) != (
+                    own_registry.actor_name, own_registry.namespace):
+                raise APIError(400, f"config.registry: a job submitted here registers in this server's registry (actor "
+                                    f"{own_registry.actor_name!r} in namespace {own_registry.namespace!r}); leave "
+                                    "`registry` out of the config, or name that actor", "config.registry")
+            config["registry"] = await job_registry(request)
         try:
-            job = parse_config(body.verb, body.config)
+            job = parse_config(body.verb, config)
         except ConfigError as err:
             lines = str(err).splitlines()
             key = (lines[1] if len(lines) > 1 else lines[0]).split(":", 1)[0].strip()
@@ -294,6 +354,11 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
         if db.get_backend_name() == "sqlite" and not Path(db.database or "").is_absolute():
             raise APIError(400, f"config.registry.db_url: the SQLite path {db.database!r} is relative; a job submitted "
                                 "over HTTP needs an absolute one (sqlite:////abs/path.db)", "config.registry.db_url")
+        try:
+            check_under_roots(job.storage_path, roots)
+        except ValueError:  # outside every root (ArtifactOutsideRootsError), or a path the OS refuses
+            raise APIError(400, f"config.storage_path: {job.storage_path!r} is outside registry.artifact_roots {roots}, "
+                                "where this server's registry takes artifacts from", "config.storage_path") from None
         storage = Path(job.storage_path)
         path = storage / job.name / "jobs" / f"{body.verb}-{config_hash(job)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,6 +442,25 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
                             include_deleted: bool = False) -> dict:
         found = await ask(request, "list_versions", model, limit=limit, include_deleted=include_deleted)
         return {"model": model, "versions": found}
+
+    @api.post(f"{API_PREFIX}/models/{{model}}/versions", name="register_version", status_code=201,
+              response_model=VersionRecord, dependencies=needs("read", on_model))
+    async def register_version(request: Request, body: RegisterRequest, model: str = Model) -> dict:
+        try:
+            check_artifact_uri(body.artifact_uri)  # the registry's own check, first: no control characters, no `..`
+            check_under_roots(body.artifact_uri, roots)
+        except ValueError as err:  # ArtifactOutsideRootsError is one too
+            raise APIError(422, str(err), "artifact_uri") from None
+        if "://" not in body.artifact_uri or body.artifact_uri.startswith("file://"):
+            folder = Path(body.artifact_uri.removeprefix("file://"))
+            weights = folder / WEIGHT_FILES[body.format]
+            if not folder.is_absolute() or not weights.is_file():
+                raise APIError(422, f"artifact_uri {body.artifact_uri!r}: no {weights.name} there (an absolute folder "
+                                    f"on storage this server shares, holding a {body.format} artifact)", "artifact_uri")
+        return await ask(request, "register_version", model, body.artifact_uri, body.format,
+                         parent=body.parent.model_dump() if body.parent else None, transformation=body.transformation,
+                         metrics=body.metrics or None, tags=body.tags or None, label=body.label,
+                         **{k: v for k, v in (await write(request, "register", f"model {model}")).items() if k == "credentials"})
 
     @api.get(f"{API_PREFIX}/models/{{model}}/versions/{{version}}", name="get_version", response_model=VersionRecord,
              dependencies=needs("read", on_model))

@@ -152,7 +152,7 @@ def build_app(app_cfg: ServeApp) -> serve.Application:
     if rollback:
         watcher = RolloutWatcher.options(
             name=WATCHER_NAME, version=_code_version(rollback, registry), _internal=True,
-        ).bind(rollback, registry)
+        ).bind(rollback, registry, app_cfg.auth.service_key_env if auth_enabled(app_cfg) else None)
     capacity = _ingress_capacity(cfg)
     return TemperIngress.options(
         name=INGRESS_NAME,
@@ -214,6 +214,21 @@ def check_versions(app_cfg: ServeApp) -> list[dict]:
     return records
 
 
+def _failed_deployments(app_name: str) -> str:
+    """Why each unhealthy deployment of `app_name` failed, as Serve recorded it: the last line of
+    its replica's error (a constructor's exception), which Serve's own deploy error leaves out."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - only adds detail to an error already being raised
+        return ""
+    lines = []
+    for name, dep in (app.deployments.items() if app else ()):
+        if dep.status != "HEALTHY" and dep.message:
+            last = [line for line in dep.message.strip().splitlines() if line.strip()][-1]
+            lines.append(f"\n  {name}: {last.strip()}")
+    return "".join(lines)
+
+
 def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     """Start Serve (HTTP on serve.host:serve.port), run the app, wait until it answers; returns
     the base URL (endpoints under `<url>/api/v1/`). With `blocking`, serve until Ctrl-C."""
@@ -228,7 +243,10 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     # on the console that drowns our own lines, so they log warnings only unless verbose.
     logging_config = None if verbose() else {"log_level": "WARNING", "enable_access_log": False}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
-    serve.run(build_app(app_cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
+    try:
+        serve.run(build_app(app_cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}{_failed_deployments(cfg.app_name)}") from err
     url = base_url(cfg)
     deadline, last = time.monotonic() + HEALTH_WAIT_S, "no answer"
     while time.monotonic() < deadline:

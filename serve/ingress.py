@@ -328,12 +328,15 @@ def _sse(event: str, data: dict) -> bytes:
 def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetrics | None = None,
              behind_serve_proxy: bool = False, routes: RouteTable | None = None,
              reporter: OutcomeReporter | None = None, access: AccessControl | None = None,
-             registry: RegistryHandle | None = None, jobs: JobsClient | None = None) -> FastAPI:
+             registry: RegistryHandle | None = None, jobs: JobsClient | None = None,
+             registry_cfg: dict | None = None) -> FastAPI:
     """The REST API. `servers` maps model name -> the handles of its route deployments in route
     order (or one handle): anything whose `.classify/.score/.generate/.info.remote(...)` returns
     an awaitable, so the API is testable with fakes. `metrics=None` records none (tests without Ray).
     `registry` and `jobs` give the registry actor's handle and a Ray JobSubmissionClient to the
     control-plane routes (`serve/control_plane.py`); without them those routes answer 503.
+    `registry_cfg` is that registry's config: jobs submitted over HTTP register there, and its
+    `artifact_roots` bound their storage and the artifacts registered over HTTP.
 
     Of `cfg.models[]` only the fixed fields are read (model, max_new_tokens, queue and replica
     settings): batch settings, version refs and traffic weights change live (the model servers
@@ -548,7 +551,7 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
                           dependencies_read=read, dependencies_use=use, request_timeout_s=cfg.request_timeout_s,
                           check_items=check_items)
     install_control_plane(api, access=access, registry=registry, jobs=jobs, request_timeout_s=cfg.request_timeout_s,
-                          retry_after_s=cfg.retry_after_s)
+                          retry_after_s=cfg.retry_after_s, registry_cfg=registry_cfg)
     return api
 
 
@@ -601,4 +604,4 @@ class TemperIngress:
         return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True,
                         routes=self.routes, reporter=self.reporter, access=self.access,
                         registry=None if self.registry_cfg is None else self._registry_handle,
-                        jobs=job_submission_client(None))
+                        jobs=job_submission_client(None), registry_cfg=self.registry_cfg)

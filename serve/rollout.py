@@ -19,12 +19,20 @@ different versions, and rolled back at most once.
 
 The watcher is one replica (`num_replicas=1`): every ingress replica reports to it, so the
 decision sees all traffic and an alias is never rolled back twice by two deciders.
+
+With auth on, the registry refuses an anonymous rollback like any other, so the watcher acts with
+a service credential: the API key or JWT in the environment variable `auth.service_key_env`
+(default TEMPER_SERVICE_KEY) of the node it runs on, read from the process environment rather than
+passed through the deployment's arguments, which Serve keeps in its config and shows on the
+dashboard. The watcher checks the credential and its role against every canary alias when it
+starts, so a missing key or a viewer key fails the deploy instead of the first rollback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -118,12 +126,13 @@ def judge(canary: WindowStats, baseline: WindowStats, cfg: AutoRollbackConfig) -
 class RolloutWatcher:
     """Receives outcomes from the ingress, judges canaries, rolls their aliases back."""
 
-    def __init__(self, rollback: dict[str, dict], registry: dict):
+    def __init__(self, rollback: dict[str, dict], registry: dict, service_key_env: str | None = None):
         import ray
 
         self.cfgs = {model: AutoRollbackConfig.model_validate(c) for model, c in rollback.items()}
         reg = RegistryConfig.model_validate(registry)
         self._registry = ray.get_actor(reg.actor_name, namespace=reg.namespace)
+        self._credentials = None if service_key_env is None else self._service_credentials(service_key_env)
         self._window = OutcomeWindow(max(c.window_s for c in self.cfgs.values()))
         self._last_check: dict[str, float] = {}
         self._judged: set[tuple[str, str, int]] = set()  # (model, canary alias, version) rolled back (or refused)
@@ -131,6 +140,34 @@ class RolloutWatcher:
         self._last: dict[str, dict] = {}
         self._lock = asyncio.Lock()
         self._counter = telemetry.counter(telemetry.SERVE_ROLLBACKS, ("model", "alias"))
+
+    def _service_credentials(self, env: str) -> str:
+        """The credential in `$env`, checked by the registry, whose role may roll back every canary alias."""
+        import ray
+
+        from actors.registry.permissions import PERMISSIONS, alias_operation, allowed
+
+        credentials = os.environ.get(env, "").strip()
+        if not credentials:
+            raise RuntimeError(
+                f"auto_rollback with auth on: the rollout watcher moves aliases with the API key or JWT in the "
+                f"environment variable {env} (auth.service_key_env), which is not set on the node it runs on; "
+                f"create one (`python -m app auth create-key rollout --role developer`) and set {env} "
+                "where the cluster starts (`ray start`), or in the shell that runs an embedded cluster"
+            )
+        try:
+            who = ray.get(self._registry.authenticate.remote(credentials))
+        except Exception as err:
+            raise RuntimeError(f"auto_rollback: the credential in {env} is not accepted by the registry: "
+                               f"{getattr(err, 'cause', None) or err}") from None
+        for model, cfg in self.cfgs.items():
+            operation = alias_operation(cfg.canary, rollback=True)
+            if not allowed(who["role"], operation):
+                raise RuntimeError(
+                    f"auto_rollback of {model}@{cfg.canary}: the credential in {env} ({who['kind']} {who['name']!r}) "
+                    f"has role {who['role']}; rolling back {cfg.canary!r} needs role {PERMISSIONS[operation]} or higher"
+                )
+        return credentials
 
     async def report(self, outcomes: list[Outcome]) -> None:
         now = time.monotonic()
@@ -162,7 +199,8 @@ class RolloutWatcher:
                   f"{cfg.window_s:g} s: " + "; ".join(reasons))
         event = {"model": model, "alias": cfg.canary, "from_version": canary_v, "reason": reason}
         try:
-            moved = await self._registry.rollback_alias.remote(model, cfg.canary, reason, ROLLBACK_ACTOR)
+            moved = await self._registry.rollback_alias.remote(model, cfg.canary, reason, ROLLBACK_ACTOR,
+                                                               credentials=self._credentials)
         except Exception as err:  # e.g. no earlier holder: recorded, not retried (the version stays judged)
             log.error("model %s: rollback of alias %r refused: %s", model, cfg.canary, err)
             self._events.append({**event, "to_version": None, "error": str(getattr(err, "cause", None) or err)})

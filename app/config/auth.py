@@ -58,6 +58,8 @@ class AuthConfig(Section):
     """Require an identity on every call; default (null): on when serving on an address other than loopback (127.0.0.1, ::1, localhost), off otherwise."""
     key_secret_env: str = Field("TEMPER_KEY_SECRET", pattern=ENV_NAME_PATTERN)
     """Environment variable holding the server secret that API keys are hashed with (at least 32 characters); changing it invalidates every key."""
+    service_key_env: str = Field("TEMPER_SERVICE_KEY", pattern=ENV_NAME_PATTERN)
+    """Environment variable, on the cluster's nodes, holding the API key or JWT that the rollout watcher moves aliases with when auth is on (role developer; admin when an auto_rollback canary is production); read only when a model has auto_rollback."""
     jwt: JwtConfig | None = None
     """Accept JWT bearer tokens too (off by default: API keys only)."""
     rate_limit: RateLimitConfig | None = None

@@ -17,4 +17,10 @@ COMPRESSED_FORMATS: tuple[str, ...] = tuple(f for f in FORMATS if f != "torch_fp
 ONNX_FORMATS: tuple[str, ...] = tuple(f for f in FORMATS if f.startswith("onnx_"))
 """Formats served by ONNX Runtime from a `model.onnx` file."""
 
+WEIGHT_FILES: dict[str, str] = {
+    fmt: "model.onnx" if fmt in ONNX_FORMATS else "model_int8.safetensors" if fmt == "torch_int8" else "model.safetensors"
+    for fmt in FORMATS
+}
+"""The file an artifact folder of each format holds its weights in (next to its config.json)."""
+
 CompressMethod = Literal[COMPRESSED_FORMATS]  # type: ignore[valid-type]

@@ -138,3 +138,46 @@ def test_callers_without_valid_credentials_are_refused(ray_cluster, secured):
     assert ray.get(handle.settings.remote())["auth"] == {"enabled": True, "api_keys": True, "jwt": True}
     assert ray.get(handle.authenticate.remote(keys["viewer"])) == {
         "name": "viewer-key", "role": "viewer", "kind": "key", "expires": None}
+
+
+def test_rollout_watcher_rolls_back_with_its_service_credential(ray_cluster, secured, monkeypatch):
+    """With auth on, the auto-rollback watcher acts with the key in `auth.service_key_env` (an
+    anonymous rollback would be refused): checked when it starts (missing, not accepted, or a role
+    that may not roll the canary back), then used for the rollback, which the audit log names."""
+    import asyncio
+
+    from serve.rollout import ROLLBACK_ACTOR, RolloutWatcher
+
+    ray = ray_cluster
+    handle, cfg, keys, _ = secured
+    model = _fresh_model(ray, handle, keys["admin"])
+    ray.get(handle.set_alias.remote(model, "production", 1, credentials=keys["admin"]))  # staging v2 vs production v1
+    watch = {"canary": "staging", "baseline": "production", "min_requests": 4, "check_interval_s": 0.001,
+             "latency_p95_factor": None}
+    watcher_class = RolloutWatcher.func_or_class
+    env = "ROLLOUT_TEST_SERVICE_KEY"
+    registry = cfg.model_dump(mode="json")
+
+    monkeypatch.delenv(env, raising=False)
+    with pytest.raises(RuntimeError, match=f"environment variable {env} .*not set"):
+        watcher_class({model: watch}, registry, env)
+    monkeypatch.setenv(env, "tmp_not_a_real_key")
+    with pytest.raises(RuntimeError, match=f"the credential in {env} is not accepted"):
+        watcher_class({model: watch}, registry, env)
+    monkeypatch.setenv(env, keys["viewer"])
+    with pytest.raises(RuntimeError, match="has role viewer; rolling back 'staging' needs role developer"):
+        watcher_class({model: watch}, registry, env)
+    monkeypatch.setenv(env, keys["developer"])
+    with pytest.raises(RuntimeError, match="rolling back 'production' needs role admin"):
+        watcher_class({model: {**watch, "canary": "production", "baseline": "staging"}}, registry, env)
+
+    watcher = watcher_class({model: watch}, registry, env)
+    outcomes = [(model, "staging", 2, "server_error", 5.0)] * 5 + [(model, "production", 1, "ok", 5.0)] * 5
+    asyncio.run(watcher.report(outcomes))
+    [event] = asyncio.run(watcher.status())["rollbacks"]
+    assert (event["from_version"], event["to_version"], event["error"]) == (2, 1, None)
+    assert ray.get(handle.aliases.remote(model))["staging"] == 1
+    last = _audit(cfg, model)[-1]
+    assert (last["principal"], last["operation"], last["result"]) == ("developer-key", "rollback", "allowed")
+    history = ray.get(handle.alias_history.remote(model, "staging"))
+    assert history[-1]["actor"] == ROLLBACK_ACTOR and "auto-rollback of staging v2" in history[-1]["reason"]

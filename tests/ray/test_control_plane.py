@@ -45,8 +45,10 @@ def key_secret_env():
 
 @pytest.fixture(scope="module")
 def registry_cfg(tmp_path_factory) -> RegistryConfig:
+    # Artifacts and job storage only under this session's temporary folders.
     return RegistryConfig(actor_name=f"cp-test-{uuid.uuid4().hex[:8]}", namespace="temper-tests",
-                          db_url=f"sqlite:///{tmp_path_factory.mktemp('cp-registry') / 'r.db'}")
+                          db_url=f"sqlite:///{tmp_path_factory.mktemp('cp-registry') / 'r.db'}",
+                          artifact_roots=[str(tmp_path_factory.getbasetemp())])
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +130,17 @@ def _version_calls(admin) -> dict[str, list]:
             admin("set_alias", "digits", alias, 3)
         return prepare
 
-    def fresh_version():
-        record = admin("register_version", "digits", admin("get_version", "digits", 1)["artifact_uri"], "torch_fp32")
-        return record["version"]
+    artifact = admin("get_version", "digits", 1)["artifact_uri"]
 
+    def fresh_version():
+        return admin("register_version", "digits", artifact, "torch_fp32")["version"]
+
+    register = {"artifact_uri": artifact, "format": "torch_fp32", "parent": {"model": "digits", "version": 1},
+                "transformation": "imported", "metrics": {"val_accuracy": 0.5}, "tags": {"source": "http test"}}
     return {
         "read": [(None, "GET", "/models/digits/versions", None), (None, "GET", "/models/digits/versions/production", None),
                  (None, "GET", "/models/digits/compare?a=1&b=2", None)],
+        "register": [(None, "POST", "/models/digits/versions", register)],
         "set_alias": [(None, "PUT", "/models/digits/aliases/staging", {"version": 2, "reason": "http test"}),
                       (lambda: admin("set_alias", "digits", "staging", 2), "DELETE", "/models/digits/aliases/staging", None)],
         "rollback": [(alias_history("staging"), "POST", "/models/digits/aliases/staging/rollback", {"reason": "http test"})],
@@ -160,7 +166,7 @@ def test_version_routes_follow_the_permissions_table(api, app_cfg, keys):
                     _error(api.request(method, url, json=body), 401, "401_0001")
                 resp = api.request(method, url, json=body, headers={"X-API-Key": keys[role]})
                 if table[operation][role]:
-                    assert resp.status_code == 200, (operation, role, method, url, resp.text)
+                    assert resp.status_code == (201 if operation == "register" else 200), (operation, role, method, url, resp.text)
                 else:
                     err = _error(resp, 403, "403_0001")
                     assert role in err["error_message"], err
@@ -171,6 +177,20 @@ def test_version_routes_follow_the_permissions_table(api, app_cfg, keys):
     compare = api.get("/models/digits/compare?a=1&b=3", headers={"X-API-Key": keys["viewer"]}).json()
     assert compare == admin("compare", "digits", 1, 3)
     _error(api.get("/models/nope/versions/1", headers={"X-API-Key": keys["viewer"]}), 404, "404_0001")
+    # a version registered over HTTP: lineage, metrics and tags as posted, by the developer's key
+    posted = [v for v in admin("list_versions", "digits") if v["tags"].get("source") == "http test"]
+    assert len(posted) == 2  # the developer's and the admin's
+    assert all((v["parent"], v["transformation"]) == ({"model": "digits", "version": 1}, "imported") for v in posted)
+    assert all(v["metrics"]["val_accuracy"] == 0.5 for v in posted)
+    # ... and refused before the registry is asked when the artifact is not one this server can take
+    dev = {"X-API-Key": keys["developer"]}
+    artifact = admin("get_version", "digits", 1)["artifact_uri"]
+    for uri, fmt, says in ((artifact + "-missing", "torch_fp32", "no model.safetensors"),
+                           (artifact, "torch_int8", "no model_int8.safetensors"),
+                           ("/etc", "torch_fp32", "outside registry.artifact_roots")):
+        err = _error(api.post("/models/digits/versions", json={"artifact_uri": uri, "format": fmt}, headers=dev), 422, "422_0001")
+        assert err["error_details"]["field"] == "artifact_uri" and says in err["error_message"], err
+    assert [v for v in admin("list_versions", "digits") if v["artifact_uri"] != artifact] == []
     in_use = admin("get_version", "digits", "production")["version"]
     _error(api.delete(f"/models/digits/versions/{in_use}", headers={"X-API-Key": keys["admin"]}), 409, "409_0001")
     # the actor decided each write, so each refusal is in its audit log, by the key's name
@@ -229,6 +249,13 @@ def test_training_job_submit_progress_stop(api, app_cfg, keys, tmp_path):
     assert err["error_details"]["field"] == "config.bogus", err
     err = _error(api.post("/training/jobs", json={"config": {**config, "storage_path": "runs"}}, headers=dev), 400, "400_0001")
     assert err["error_details"]["field"] == "config.storage_path", err
+    # a job registers in this server's registry, and keeps its storage under registry.artifact_roots
+    other = {**config["registry"], "actor_name": "someone-elses"}
+    err = _error(api.post("/training/jobs", json={"config": {**config, "registry": other}}, headers=dev), 400, "400_0001")
+    assert err["error_details"]["field"] == "config.registry" and "cp-test-" in err["error_message"], err
+    outside = {**config, "storage_path": str(Path("/tmp") / f"outside-{uuid.uuid4().hex[:6]}")}
+    err = _error(api.post("/training/jobs", json={"config": outside}, headers=dev), 400, "400_0001")
+    assert err["error_details"]["field"] == "config.storage_path" and "artifact_roots" in err["error_message"], err
     _error(api.post("/training/jobs", json={"config": config}, headers={"X-API-Key": keys["viewer"]}), 403, "403_0001")
     _error(api.post("/training/jobs", json={"config": config}), 401, "401_0001")
     assert _submissions(jobs) == before
@@ -299,7 +326,7 @@ def test_training_job_submit_progress_stop(api, app_cfg, keys, tmp_path):
 
 FUZZ_EXAMPLES = 30
 """Generated requests per operation, generation mode (valid / invalid input) and caller (admin
-key / none), plus the admin's valid ones on the served model: 21 x 2 x 2 x 30 + 11 x 30, ~2,500 in all."""
+key / none), plus the admin's valid ones on the served model: 22 x 2 x 2 x 30 + 11 x 30, ~2,600 in all."""
 NOT_FUZZED = {("POST", "/api/v1/training/jobs")}
 """Operations the fuzzer leaves out: a valid generated job config would start a training job."""
 
