@@ -1,5 +1,6 @@
 """cluster/ manifests parse, the RayJob runs the quickstart, the pip runtime env is complete and
-the default one installs nothing (the alert rules and the dashboard: test_monitoring.py)."""
+the default one installs nothing (the alert rules and the dashboard: test_monitoring.py; the
+KubeRay manifests against the Kubernetes and CRD schemas: test_kuberay_manifests.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 
 @pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
 def test_manifest_parses(path):
-    assert yaml.safe_load(path.read_text())
+    assert all(list(yaml.safe_load_all(path.read_text())))
 
 
 def test_rayjob_runs_the_quickstart():
-    job = yaml.safe_load((CLUSTER / "rayjob-quickstart.yaml").read_text())
-    assert job["kind"] == "RayJob"
+    [job] = [d for d in yaml.safe_load_all((CLUSTER / "rayjob-quickstart.yaml").read_text()) if d["kind"] == "RayJob"]
     assert "python -m app run configs/quickstart.yaml" in job["spec"]["entrypoint"]
 
 
