@@ -9,7 +9,9 @@
 - what they name exists: the image is the one cluster/Dockerfile builds with our code in its
   working directory, every volume claim is defined, the Ray version is the tested one, the RayJob's
   entrypoint is a config our CLI accepts, and the RayService's serveConfigV2 is what `python -m app
-  serve config` prints and what Ray Serve's own schema accepts.
+  serve config` prints and what Ray Serve's own schema accepts;
+- the cluster launcher config (`ray up`) passes Ray's own cluster-config schema after Ray fills in
+  its defaults, and the commands it runs exist here.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def test_kuberay_objects_follow_the_crd_and_their_pods_the_kubernetes_schema(nam
             pytest.fail(f"{name}: the {where} pod template: {str(err).splitlines()[0]}")
     for group in _cluster_spec(obj).get("workerGroupSpecs", []):
         assert group.get("minReplicas", 0) <= group.get("replicas", 0) <= group.get("maxReplicas", 2**31), group["groupName"]
+        if group.get("minReplicas", 0) < group.get("maxReplicas", 0):  # a range only means something with the autoscaler on
+            assert _cluster_spec(obj).get("enableInTreeAutoscaling") is True, f"{name}: {group['groupName']} scales but autoscaling is off"
 
 
 def test_a_schema_mistake_is_caught():
@@ -205,3 +209,21 @@ def test_rayservice_serve_config_is_the_clis_and_rays_schema_accepts_it():
     for where, template in _pod_templates(service):
         for c in template["spec"]["containers"]:
             assert "TEMPER_KEY_SECRET" in {e["name"] for e in c.get("env", [])}, where
+
+
+def test_ray_up_config_passes_rays_own_schema():
+    import copy
+
+    from ray.autoscaler._private.commands import prepare_config
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((CLUSTER / "ray-up-local.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's ray-schema.json, as `ray up` checks it
+    bad = {**copy.deepcopy(config), "setup_comands": []}
+    with pytest.raises(jsonschema.ValidationError, match="setup_comands"):
+        validate_config(prepare_config(bad))
+    # what it runs: the repository synced to ~/temper, installed by the Makefile's install target
+    assert config["file_mounts"] == {"~/temper": "."}
+    assert config["setup_commands"] == ["cd ~/temper && make install"]
+    assert re.search(r"^install:", (ROOT / "Makefile").read_text(), re.M)
+    assert all(cmd.startswith("~/temper/.venv/bin/ray ") for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"])
