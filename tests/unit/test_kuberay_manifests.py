@@ -104,8 +104,8 @@ def _ray_objects() -> list[tuple[str, dict]]:
     return [(name, obj) for name, obj in _objects() if obj["kind"] in CRD_SCHEMAS]
 
 
-def test_there_is_a_rayjob_and_a_rayservice():
-    assert sorted(obj["kind"] for _, obj in _ray_objects()) == ["RayJob", "RayService"]
+def test_there_are_rayjobs_and_a_rayservice():
+    assert sorted(obj["kind"] for _, obj in _ray_objects()) == ["RayJob", "RayJob", "RayService"]
 
 
 @pytest.mark.parametrize("name,obj", [o for o in _objects() if o[1]["kind"] not in CRD_SCHEMAS],
@@ -139,7 +139,7 @@ def test_a_schema_mistake_is_caught():
     a misspelled spec field, a misspelled container field."""
     import kubernetes_validate
 
-    [(_, job)] = [o for o in _ray_objects() if o[1]["kind"] == "RayJob"]
+    job = next(obj for _, obj in _ray_objects() if obj["kind"] == "RayJob")
     bad = yaml.safe_load(yaml.safe_dump(job))
     bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
     with pytest.raises(jsonschema.ValidationError, match="is not of type 'string'"):
@@ -180,15 +180,19 @@ def test_what_the_manifests_name_exists():
                     assert claim in claims, f"{name} {where}: claim {claim!r} is defined by no manifest in cluster/"
 
 
-def test_rayjob_entrypoint_is_a_config_the_cli_accepts():
+def test_rayjob_entrypoints_are_configs_the_cli_accepts():
+    """Each RayJob runs one of our job verbs on a config that validates, with its storage and
+    registry on the shared claim; together they cover `run` and `tune`."""
     from app.config.jobs import load_config
 
-    [(_, job)] = [o for o in _ray_objects() if o[1]["kind"] == "RayJob"]
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "app", "run"], argv
-    config, overrides = argv[4], argv[5:]
-    run = load_config("run", ROOT / config, overrides)
-    assert run.storage_path.startswith("/shared/") and run.registry.db_url.startswith("sqlite:////shared/")
+    verbs = []
+    for name, job in [o for o in _ray_objects() if o[1]["kind"] == "RayJob"]:
+        argv = shlex.split(job["spec"]["entrypoint"])  # a shell runs it: quoted overrides are one word each
+        assert argv[:3] == ["python", "-m", "app"] and argv[3] in ("run", "train", "tune"), (name, argv)
+        verbs.append(argv[3])
+        parsed = load_config(argv[3], ROOT / argv[4], argv[5:])
+        assert parsed.storage_path.startswith("/shared/") and parsed.registry.db_url.startswith("sqlite:////shared/"), name
+    assert sorted(verbs) == ["run", "tune"]
 
 
 def test_rayservice_serve_config_is_the_clis_and_rays_schema_accepts_it():
