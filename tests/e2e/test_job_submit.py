@@ -1,9 +1,11 @@
-"""`ray job submit` of the quickstart to a head this test did not start in-process: the README's
-command, run verbatim from the repository root against a `ray start --head` on 127.0.0.1 (its own
-ports and temp folder, token authentication on), with the shrinking overrides the other e2e tests
-use appended, a free Serve port and `--keep-serving`. The job must SUCCEED; what it made is read
-from outside the job: the registry database with the registry store (no Ray), the artifact folders,
-the compression report, and predictions of the served model over HTTP.
+"""`ray job submit` of the quickstart to a two-node cluster this test did not start in-process: the
+README's command, run verbatim from the repository root against a `ray start --head` and a worker
+node (`ray start --address`, with a custom resource that names it) on 127.0.0.1 (their own ports
+and temp folder, token authentication on), with the shrinking overrides the other e2e tests use
+appended, `train.placement=SPREAD` (a training worker on each node), a free Serve port and
+`--keep-serving`. The job must SUCCEED; what it made is read from outside the job: where Ray placed
+the training workers (its state API), the registry database with the registry store (no Ray), the
+artifact folders, the compression report, and predictions of the served model over HTTP.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ def test_readme_submit_command_names_the_runtime_env_and_shared_storage():
     assert f"storage_path={README_STORAGE}" in entry and f"registry.db_url=sqlite:///{README_STORAGE}/registry.db" in entry
 
 
-def test_ray_job_submit_runs_the_quickstart_on_a_separate_head(tmp_path):
+def test_ray_job_submit_runs_the_quickstart_on_a_two_node_cluster(tmp_path):
     from actors.registry.store import RegistryStore
 
     storage = tmp_path / "shared"
     serve_port = free_port()
     command = (readme_submit_command().replace(README_ADDRESS, "{dashboard}").replace(README_STORAGE, str(storage))
-               + " " + " ".join(QuickstartRun.overrides) + f" serve.port={serve_port} --keep-serving --json")
+               + " " + " ".join(QuickstartRun.overrides) + f" train.placement=SPREAD serve.port={serve_port} --keep-serving --json")
     cluster = local_cluster(tmp_path)
     try:
         cluster.start_head(num_cpus=2)
+        cluster.add_worker(num_cpus=2, resources={"nodeB": 2})
+        nodes = {n["node_id"]: n for n in cluster.state("nodes")}
+        assert len(nodes) == 2 and all(n["state"] == "ALIVE" for n in nodes.values()), nodes
         # token authentication is on: the Jobs API refuses a request without the token
         assert httpx.get(f"{cluster.dashboard_url}/api/jobs/", timeout=30).status_code == 401
 
@@ -68,6 +73,9 @@ def test_ray_job_submit_runs_the_quickstart_on_a_separate_head(tmp_path):
         for marker in ("[ray] connected to cluster", "[1/4 train]", "[2/4 register]", "[3/4 compress]", "[4/4 serve]"):
             assert marker in out, marker
         summary = summary_of(proc)
+        # SPREAD put one training worker on each node (Ray's state API keeps the finished actors)
+        workers = cluster.state("actors", "class_name=RayTrainWorker")
+        assert sorted(a["node_id"] for a in workers) == sorted(nodes), workers
 
         # The registry, read from its database file without Ray: the trained version and its three variants.
         store = RegistryStore(f"sqlite:///{storage / 'registry.db'}")
