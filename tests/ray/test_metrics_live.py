@@ -92,6 +92,10 @@ def test_training_gauges_are_scraped_while_a_run_goes(ray_cluster, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+        try:  # the run's registry actor is detached: it outlives its driver
+            ray.kill(ray.get_actor(tree["registry"]["actor_name"], namespace="temper"))
+        except ValueError:
+            pass  # the driver stopped before it started one
     text = seen["text"]
     [step] = _samples(text, f"ray_{telemetry.TRAIN_STEP}", run=run, rank="0")
     assert 0 < step < 100_000 and step % 5 == 0  # set at each progress line (train.log_every: 5)
