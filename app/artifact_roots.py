@@ -19,7 +19,7 @@ class ArtifactOutsideRootsError(TemperError, ValueError):
     """An artifact URI outside every configured root; the message names the URI and the roots."""
 
 
-def _is_uri(value: str) -> bool:
+def is_uri(value: str) -> bool:
     return "://" in value and not value.startswith("file://")
 
 
@@ -27,7 +27,7 @@ def normalize_artifact_root(root: str) -> str:
     """A root as stored: an absolute, symlink-free local path, or a URI prefix without a trailing slash."""
     if not isinstance(root, str) or not root.strip():
         raise ValueError("registry.artifact_roots: an empty root")
-    if _is_uri(root):
+    if is_uri(root):
         parts = urlsplit(root)
         if not parts.netloc:
             raise ValueError(f"registry.artifact_roots: {root!r} names no bucket or host")
@@ -39,13 +39,13 @@ def check_under_roots(uri: str, roots: list[str] | tuple[str, ...]) -> None:
     """Raise ArtifactOutsideRootsError unless `uri` lies under one of `roots` (none: any)."""
     if not roots:
         return
-    if _is_uri(uri):
+    if is_uri(uri):
         parts = urlsplit(uri)
         target = f"{parts.scheme.lower()}://{parts.netloc}{unquote(parts.path)}"
-        inside = any(target == r or target.startswith(r + "/") for r in roots if _is_uri(r))
+        inside = any(target == r or target.startswith(r + "/") for r in roots if is_uri(r))
     else:
         local = Path(os.path.realpath(unquote(uri.removeprefix("file://"))))
-        inside = any(local.is_relative_to(r) for r in roots if not _is_uri(r))
+        inside = any(local.is_relative_to(r) for r in roots if not is_uri(r))
     if not inside:
         raise ArtifactOutsideRootsError(
             f"artifact_uri {uri!r} is outside registry.artifact_roots {list(roots)}: refused"

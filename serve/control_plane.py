@@ -50,7 +50,7 @@ from sqlalchemy.engine import make_url
 from actors.registry.errors import RegistryConflict, RegistryNotFound
 from actors.registry.permissions import alias_operation, check
 from actors.registry.validation import check_artifact_uri
-from app.artifact_roots import check_under_roots
+from app.artifact_roots import check_under_roots, is_uri
 from app.auth.identity import AuthError, PermissionDenied
 from app.config.base import MODEL_NAME_PATTERN, ConfigError, config_hash
 from app.config.formats import WEIGHT_FILES
@@ -203,7 +203,9 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
         config = dict(body.config)
         if own_registry is not None:
             given = config.get("registry")
-            if isinstance(given, dict) and (given.get("actor_name", "temper-registry"), given.get("namespace", "temper")) != (
+            defaults = RegistryConfig.model_fields
+            if isinstance(given, dict) and (given.get("actor_name", defaults["actor_name"].default),
+                                            given.get("namespace", defaults["namespace"].default)) != (
                     own_registry.actor_name, own_registry.namespace):
                 raise APIError(400, f"config.registry: a job submitted here registers in this server's registry (actor "
                                     f"{own_registry.actor_name!r} in namespace {own_registry.namespace!r}); leave "
@@ -320,16 +322,15 @@ def install_control_plane(api: FastAPI, *, access: AccessControl | None, registr
             check_under_roots(body.artifact_uri, roots)
         except ValueError as err:  # ArtifactOutsideRootsError is one too
             raise APIError(422, str(err), "artifact_uri") from None
-        if "://" not in body.artifact_uri or body.artifact_uri.startswith("file://"):
-            folder = Path(body.artifact_uri.removeprefix("file://"))
-            weights = folder / WEIGHT_FILES[body.format]
-            if not folder.is_absolute() or not weights.is_file():
+        if not is_uri(body.artifact_uri):  # a local folder (absolute: check_artifact_uri refused anything else)
+            weights = Path(body.artifact_uri.removeprefix("file://")) / WEIGHT_FILES[body.format]
+            if not weights.is_file():
                 raise APIError(422, f"artifact_uri {body.artifact_uri!r}: no {weights.name} there (an absolute folder "
                                     f"on storage this server shares, holding a {body.format} artifact)", "artifact_uri")
         return await ask(request, "register_version", model, body.artifact_uri, body.format,
                          parent=body.parent.model_dump() if body.parent else None, transformation=body.transformation,
                          metrics=body.metrics or None, tags=body.tags or None, label=body.label,
-                         **{k: v for k, v in (await write(request, "register", f"model {model}")).items() if k == "credentials"})
+                         credentials=(await write(request, "register", f"model {model}"))["credentials"])
 
     @api.get(f"{API_PREFIX}/models/{{model}}/versions/{{version}}", name="get_version", response_model=VersionRecord,
              dependencies=needs("read", on_model))

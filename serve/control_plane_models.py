@@ -21,7 +21,8 @@ class TrainingJobRequest(BaseModel):
     """`python -m app <verb>` runs the job."""
     config: dict[str, Any]
     """The job config (the YAML file's content as JSON), e.g. configs/quickstart.yaml's, with an
-    absolute `storage_path` (and an absolute SQLite path in `registry.db_url`)."""
+    absolute `storage_path`; its `registry` section, if any, must name this server's registry
+    actor, and is replaced by the server's."""
 
 
 class TrainingJob(BaseModel):

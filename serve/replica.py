@@ -444,6 +444,12 @@ class BatchedModelServer:
         self._decode: tuple[LoadedVersion, DecodeLoop] | None = None
         self._decode_stats = DecodeStats()
         self._stats = BatchStats()
+        # The Serve application this replica belongs to, a tag of its batch metrics: two
+        # applications may serve the same model ("-" outside a replica: unit tests).
+        try:
+            self._app = serve.get_replica_context().app_name or "-"
+        except Exception:  # noqa: BLE001 - no replica context
+            self._app = "-"
         self._batch_hist = telemetry.histogram(
             telemetry.SERVE_BATCH_SIZE, tuple(telemetry.BATCH_BOUNDARIES), ("model", "app", "method")
         )
@@ -551,15 +557,6 @@ class BatchedModelServer:
         if self._loaded is None:
             raise RuntimeError(f"model {self.model!r}: no version loaded (reconfigure was not called)")
         return self._loaded
-
-    @property
-    def _app(self) -> str:
-        """The Serve application this replica belongs to: two applications may serve the same
-        model, and their batches are told apart by this tag ("-" outside a replica)."""
-        try:
-            return serve.get_replica_context().app_name or "-"
-        except Exception:  # not in a replica (unit tests)
-            return "-"
 
     @property
     def _route(self) -> str:

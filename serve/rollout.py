@@ -145,7 +145,8 @@ class RolloutWatcher:
         """The credential in `$env`, checked by the registry, whose role may roll back every canary alias."""
         import ray
 
-        from actors.registry.permissions import PERMISSIONS, alias_operation, allowed
+        from actors.registry.permissions import alias_operation, check
+        from app.auth.identity import PermissionDenied, Principal
 
         credentials = os.environ.get(env, "").strip()
         if not credentials:
@@ -160,13 +161,12 @@ class RolloutWatcher:
         except Exception as err:
             raise RuntimeError(f"auto_rollback: the credential in {env} is not accepted by the registry: "
                                f"{getattr(err, 'cause', None) or err}") from None
+        principal = Principal(who["name"], who["role"], who["kind"])
         for model, cfg in self.cfgs.items():
-            operation = alias_operation(cfg.canary, rollback=True)
-            if not allowed(who["role"], operation):
-                raise RuntimeError(
-                    f"auto_rollback of {model}@{cfg.canary}: the credential in {env} ({who['kind']} {who['name']!r}) "
-                    f"has role {who['role']}; rolling back {cfg.canary!r} needs role {PERMISSIONS[operation]} or higher"
-                )
+            try:  # the table the registry will apply to the rollback itself
+                check(principal, alias_operation(cfg.canary, rollback=True), f"{model}@{cfg.canary}")
+            except PermissionDenied as err:
+                raise RuntimeError(f"auto_rollback: the credential in {env}: {err}") from None
         return credentials
 
     async def report(self, outcomes: list[Outcome]) -> None:

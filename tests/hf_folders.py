@@ -176,19 +176,19 @@ def tiny_chat_llama(folder: Path, words: list[str], *, chat_template: str | None
     return folder
 
 
-def tiny_llama_artifact(root: Path) -> tuple[str, object]:
+def tiny_llama_artifact(root: Path, lines: int = 40, max_length: int = 16) -> tuple[str, object]:
     """(torch_fp32 artifact folder, the transformers model saved into it): a 2-layer Llama from
     `tiny_llama` at initializer_range 0.5 (greedy tokens vary with the context), as `train` would
-    register it on a text file of sentiment lines."""
+    register it on a text file of `lines` sentiment lines."""
     from app.artifacts import save_fp32
     from app.config.jobs import parse_config
     from app.models import build_model
 
     text = root / "lines.txt"
-    text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(40)))
+    text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(lines)))
     job = parse_config("train", {
         "name": "lm", "model": {"kind": "hf", "path": str(tiny_llama(root / "llama", initializer_range=0.5)), "task": "causal_lm"},
-        "data": {"kind": "text", "path": str(text), "max_length": 16, "val_fraction": 0.3}})
+        "data": {"kind": "text", "path": str(text), "max_length": max_length, "val_fraction": 0.3}})
     torch.manual_seed(0)
     model = build_model(job.model).eval()
     return str(save_fp32(root / "fp32", model, job)), model

@@ -165,10 +165,10 @@ def test_rollout_watcher_rolls_back_with_its_service_credential(ray_cluster, sec
     with pytest.raises(RuntimeError, match=f"the credential in {env} is not accepted"):
         watcher_class({model: watch}, registry, env)
     monkeypatch.setenv(env, keys["viewer"])
-    with pytest.raises(RuntimeError, match="has role viewer; rolling back 'staging' needs role developer"):
+    with pytest.raises(RuntimeError, match=r"key 'viewer-key' has role viewer, which may not rollback m-\w+@staging \(needs role developer"):
         watcher_class({model: watch}, registry, env)
     monkeypatch.setenv(env, keys["developer"])
-    with pytest.raises(RuntimeError, match="rolling back 'production' needs role admin"):
+    with pytest.raises(RuntimeError, match=r"has role developer, which may not rollback_production m-\w+@production \(needs role admin"):
         watcher_class({model: {**watch, "canary": "production", "baseline": "staging"}}, registry, env)
 
     watcher = watcher_class({model: watch}, registry, env)

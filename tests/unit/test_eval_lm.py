@@ -17,17 +17,14 @@ import pytest
 import torch
 import yaml
 
-from app.artifacts import save_fp32
 from app.config.base import ConfigError
 from app.config.evaluation import EvalConfig, load_eval_config
-from app.config.jobs import parse_config
 from app.data.eval_pairs import EvalPair, read_eval_pairs
 from app.data.files import DataFileError
 from app.eval_lm import (answer_tokens, evaluate_pairs, exact_match, greedy_answers, lm_eval_metrics, paired_p_value,
                          prompt_ids, reference_nll, text_perplexity, token_f1)
 from app.inference import load_predictor
-from app.models import build_model
-from hf_folders import sentiment_rows, tiny_llama
+from hf_folders import tiny_llama_artifact
 
 TEXTS = ["the cat sat on the mat", "a dog ran", "red house", "the big blue tree sat on a small mat fast"]
 
@@ -35,15 +32,7 @@ TEXTS = ["the cat sat on the mat", "a dog ran", "red house", "the big blue tree 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> str:
     """A tiny random Llama's torch_fp32 artifact folder."""
-    root = tmp_path_factory.mktemp("eval-lm")
-    text = root / "lines.txt"
-    text.write_text("".join(r["text"] + "\n" for r in sentiment_rows(20)))
-    job = parse_config("train", {
-        "name": "lm", "model": {"kind": "hf", "path": str(tiny_llama(root / "llama", initializer_range=0.5)), "task": "causal_lm"},
-        "data": {"kind": "text", "path": str(text), "max_length": 32, "val_fraction": 0.3}})
-    torch.manual_seed(0)
-    model = build_model(job.model).eval()
-    return str(save_fp32(root / "fp32", model, job))
+    return tiny_llama_artifact(tmp_path_factory.mktemp("eval-lm"), lines=20, max_length=32)[0]
 
 
 @pytest.fixture(scope="module")
