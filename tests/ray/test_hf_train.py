@@ -9,9 +9,11 @@ zero3 (2:4) with the default targets, the Linear weights inside the layers, whil
 the head keep every weight; the consolidated `model.safetensors` loads into the transformers
 Auto class with the logits of the Temper model holding the same weights. And a 2-layer embedding
 student cut from a registered 4-layer BERT teacher, distilled on the text file (ddp), moves
-towards the teacher's vectors and is registered with the teacher as its parent.
+towards the teacher's vectors and is registered with the teacher as its parent; and an embedding
+model fine-tuned with the in-batch contrastive loss on `text` / `text_pair` rows (ddp) puts each
+text nearer its own pair than before.
 
-Seven fits of a few seconds of compute each (and one import), run two at a time.
+Eight fits of a few seconds of compute each (and one import), run two at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from app.data import build_data
 from app.evaluation import eval_sums, metric_kind, metrics_from_sums
 from app.models import build_model
 from conftest import running_two_at_a_time
-from hf_folders import sentiment_rows, tiny_bert, tiny_llama, with_sentence_transformers_files
+from hf_folders import WORDS, sentiment_rows, tiny_bert, tiny_llama, with_sentence_transformers_files
 from pipelines.register import train_and_register
 from pipelines.train import fit
 
@@ -57,7 +59,28 @@ def _jobs(root: Path) -> dict[str, TrainJob]:
             "name": "hf-lm", **common, "model": {"kind": "hf", "path": str(llama), "task": "causal_lm"},
             "data": {"kind": "text", "path": str(root / "lines.txt"), "max_length": 16, "val_fraction": 0.25}}),
         **_embedding_jobs(root, common),
+        "pairs": _pairs_job(root, common),
     }
+
+
+def _pairs_job(root: Path, common: dict) -> TrainJob:
+    """A 2-layer BERT embedder (mean pooling + Normalize) fine-tuned with the in-batch contrastive
+    loss on rows whose `text_pair` holds the text's three words in another order: to tell a text's
+    pair from the batch's other pairs, the vectors must come to reflect which words a text has."""
+    import random
+
+    rng = random.Random(1)
+    rows = []
+    for _ in range(240):
+        words = rng.sample(WORDS, 3)
+        rows.append({"text": " ".join(words), "text_pair": " ".join(rng.sample(words, 3))})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = with_sentence_transformers_files(tiny_bert(root / "bert-pairs", initializer_range=0.2))
+    return TrainJob.model_validate({
+        "name": "emb-pairs", **common, "model": {"kind": "hf", "path": str(folder), "task": "embedding"},
+        "data": {"kind": "jsonl", "path": str(root / "pairs.jsonl"), "text_pair_field": "text_pair", "max_length": 8,
+                 "val_fraction": 0.25},
+        "train": {**TRAIN, "steps": 30, "eval_every": 30, "checkpoint_every": 30, "log_every": 10}})
 
 
 def _embedding_jobs(root: Path, common: dict) -> dict[str, TrainJob]:
@@ -133,6 +156,8 @@ def runs(ray_cluster, tmp_path_factory):
     tasks = {("cls", s): partial(fit, jobs["cls", s]) for s in STRATEGIES}
     tasks.update({("lm", s): partial(paused_then_resumed if s in RESUMED_LM else fit, jobs["lm", s]) for s in LM_STRATEGIES})
     tasks["emb"] = partial(_distilled, base["emb-teacher"], base["emb"])
+    jobs["pairs"] = base["pairs"]
+    tasks["pairs"] = partial(fit, base["pairs"])
     with running_two_at_a_time(tasks) as result:
         return jobs, {key: result(key) for key in tasks}
 
@@ -229,3 +254,28 @@ def test_embedding_student_distils_towards_its_registered_teacher(runs):
     metrics = student["metrics"]
     assert metrics["val_loss"] < loss_before and cos_after > cos_before, (cos_before, cos_after, metrics)
     assert metrics["val_mean_cosine"] == pytest.approx(cos_after, abs=1e-3)  # the workers' eval of the same weights
+
+
+def test_contrastive_fine_tuning_brings_each_text_nearer_its_pair(runs):
+    from app.compression.distillation import in_batch_contrastive_loss
+    from app.evaluation import embedding_sums
+
+    jobs, results = runs
+    job, res = jobs["pairs"], results["pairs"]
+    data = build_data(job.data, job.model)
+    torch.manual_seed(job.train.seed)
+    start = build_model(job.model).eval()  # as the workers start it
+    trained = build_model(job.model)
+    trained.load_state_dict(load_file(str(Path(res.artifact_path) / "model.safetensors")))
+    trained.eval()
+    scale = job.train.contrastive_scale
+    measured = {}
+    with torch.no_grad():  # the workers' val metrics, recomputed here: loss, pair cosine, own pair nearest
+        for name, model in (("start", start), ("trained", trained)):
+            sums = sum(embedding_sums(model(x), model(y), in_batch_contrastive_loss(model(x), model(y), scale), scale)
+                       for x, y in data.val_batches(job.train.eval_batches, job.train.batch_size))
+            measured[name] = metrics_from_sums("embedding", sums)
+    before, after = measured["start"], measured["trained"]
+    assert res.metrics["val_loss"] == pytest.approx(after["val_loss"], rel=1e-3)  # the workers' eval, same weights
+    assert after["val_loss"] < 0.7 * before["val_loss"], measured
+    assert after["val_accuracy"] > before["val_accuracy"] + 0.2, measured
