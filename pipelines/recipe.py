@@ -30,6 +30,8 @@ class RunSummary:
     model: str
     versions: list[dict] = field(default_factory=list)
     served_version: int | None = None
+    served_models: list[str] | None = None
+    """What `serve.models` put up when the config names its own (`model vN (+ adapters a, b)`); else the chosen variant is served."""
     url: str | None = None
     client_answer: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -145,6 +147,9 @@ def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
     print(f"[4/4 serve] alias production -> v{chosen['version']} ({chosen['format']})", flush=True)
     url, _ = stage_serve(job, registry, chosen)
     summary.url, summary.served_version = url, chosen["version"]
+    if job.serve.models:
+        summary.served_models = [f"{m.model or job.name} {'v' + m.version if m.version.isdigit() else m.version}"
+                                 + (f" (+ adapters {', '.join(m.adapters)})" if m.adapters else "") for m in job.serve.models]
     summary.client_answer = client_call(job, url)
     summary.seconds["serve"] = time.perf_counter() - t0
     summary.versions = ray.get(registry.list_versions.remote(job.name))
@@ -163,7 +168,11 @@ def format_summary(s: RunSummary, model_kind: str) -> str:
             f"  v{v['version']:<3} {v['format']:<11} {parent:<7} {fmt(metric, p=4):>13} {fmt('size_bytes', 1e-6):>8} "
             f"{fmt('latency_b1_ms'):>7} {fmt('latency_b32_ms'):>7}  {','.join(v.get('aliases') or []) or '-'}"
         )
-    lines.append(f"served: v{s.served_version} at {s.url.rstrip('/')}/api/v1/  (alias production)")
+    if s.served_models:  # the config's own serve.models; the chosen variant only holds the alias
+        lines.append(f"served: {'; '.join(s.served_models)} at {s.url.rstrip('/')}/api/v1/ and /v1/  "
+                     f"(alias production -> v{s.served_version})")
+    else:
+        lines.append(f"served: v{s.served_version} at {s.url.rstrip('/')}/api/v1/  (alias production)")
     if s.client_answer:
         lines.append("client call: " + ", ".join(f"{k}={v}" for k, v in s.client_answer.items() if k != "top_k"))
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()))

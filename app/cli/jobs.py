@@ -12,11 +12,17 @@ from app.config.jobs import load_config
 
 def load_job(kind: str, args):
     """The validated job of `args.config` + `args.overrides`, its `hf` model folder resolved
-    (`model.path: package:<name>` extracted on first use): the one place a verb that reads a
-    `model` section turns it into a folder, before any work starts."""
+    (`model.path: package:<name>` extracted, or `model.build` made, on first use): the one place a
+    verb that reads a `model` section turns it into a folder, before any work starts."""
     from app.models.sources import with_model_folder
 
-    return with_model_folder(load_config(kind, args.config, args.overrides))
+    job = with_model_folder(load_config(kind, args.config, args.overrides))
+    model = getattr(job, "model", None)
+    if getattr(model, "build", None) is not None:
+        from pipelines.build_base import with_built_model
+
+        job = with_built_model(job)
+    return job
 
 
 def cmd_run(args) -> int:

@@ -14,7 +14,7 @@ from app.config.compress import CompressConfig
 from app.config.data import DataConfig, DocstringsDataConfig, FileDataConfig
 from app.config.evaluation import EvalConfig
 from app.config.jobs import CompressJob, OptimizeJob, ServeApp, TrainJob, TuneJob
-from app.config.model import GPTConfig, HFModelConfig, ViTConfig
+from app.config.model import GPTConfig, HFBuildConfig, HFModelConfig, PretrainConfig, ViTConfig
 from app.config.registry import MlflowMirrorConfig, RegistryConfig
 from app.config.serve import AutoRollbackConfig, AutoscalingSettings, ServeConfig, ServedModel
 from app.config.train import DistillConfig, EarlyStoppingConfig, LoraSettings, MagnitudePruningConfig, TrainConfig
@@ -29,6 +29,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`model` (kind: gpt)", GPTConfig),
     ("`model` (kind: vit)", ViTConfig),
     ("`model` (kind: hf)", HFModelConfig),
+    ("`model.build`", HFBuildConfig),
+    ("`model.build.pretrain`", PretrainConfig),
     ("`data` (built-in: name)", DataConfig),
     ("`data` (files: kind jsonl | csv | parquet | text)", FileDataConfig),
     ("`data` (kind: docstrings)", DocstringsDataConfig),

@@ -67,6 +67,13 @@ def _stdlib_bytes(max_bytes: int, val_fraction: float, salt: int) -> tuple[np.nd
     return join(train), join(val), nfiles
 
 
+def stdlib_text(max_bytes: int, salt: int = 0, val_fraction: float = 0.1) -> str:
+    """The train part of the `lm-code` corpus as text (files joined by newlines), for tokenizers
+    and models that read text rather than bytes."""
+    train, _, _ = _stdlib_bytes(max_bytes, val_fraction, salt)
+    return train.tobytes().decode("utf-8", errors="replace")
+
+
 class LMCodeData:
     """Next-byte prediction windows of length block_size."""
 

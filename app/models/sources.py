@@ -106,7 +106,18 @@ def _provenance(name: str) -> dict[str, str]:
 
 def folder_provenance(folder: str | Path) -> dict[str, str]:
     """Registry tags saying where a model folder came from: the package and version it was
-    extracted from (`source_package`), nothing for a plain folder."""
+    extracted from (`source_package`), or what `model.build` made it of (`source_build`); nothing
+    for a plain folder."""
+    from app.config.model import BUILD_FILE
+
+    built = Path(folder) / BUILD_FILE
+    if built.is_file():
+        info = json.loads(built.read_text())
+        arch, pre = info["architecture"], info["pretrain"]
+        shape = ", ".join(f"{k} {arch[k]}" for k in ("num_hidden_layers", "hidden_size") if k in arch)
+        loss = info.get("pretrain_metrics", {}).get("val_loss")
+        return {"source_build": f"{arch['model_type']} ({shape}; {info['parameters']} parameters; BPE {info['tokenizer_vocab_size']}), "
+                                f"pre-trained {pre['steps']} steps on lm-code" + (f", val_loss {loss:.3f}" if loss is not None else "")}
     path = Path(folder) / PROVENANCE_FILE
     if not path.is_file():
         return {}
