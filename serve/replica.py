@@ -124,7 +124,13 @@ class TextRequest:
     enqueued: float = 0.0
 
 
-TEXT_SUB_BATCH = 32  # texts per forward pass inside a text batch (grouped by length)
+TEXT_SUB_BATCH = 32  # texts per forward pass inside a text batch (grouped by length) ...
+TEXT_SUB_BATCH_TOKENS = 256
+"""... and padded tokens per forward pass. A dynamic batch holds whatever arrived together, short
+and long texts mixed; one forward over all of it pads every text to the longest. Measured with
+all-MiniLM-L6-v2 int8 on ORT (2-core CPU, 1 thread), 512 docstrings in arrival batches of 32: one
+padded forward per batch 36 texts/s; sorted sub-batches of at most 256 padded tokens 94-105
+texts/s, as fast as sorting all 512 texts at once (102)."""
 
 
 def encode_texts(pred: TextPredictor, texts: list, truncate: bool) -> dict[str, list[list[int]]]:
@@ -154,7 +160,7 @@ def run_text_batch(pred: TextPredictor, requests: list[TextRequest]) -> list[dic
     merged: dict[str, list[list[int]]] = {key: [row for r in requests for row in r.ids[key]] for key in requests[0].ids}
     n = len(merged["input_ids"])
     out: np.ndarray | None = None
-    for idx in length_sorted_batches([len(row) for row in merged["input_ids"]], TEXT_SUB_BATCH):
+    for idx in length_sorted_batches([len(row) for row in merged["input_ids"]], TEXT_SUB_BATCH, TEXT_SUB_BATCH_TOKENS):
         y = pred.run(pred.pad(merged, idx))
         if out is None:
             out = np.empty((n, y.shape[1]), dtype=np.float32)

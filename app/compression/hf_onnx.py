@@ -342,10 +342,20 @@ def _pad_batch(tokenizer, ids: list[list[int]], input_names: list[str]) -> dict[
     return {name: out[name] for name in input_names}
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (longest first), so padding stays small."""
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length (longest first), so padding stays small: at
+    most `batch_size` texts, and with `max_tokens`, at most that many padded tokens (texts x the
+    batch's longest), so long texts go in smaller batches."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        # the first (longest) text sets the padded length; one text per batch at least
+        size = max(1, min(batch_size, max_tokens // max(1, lengths[order[start]])))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
 
 
 class OnnxEmbedder:

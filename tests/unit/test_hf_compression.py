@@ -206,6 +206,11 @@ def test_length_sorted_embedder_keeps_text_order(bert_variants):
 def test_length_sorted_batches_group_similar_lengths():
     batches = length_sorted_batches([3, 9, 1, 8, 2, 7], batch_size=2)
     assert [b.tolist() for b in batches] == [[1, 3], [5, 0], [4, 2]]
+    # a padded-token budget: the longest text sets each batch's length, so long texts go in fewer per batch
+    lengths = [3, 9, 1, 8, 2, 7, 4, 20]
+    budgeted = length_sorted_batches(lengths, batch_size=4, max_tokens=18)
+    assert [b.tolist() for b in budgeted] == [[7], [1, 3], [5, 6], [0, 4, 2]]
+    assert all(len(b) * lengths[b[0]] <= 18 for b in budgeted if len(b) > 1)
 
 
 # ---------------------------------------------------------------------------------------------
