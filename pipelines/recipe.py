@@ -147,8 +147,9 @@ def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
     print(f"[4/4 serve] alias production -> v{chosen['version']} ({chosen['format']})", flush=True)
     url, _ = stage_serve(job, registry, chosen)
     summary.url, summary.served_version = url, chosen["version"]
-    if job.serve.models:
-        summary.served_models = [f"{m.model or job.name} {'v' + m.version if m.version.isdigit() else m.version}"
+    if any((m.model or job.name, m.version, m.adapters, m.traffic) != (job.name, "production", None, None) for m in job.serve.models):
+        summary.served_models = [f"{m.model or job.name} " + ", ".join(f"{'v' + ref if ref.isdigit() else ref}"
+                                                                       + (f" {pct}%" if m.traffic else "") for ref, pct in m.routes().items())
                                  + (f" (+ adapters {', '.join(m.adapters)})" if m.adapters else "") for m in job.serve.models]
     summary.client_answer = client_call(job, url)
     summary.seconds["serve"] = time.perf_counter() - t0
