@@ -15,14 +15,9 @@ def load_job(kind: str, args):
     (`model.path: package:<name>` extracted, or `model.build` made, on first use): the one place a
     verb that reads a `model` section turns it into a folder, before any work starts."""
     from app.models.sources import with_model_folder
+    from pipelines.build_base import with_built_model
 
-    job = with_model_folder(load_config(kind, args.config, args.overrides))
-    model = getattr(job, "model", None)
-    if getattr(model, "build", None) is not None:
-        from pipelines.build_base import with_built_model
-
-        job = with_built_model(job)
-    return job
+    return with_built_model(with_model_folder(load_config(kind, args.config, args.overrides)))
 
 
 def cmd_run(args) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
+from app.config.model import BUILD_FILE
 from app.errors import TemperError
 
 PACKAGE_PREFIX = "package:"
@@ -108,8 +109,6 @@ def folder_provenance(folder: str | Path) -> dict[str, str]:
     """Registry tags saying where a model folder came from: the package and version it was
     extracted from (`source_package`), or what `model.build` made it of (`source_build`); nothing
     for a plain folder."""
-    from app.config.model import BUILD_FILE
-
     built = Path(folder) / BUILD_FILE
     if built.is_file():
         info = json.loads(built.read_text())
