@@ -179,13 +179,13 @@ def build_model_folder(model: HFModelConfig, storage_path: Path, extra_texts: li
 
     shutil.copytree(init_dir, staged)
     shutil.copyfile(weights, staged / "model.safetensors")
+    uniform = math.log(len(tokenizer))  # the loss of a guess that knows nothing
     (staged / BUILD_FILE).write_text(json.dumps({
-        "build": build.model_dump(mode="json"), "architecture": build.architecture, "tokenizer_vocab_size": len(tokenizer), "parameters": params,
-        "pretrain": pc.model_dump(mode="json"), "pretrain_chunks": len(chunks), "pretrain_metrics": metrics,
-        "uniform_loss": math.log(len(tokenizer)),
+        "build": build.model_dump(mode="json"), "tokenizer_vocab_size": len(tokenizer), "parameters": params,
+        "pretrain_chunks": len(chunks), "pretrain_metrics": metrics, "uniform_loss": uniform,
     }, indent=2) + "\n")
     os.rename(staged, target)
     shutil.rmtree(work, ignore_errors=True)
-    loss = f", val_loss {metrics['val_loss']:.3f} (uniform {math.log(len(tokenizer)):.3f})" if "val_loss" in metrics else ""
+    loss = f", val_loss {metrics['val_loss']:.3f} (uniform {uniform:.3f})" if "val_loss" in metrics else ""
     print(f"[build] {target}: done in {time.perf_counter() - t0:.0f}s{loss}", flush=True)
     return target

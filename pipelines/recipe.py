@@ -110,6 +110,13 @@ def client_call(job: OptimizeJob, url: str) -> dict:
                 "backend": res.backend, "latency_ms": res.latency_ms}
 
 
+def served_model_line(m: ServedModel, default_model: str) -> str:
+    """`model v1`, `model production 90%, staging 10%`, `model v1 (+ adapters a, b)`."""
+    routes = ", ".join(("v" + ref if ref.isdigit() else ref) + (f" {pct}%" if m.traffic else "") for ref, pct in m.routes().items())
+    adapters = f" (+ adapters {', '.join(m.adapters)})" if m.adapters else ""
+    return f"{m.model or default_model} {routes}{adapters}"
+
+
 def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
     from actors.registry.client import get_or_create_registry, registry_auth
 
@@ -147,10 +154,8 @@ def run(job: OptimizeJob, keep_serving: bool = False) -> RunSummary:
     print(f"[4/4 serve] alias production -> v{chosen['version']} ({chosen['format']})", flush=True)
     url, _ = stage_serve(job, registry, chosen)
     summary.url, summary.served_version = url, chosen["version"]
-    if any((m.model or job.name, m.version, m.adapters, m.traffic) != (job.name, "production", None, None) for m in job.serve.models):
-        summary.served_models = [f"{m.model or job.name} " + ", ".join(f"{'v' + ref if ref.isdigit() else ref}"
-                                                                       + (f" {pct}%" if m.traffic else "") for ref, pct in m.routes().items())
-                                 + (f" (+ adapters {', '.join(m.adapters)})" if m.adapters else "") for m in job.serve.models]
+    if any(served_model_line(m, job.name) != f"{job.name} production" for m in job.serve.models):
+        summary.served_models = [served_model_line(m, job.name) for m in job.serve.models]
     summary.client_answer = client_call(job, url)
     summary.seconds["serve"] = time.perf_counter() - t0
     summary.versions = ray.get(registry.list_versions.remote(job.name))

@@ -163,18 +163,17 @@ class HFModelConfig(Section):
             if self.path.startswith("package:"):
                 raise ValueError("model.build: model.path must be the folder to build, not a package")
             folder = Path(self.path)
-            if folder.exists() and not (folder / BUILD_FILE).is_file():
-                raise ValueError(f"model.path: {self.path!r} exists and was not made by model.build; "
-                                 "give a new folder to build into, or drop model.build to use this one")
-            if folder.exists():
-                made_of = json.loads((folder / BUILD_FILE).read_text()).get("build", {})
-                changed = _changed_keys(made_of, self.build.model_dump(mode="json"), "model.build")
-                if changed:
-                    raise ValueError(f"model.path: {self.path!r} was built from another model.build ({', '.join(changed)} "
-                                     "differ); give a new folder, or delete this one to build it again")
             self.path = os.path.abspath(self.path)
             if not folder.exists():
                 return self  # made before any work starts (pipelines/build_base.py)
+            if not (folder / BUILD_FILE).is_file():
+                raise ValueError(f"model.path: {str(folder)!r} exists and was not made by model.build; "
+                                 "give a new folder to build into, or drop model.build to use this one")
+            made_of = json.loads((folder / BUILD_FILE).read_text()).get("build", {})
+            changed = _changed_keys(made_of, self.build.model_dump(mode="json"), "model.build")
+            if changed:
+                raise ValueError(f"model.path: {str(folder)!r} was built from another model.build ({', '.join(changed)} "
+                                 "differ); give a new folder, or delete this one to build it again")
         if self.path.startswith("package:"):
             # the folder is extracted when a job first uses it (app/models/sources.py); here only
             # that the package is installed and can extract one

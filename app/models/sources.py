@@ -112,7 +112,7 @@ def folder_provenance(folder: str | Path) -> dict[str, str]:
     built = Path(folder) / BUILD_FILE
     if built.is_file():
         info = json.loads(built.read_text())
-        arch, pre = info["architecture"], info["pretrain"]
+        arch, pre = info["build"]["architecture"], info["build"]["pretrain"]
         shape = ", ".join(f"{k} {arch[k]}" for k in ("num_hidden_layers", "hidden_size") if k in arch)
         loss = info.get("pretrain_metrics", {}).get("val_loss")
         return {"source_build": f"{arch['model_type']} ({shape}; {info['parameters']} parameters; BPE {info['tokenizer_vocab_size']}), "

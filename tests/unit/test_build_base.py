@@ -54,7 +54,7 @@ def test_the_built_folder_loads_with_the_auto_classes_and_learned_from_the_code(
     assert {"config.json", "model.safetensors", "tokenizer.json", BUILD_FILE} <= {p.name for p in folder.iterdir()}
     assert not any(p.name.startswith(".tiny.build") for p in folder.parent.iterdir())  # the staging folder is gone
     info = json.loads((folder / BUILD_FILE).read_text())
-    assert info["tokenizer_vocab_size"] == 512 and info["pretrain"]["steps"] == 80
+    assert info["tokenizer_vocab_size"] == 512 and info["build"]["pretrain"]["steps"] == 80
     assert info["pretrain_metrics"]["val_loss"] < 0.75 * math.log(512), info  # far below the uniform guess
 
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
