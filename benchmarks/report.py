@@ -55,8 +55,34 @@ def render(results_dir: Path) -> str:
             met += bool(g["met"])
             total += 1
         lines.append("")
+    lines += gpu_sections()
     lines[4:4] = [f"Goals met: {met} of {total}.", ""]
     return "\n".join(lines)
+
+
+def gpu_sections() -> list[str]:
+    """The GPU runs committed in benchmarks/gpu/ (one JSON per device, written where a GPU was
+    lent: the CPU machine that runs `make bench` has none), as a table of their own."""
+    runs = sorted((HERE / "gpu").glob("train_throughput-*.json"))
+    lines = ["## GPU training throughput (committed runs)", "",
+             "`benchmarks/gpu/train_throughput.py`, run on a GPU machine; the issue sets no target for these figures.", ""]
+    if not runs:
+        return lines + ["_no GPU run committed_", ""]
+    for path in runs:
+        data = json.loads(path.read_text())
+        m = data["model"]
+        lines += [f"{data['device']}, torch {data['torch']}, {data['attention']}, {data['time_utc']} UTC: GPT "
+                  f"{m['n_layer']} layers, d_model {m['d_model']}, context {m['context']}, batch {m['batch_size']}, bf16.", "",
+                  "| strategy | ms/step | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+        for r in data["results"]:
+            if "skipped" in r:
+                lines.append(f"| {r['strategy']} | skipped: {r['skipped']} | | | | |")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+            lines.append(f"| {r['strategy']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.0f} | "
+                         f"{mfu} | {r['peak_mem_gib']:.1f} |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:

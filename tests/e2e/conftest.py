@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -48,15 +49,20 @@ class RayHead:
     def env(self) -> dict[str, str]:
         """Environment for subprocesses that should use this cluster.
 
-        `ray start --head` turns token authentication on in Ray 2.60 (the token is in
-        ~/.ray/auth_token); a client must ask for token mode to send it. The private temp folder
-        keeps this cluster out of Ray's default current-cluster file, so `address="auto"` in other
-        processes on the machine does not find it; RAY_ADDRESS points our own commands at it.
+        The head runs with Ray's token authentication on, with a token file of its own
+        (`RAY_AUTH_TOKEN_PATH`); a client must ask for token mode to send it. The private temp
+        folder keeps this cluster out of Ray's default current-cluster file, so `address="auto"` in
+        other processes on the machine does not find it; RAY_ADDRESS points our own commands at it.
         """
         env = dict(os.environ)
-        env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="token", RAY_DASHBOARD_ADDRESS=self.dashboard_url,
-                   RAY_DEDUP_LOGS="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.update(RAY_ADDRESS=self.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                   RAY_DASHBOARD_ADDRESS=self.dashboard_url, RAY_DEDUP_LOGS="0", OMP_NUM_THREADS="1",
+                   PYTHONUNBUFFERED="1")
         return env
+
+    @property
+    def token_path(self) -> Path:
+        return self.temp_dir / "auth_token"
 
     def stop(self) -> None:
         """SIGTERM the head's process group (ray start and the daemons it spawned), SIGKILL what is left after 60 s."""
@@ -81,7 +87,14 @@ def start_ray_head(num_cpus: int = 4) -> RayHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="te2e-", dir="/tmp"))
     gcs_port, dash_port = free_port(), free_port()
     log = open(temp_dir / "head.log", "wb")
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
+    # Ray 2.60's `ray start --head` turns token authentication on only when a token exists: by
+    # default ~/.ray/auth_token, which a fresh machine lacks (clients asking for token mode then
+    # fail). This cluster's own token file makes it the same on every machine and leaves
+    # ~/.ray alone.
+    token = temp_dir / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
