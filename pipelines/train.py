@@ -383,22 +383,42 @@ def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks
                     "callbacks": [cb.state_dict() for cb in callbacks], **strategy.extra_state()}, folder / TRAINER_STATE)
 
 
-def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks) -> int:
+def resume_conflict(folder: Path, job: TrainJob) -> str | None:
+    """Why `job` cannot resume from the checkpoint in `folder` (None when it can)."""
     from app.artifacts import read_meta
 
     saved_job, meta = read_meta(folder)
     if saved_job.model != job.model or saved_job.data != job.data:
-        raise ValueError(
-            f"the checkpoint in {folder} was written for another model/data config "
-            f"(config {meta['config_hash']}); give the job a new `name` to start fresh"
-        )
+        return (f"the checkpoint in {folder} was written for another model/data config "
+                f"(config {meta['config_hash']}); give the job a new `name` to start fresh")
     if saved_job.train.strategy != job.train.strategy or saved_job.train.num_workers != job.train.num_workers:
-        raise ValueError(
-            f"the checkpoint in {folder} holds train.strategy {saved_job.train.strategy!r} state of "
-            f"{saved_job.train.num_workers} workers; this run asks for {job.train.strategy!r} with "
-            f"{job.train.num_workers}. Resume with the same values, or start fresh under a new `name` "
-            "(the consolidated model.safetensors in the checkpoint loads into any strategy)"
-        )
+        return (f"the checkpoint in {folder} holds train.strategy {saved_job.train.strategy!r} state of "
+                f"{saved_job.train.num_workers} workers; this run asks for {job.train.strategy!r} with "
+                f"{job.train.num_workers}. Resume with the same values, or start fresh under a new `name` "
+                "(the consolidated model.safetensors in the checkpoint loads into any strategy)")
+    return None
+
+
+def refuse_incompatible_resume(job: TrainJob, run_dir: Path) -> None:
+    """Fail in the driver, before any worker starts, when the run's newest checkpoint was written
+    by another model, data, strategy or worker count (the worker checks again when it loads it)."""
+    from app.artifacts import ArtifactError
+    from app.config.base import ConfigError
+
+    # zero-padded steps: name order is step order; a folder without a readable meta is skipped
+    for folder in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
+        try:
+            why = resume_conflict(folder, job)
+        except (ArtifactError, ValueError, KeyError, OSError):
+            continue
+        if why:
+            raise ConfigError(why)
+        return
+
+
+def _load_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks) -> int:
+    if why := resume_conflict(folder, job):
+        raise ValueError(why)
     strategy.load(folder)
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
@@ -533,6 +553,7 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
 
     storage = Path(job.storage_path).resolve()
     tc = job.train
+    refuse_incompatible_resume(job, storage / "train" / job.name)
     # Progress and report lines: text for people (default), or TEMPER_LOG_FORMAT=json for one JSON
     # object per line (a step line per log_every, a report line per evaluation) for log pipelines.
     loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from,

@@ -121,7 +121,7 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(
             PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_TOKEN_PATH=str(self.token_path),
-            OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
             # Ray Train's controller polls its workers every 2 s by default; a failed worker is seen sooner
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
         )
