@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from ray.train import UserCallback
 
-from app.artifacts import save_fp32
+from app.artifacts import read_meta, save_fp32
 from app.config.jobs import TrainJob
-from app.config.base import config_hash
+from app.config.base import ConfigError, config_hash
 from app.data import build_data, train_batches
 from app.compression.distillation import distillation_loss, embedding_distillation_loss, in_batch_contrastive_loss
 from app.evaluation import eval_sums, embedding_sums, metric_kind, metrics_from_sums, task_loss, training_metric
@@ -385,8 +385,6 @@ def _save_checkpoint(folder: Path, job: TrainJob, strategy, scheduler, callbacks
 
 def resume_conflict(folder: Path, job: TrainJob) -> str | None:
     """Why `job` cannot resume from the checkpoint in `folder` (None when it can)."""
-    from app.artifacts import read_meta
-
     saved_job, meta = read_meta(folder)
     if saved_job.model != job.model or saved_job.data != job.data:
         return (f"the checkpoint in {folder} was written for another model/data config "
@@ -402,14 +400,12 @@ def resume_conflict(folder: Path, job: TrainJob) -> str | None:
 def refuse_incompatible_resume(job: TrainJob, run_dir: Path) -> None:
     """Fail in the driver, before any worker starts, when the run's newest checkpoint was written
     by another model, data, strategy or worker count (the worker checks again when it loads it)."""
-    from app.artifacts import ArtifactError
-    from app.config.base import ConfigError
-
-    # zero-padded steps: name order is step order; a folder without a readable meta is skipped
+    # zero-padded steps: name order is step order; a folder without a readable meta (a missing
+    # or half-written config.json: ArtifactError, a pydantic or JSON ValueError) is skipped
     for folder in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
         try:
             why = resume_conflict(folder, job)
-        except (ArtifactError, ValueError, KeyError, OSError):
+        except (ValueError, KeyError, OSError):
             continue
         if why:
             raise ConfigError(why)
@@ -515,7 +511,7 @@ def cut_student(job: TrainJob, teacher_artifact: str) -> TrainJob:
     import hashlib
     import json
 
-    from app.artifacts import load_fp32, local_path, read_meta
+    from app.artifacts import load_fp32, local_path
     from app.models.hf import save_student_folder
 
     layers = job.train.distill.student_layers
@@ -605,7 +601,7 @@ def _durable_result(job: TrainJob, reported: dict, ckpt_dir: Path, ckpt_path: st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if adapter:  # peft's adapter files, and the meta with the adapter format
-            from app.artifacts import read_meta, write_meta
+            from app.artifacts import write_meta
             from app.models.lora import ADAPTER_FILES, ADAPTER_FORMAT
 
             for name in ADAPTER_FILES:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -32,8 +31,11 @@ import pytest
 
 from conftest import free_port
 
+from .ray_nodes import write_token
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 900
+TOKEN_FILE = "auth_token"  # in the head's temp folder
 
 
 @dataclass
@@ -62,7 +64,7 @@ class RayHead:
 
     @property
     def token_path(self) -> Path:
-        return self.temp_dir / "auth_token"
+        return self.temp_dir / TOKEN_FILE
 
     def stop(self) -> None:
         """SIGTERM the head's process group (ray start and the daemons it spawned), SIGKILL what is left after 60 s."""
@@ -91,9 +93,8 @@ def start_ray_head(num_cpus: int = 4) -> RayHead:
     # default ~/.ray/auth_token, which a fresh machine lacks (clients asking for token mode then
     # fail). This cluster's own token file makes it the same on every machine and leaves
     # ~/.ray alone.
-    token = temp_dir / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
+    token = temp_dir / TOKEN_FILE
+    write_token(token)
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(

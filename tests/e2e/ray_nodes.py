@@ -204,9 +204,14 @@ def local_cluster(tmp_path: Path) -> LocalCluster:
         short = Path(tempfile.mkdtemp(prefix="tjs-", dir="/tmp"))
     short.mkdir(exist_ok=True)
     cluster = LocalCluster(tmp_path, short, free_port(), free_port())
-    cluster.token_path.write_text(secrets.token_hex(32))
-    cluster.token_path.chmod(0o600)
+    write_token(cluster.token_path)
     return cluster
+
+
+def write_token(path: Path) -> None:
+    """A cluster's own Ray auth token (RAY_AUTH_TOKEN_PATH), readable by this user only."""
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
 
 
 def submit(cluster: LocalCluster, command: str, timeout: float) -> subprocess.CompletedProcess:
