@@ -10,7 +10,10 @@ Anchor, same prompts, same model weights, one thread: `model.generate` one promp
 greedy, `max_new_tokens` the same (what a user would write without a server).
 Goals: tokens/s at 32 >= 8x tokens/s at 1; Temper at 32 >= 5x the generate loop.
 
-    .venv/bin/python benchmarks/llm_serving.py [--requests 96] [--max-tokens 32] [--quick]
+    .venv/bin/python benchmarks/llm_serving.py [--requests 96] [--max-tokens 32] [--stream-interval S] [--quick]
+
+`--stream-interval` sets the served model's `stream_interval_s` (how long a stream's tokens are
+gathered into one message after its first): the JSON records the value used.
 
 `--quick` (a smoke run): a 2-layer 64-wide model, 8 tokens, 8 requests per load point.
 """
@@ -121,6 +124,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--stream-interval", type=float, default=None, metavar="S",
+                    help="serve.models[].stream_interval_s (default: the config's default)")
     ap.add_argument("--quick", action="store_true", help="a tiny model, few tokens and requests")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -157,7 +162,9 @@ def main() -> int:
     port = 8000 + os.getpid() % 1000
     app = ServeApp(registry=reg_cfg, serve=ServeConfig(app_name="bench-llm", port=port, models=[ServedModel(
         model="bench-llama", version="latest", max_batch_size=32, batch_wait_timeout_s=0.005, max_ongoing_requests=64,
-        max_queued_requests=256, cpus_per_replica=1, max_new_tokens=max(args.max_tokens, 64))]))
+        max_queued_requests=256, cpus_per_replica=1, max_new_tokens=max(args.max_tokens, 64),
+        **({} if args.stream_interval is None else {"stream_interval_s": args.stream_interval}))]))
+    stream_interval = app.serve.models[0].stream_interval_s
     url = deploy(app).rstrip("/")
     points = {}
     try:
@@ -186,6 +193,7 @@ def main() -> int:
     path.write_text(json.dumps({
         "benchmark": "llm_serving", "quick": args.quick,
         "model": {"kind": "llama", "hidden": args.hidden, "layers": args.layers, "max_tokens": args.max_tokens},
+        "stream_interval_s": stream_interval,
         "load_avg_before": load_before, "anchor": anchor, "points": {str(k): v for k, v in points.items()}, "goals": goals,
     }, indent=2))
     print(f"wrote {path}")

@@ -579,14 +579,12 @@ class HandleClient:
         """New token ids as the replica makes them (a streaming DeploymentHandle call): bytes of
         the built-in GPT, tokenizer ids of an hf causal LM."""
         gen = self._handle.options(stream=True).generate_stream.remote(prompt, max_new_tokens, temperature, top_k, seed)
-        for item in gen:
-            if isinstance(item, dict):
-                if "token" in item:  # an hf causal LM's {token, text, stop}
-                    yield item["token"]
-                    continue
-                raise_if_refused(item)  # the header ({version, ...}) passes, a refusal/failure raises
+        for message in gen:
+            if isinstance(message, dict):
+                raise_if_refused(message)  # the header ({version, ...}) passes, a refusal/failure raises
                 continue
-            yield item
+            for item in message:  # a list of new tokens: byte ids, or an hf causal LM's {token, text, stop}
+                yield item["token"] if isinstance(item, dict) else item
 
     def stats(self) -> dict:
         """Batch statistics of the replica that answers (one of them when there are several)."""

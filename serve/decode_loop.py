@@ -19,6 +19,7 @@ sequence cancelled and it leaves at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter as CountMap
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +42,15 @@ class DecodeRequest:
     """time.perf_counter() when it entered the replica (queue-wait metric)."""
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     pinned: bool = False
+    waker: asyncio.Future | None = None
+    """Set while the reader waits out its stream interval: the sequence's end resolves it early."""
+
+    def put(self, item) -> None:
+        """Hand the reader a token, `_END` or the error that failed the sequence (the last two
+        end its wait for the stream interval)."""
+        self.queue.put_nowait(item)
+        if (item is _END or isinstance(item, BaseException)) and self.waker is not None and not self.waker.done():
+            self.waker.set_result(None)
 
 
 class DecodeStats:
@@ -79,18 +89,50 @@ class DecodeLoop:
     async def tokens(self, seq: DecodeSequence, kind: str, enqueued: float) -> AsyncIterator[int]:
         """Queue `seq` and yield its new token ids as the steps make them; raises the error that
         failed it (non-finite logits, an adapter that does not load)."""
+        async with contextlib.aclosing(self.token_batches(seq, kind, enqueued)) as batches:
+            async for batch in batches:
+                for token in batch:
+                    yield token
+
+    async def token_batches(self, seq: DecodeSequence, kind: str, enqueued: float,
+                            interval_s: float = 0.0) -> AsyncIterator[list[int]]:
+        """Queue `seq` and yield its new token ids in lists: the first token alone as soon as it
+        is made, then at most one list per `interval_s` holding every token made meanwhile (0:
+        each list holds what was made when the previous one was taken). Raises the error that
+        failed the sequence after yielding the tokens made before it."""
         req = DecodeRequest(seq, kind, enqueued)
         self._waiting.append(req)
         if self._task is None:
             self._task = asyncio.create_task(self._run())
+        loop = asyncio.get_running_loop()
+        last = None  # loop time of the previous list
         try:
             while True:
-                item = await req.queue.get()
-                if item is _END:
+                items = [await req.queue.get()]
+                wait = last + interval_s - loop.time() if last is not None else 0.0
+                if wait > 0 and not seq.done:  # wait out the interval, or until the sequence ends
+                    req.waker = loop.create_future()
+                    timer = loop.call_later(wait, lambda f=req.waker: f.done() or f.set_result(None))
+                    try:
+                        await req.waker
+                    finally:
+                        timer.cancel()
+                        req.waker = None
+                while not req.queue.empty():
+                    items.append(req.queue.get_nowait())
+                batch, end = [], None
+                for item in items:
+                    if item is _END or isinstance(item, BaseException):
+                        end = item
+                        break
+                    batch.append(item)
+                if batch:
+                    last = loop.time()
+                    yield batch
+                if end is _END:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                if end is not None:
+                    raise end
         finally:
             if not seq.done:  # the caller went away: free its row at the next step
                 seq.cancelled = True
@@ -115,16 +157,16 @@ class DecodeLoop:
                 self.stats.joined_running += joined_running
                 for req in admitted:
                     if req.seq.error is not None and req.seq not in stepped:  # its adapter did not load
-                        req.queue.put_nowait(req.seq.error)
+                        req.put(req.seq.error)
                         self._requests.pop(id(req.seq), None)
                 for seq in stepped:
                     req = self._requests[id(seq)]
                     if seq.error is not None:
-                        req.queue.put_nowait(seq.error)
+                        req.put(seq.error)
                     else:
-                        req.queue.put_nowait(seq.tokens[-1])
+                        req.put(seq.tokens[-1])
                         if seq.done:
-                            req.queue.put_nowait(_END)
+                            req.put(_END)
                 if stepped:
                     self.stats.steps[len(stepped)] += 1
                 if self.on_step is not None:
@@ -167,6 +209,6 @@ class DecodeLoop:
         for req in list(self._requests.values()):
             if not req.seq.done:
                 req.seq.error, req.seq.done = err, True
-                req.queue.put_nowait(err)
+                req.put(err)
         self._release(list(self._requests.values()))
         self._batch = RunningBatch(self.pred)

@@ -85,7 +85,7 @@ def _fixed_ingress_config(cfg: ServeConfig) -> dict:
     """
     fixed = cfg.model_dump(mode="json")
     for m in fixed["models"]:
-        for name in ("max_batch_size", "batch_wait_timeout_s", "version"):
+        for name in ("max_batch_size", "batch_wait_timeout_s", "stream_interval_s", "version"):
             m.pop(name)
         m["traffic"] = list(m["traffic"]) if m["traffic"] else None  # the routes (deployments), not their weights
     return fixed
@@ -109,7 +109,7 @@ def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConf
         backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
         ray_actor_options={"num_cpus": m.cpus_per_replica},
         user_config=BatchSettings(max_batch_size=m.max_batch_size, batch_wait_timeout_s=m.batch_wait_timeout_s,
-                                  version=ref).model_dump(),
+                                  stream_interval_s=m.stream_interval_s, version=ref).model_dump(),
     )
     if m.autoscaling is not None:
         opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)

@@ -520,16 +520,18 @@ def make_api(cfg: ServeConfig, servers: Mapping[str, Any], metrics: IngressMetri
                                  "backend": head["backend"], "request_id": request_id})
             try:
                 while True:
-                    item = await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001))
-                    raise_if_refused(item)
-                    if isinstance(item, dict):  # hf causal LM: {token, text, stop}
-                        token, piece = item["token"], item["text"]
-                        finish = "stop" if item["stop"] else finish
-                    else:  # built-in GPT: a byte id
-                        token, piece = item, utf8.decode(bytes([item]))
-                    tokens.append(token)
-                    pieces.append(piece)
-                    yield _sse("token", {"index": len(tokens) - 1, "token": token, "text": piece})
+                    batch = raise_if_refused(await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001)))
+                    events = []  # one event per token, written together (the replica sends tokens in lists)
+                    for item in batch:
+                        if isinstance(item, dict):  # hf causal LM: {token, text, stop}
+                            token, piece = item["token"], item["text"]
+                            finish = "stop" if item["stop"] else finish
+                        else:  # built-in GPT: a byte id
+                            token, piece = item, utf8.decode(bytes([item]))
+                        tokens.append(token)
+                        pieces.append(piece)
+                        events.append(_sse("token", {"index": len(tokens) - 1, "token": token, "text": piece}))
+                    yield b"".join(events)
             except StopAsyncIteration:
                 ms = (time.perf_counter() - t0) * 1000
                 record(model, route, head["version"], "ok", ms)

@@ -363,14 +363,15 @@ def install_openai_routes(api: FastAPI, *, served: dict, call: ModelCall,
                 yield chunk(text="", role=True)
             try:
                 while True:
-                    item = await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001))
-                    raise_if_refused(item)
-                    if isinstance(item, dict):  # hf causal LM: {token, text, stop}
-                        piece, eos = item["text"], item["stop"]
-                    else:  # built-in GPT: a byte id
-                        piece = utf8.decode(bytes([item]))
-                    generated += 1
-                    new = shown.add(piece)
+                    batch = raise_if_refused(await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001)))
+                    new = ""  # one chunk for the tokens of one message (the replica sends them in lists)
+                    for item in batch:
+                        if isinstance(item, dict):  # hf causal LM: {token, text, stop}
+                            piece, eos = item["text"], item["stop"]
+                        else:  # built-in GPT: a byte id
+                            piece = utf8.decode(bytes([item]))
+                        new += shown.add(piece)
+                    generated += len(batch)
                     if new:
                         yield chunk(text=new)
             except StopAsyncIteration:

@@ -392,6 +392,8 @@ class BatchSettings(BaseModel):
     """Largest dynamic batch (requests)."""
     batch_wait_timeout_s: float = Field(ge=0, le=10)
     """Wait for more requests after the first of a batch."""
+    stream_interval_s: float = Field(0.05, ge=0, le=10)
+    """Streamed generation: the tokens made within this long after a stream's previous message go as one message."""
     version: str
     """Registry version number or alias to serve (the route)."""
 
@@ -678,11 +680,13 @@ class BatchedModelServer:
             self._batch_hist.observe(len(stepped), tags={"model": self.model, "app": self._app, "method": "decode_step"})
             self._tokens.inc(sum(s.error is None for s in stepped), tags={"model": self.model, "route": self._route})
 
-    async def _generate_tokens(self, loop: DecodeLoop, seq: DecodeSequence, kind: str, enqueued: float) -> AsyncIterator[int]:
+    async def _token_batches(self, loop: DecodeLoop, seq: DecodeSequence, kind: str, enqueued: float,
+                             interval_s: float = 0.0) -> AsyncIterator[list[int]]:
         self._inflight += 1
         try:
-            async for token in loop.tokens(seq, kind, enqueued):
-                yield token
+            async with contextlib.aclosing(loop.token_batches(seq, kind, enqueued, interval_s)) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
             self._inflight -= 1
 
@@ -846,7 +850,7 @@ class BatchedModelServer:
         loaded, loop = self._decode_loop()
         seq = DecodeSequence(item.row, item.params, item.adapter)
         try:
-            tokens = [t async for t in self._generate_tokens(loop, seq, "generate", item.enqueued)]
+            tokens = [t async for batch in self._token_batches(loop, seq, "generate", item.enqueued) for t in batch]
         except NonFiniteOutputError:
             return ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()
         except AdapterError as err:
@@ -859,11 +863,20 @@ class BatchedModelServer:
     async def generate_stream(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                               seed: int | None = None, top_p: float = 1.0, stop: list[str] | None = None,
                               adapter: str | None = None, messages: list | None = None) -> AsyncIterator:
-        """Streaming generation: yields {version, backend, route, prompt_tokens} first, then each
-        new byte id as an int (hf causal LM: {token, text, stop}), as soon as its decode step is
-        done; a refusal or failure is yielded as its dict ({"refused": ...} / {"failed": ...}) and
-        ends the stream. The row ends at a stop string; trimming the shown text is the caller's
-        (`app.stop_strings.visible_text`)."""
+        """Streaming generation: yields {version, backend, route, prompt_tokens} first, then lists
+        of new tokens: byte ids as ints (hf causal LM: {token, text, stop} each). The first token
+        comes alone as soon as its decode step is done, then one list per `stream_interval_s` at
+        most with every token made meanwhile. A refusal or failure is yielded as its dict
+        ({"refused": ...} / {"failed": ...}) and ends the stream. The row ends at a stop string;
+        trimming the shown text is the caller's (`app.stop_strings.visible_text`).
+
+        Why lists: every item of a streamed Serve call crosses the replica -> ingress -> HTTP
+        proxy hops as its own object, at a CPU cost in each. Measured on 2 cores with a 4-layer,
+        256-wide Llama at 32 concurrent streams: 345 tokens/s with one item per token, 524 with
+        items gathered over 0.25 s, 773 with a stream's tokens in two items. The default, 50 ms,
+        is Ray Serve LLM's own stream batching interval: it gathers tokens when decode steps are
+        shorter than that (a fast model, low concurrency) and changes nothing when they are
+        longer."""
         try:
             item = self._generation_item(prompt, max_new_tokens, temperature, top_k, seed, top_p, stop, adapter, messages)
             await self._load_adapter(item)
@@ -877,8 +890,9 @@ class BatchedModelServer:
         pieces = TokenPieces(loaded.predictor) if isinstance(loaded.predictor, TextPredictor) else None
         seq = DecodeSequence(item.row, item.params, item.adapter)
         try:
-            async for token in self._generate_tokens(loop, seq, "generate_stream", item.enqueued):
-                yield token if pieces is None else pieces.add(token)
+            interval = self._settings.stream_interval_s if self._settings is not None else 0.0
+            async for batch in self._token_batches(loop, seq, "generate_stream", item.enqueued, interval):
+                yield batch if pieces is None else [pieces.add(token) for token in batch]
         except NonFiniteOutputError:
             yield ModelServerError(500, NON_FINITE, loaded.version, loaded.backend).as_failure()
         except AdapterError as err:

@@ -209,3 +209,21 @@ def test_a_closed_stream_leaves_the_batch_at_the_next_step(gpt):
     out: list[int] = []
     asyncio.run(_collect(loop, again, out))
     assert out == generate_text(gpt, byte_row("x = 1")[None], 5)[0].tolist()
+
+
+def test_streamed_tokens_come_in_lists_the_first_alone_and_the_end_is_not_held_by_the_interval(gpt):
+    """`token_batches`: the first token in a list of its own; with a 600 s interval every later
+    token waits for the next list, which the sequence's end sends at once (a reader that slept
+    out the interval would hit the 120 s guard); with interval 0 each list holds one token."""
+    loop = DecodeLoop(gpt, None, lambda: 8)
+
+    async def lists(seq, interval_s):
+        return [b async for b in loop.token_batches(seq, "generate_stream", 0.0, interval_s)]
+
+    slow = DecodeSequence(byte_row("def f(x):"), SamplingParams(20))
+    batches = asyncio.run(asyncio.wait_for(lists(slow, 600.0), 120))
+    assert len(slow.tokens) == 20 and batches == [slow.tokens[:1], slow.tokens[1:]]
+    assert slow.tokens == generate_text(gpt, byte_row("def f(x):")[None], 20)[0].tolist()
+
+    each = DecodeSequence(byte_row("def f(x):"), SamplingParams(20))
+    assert asyncio.run(lists(each, 0.0)) == [[t] for t in slow.tokens]
