@@ -4,7 +4,8 @@ running batch of one loaded version.
 Each turn of the loop admits waiting requests (while fewer than `max_batch_size` sequences
 run), runs one `RunningBatch.step` in a worker thread (the running sequences make their next
 token, the admitted ones are prefilled and make their first), hands every request its new
-token through its own queue, and lets finished sequences go. A request arriving while others
+token through its own queue, and lets finished sequences go. A reader takes its tokens in lists
+(`token_batches`): the first alone, then what was made within its stream interval. A request arriving while others
 decode therefore joins at the next step rather than waiting for them to finish, and a short
 generation leaves as soon as it is done. The loop starts with the first request and ends when
 nothing runs or waits; a hot-swapped version gets a loop of its own while the old one finishes
