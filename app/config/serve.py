@@ -107,8 +107,8 @@ class ServedModel(Section):
     """Logical CPUs each replica reserves."""
     max_new_tokens: int = Field(64, ge=1, le=4096)
     """lm models: cap on generated tokens per request."""
-    stream_interval_s: float = Field(0.05, ge=0, le=10)
-    """Streamed generation: a stream's first token is sent at once, then the tokens made within this long after its previous message go as one message (live-reconfigurable); 0 sends each token on its own. Every message crosses the replica, ingress and HTTP proxy: fewer of them is what lets tokens/s grow with concurrency."""
+    stream_interval_s: float = Field(0.25, ge=0, le=10)
+    """Streamed generation: a stream's first token is sent at once, then the tokens made within this long after its previous message go as one message (live-reconfigurable); 0 sends each token on its own. Every message crosses the replica, ingress and HTTP proxy: fewer of them is what lets tokens/s grow with concurrency. Lower it for smoother text where the load is light."""
     auto_rollback: AutoRollbackConfig | None = None
     """Watch `traffic`'s canary route and roll its alias back when it errs or slows down (needs `traffic`)."""
     adapters: dict[str, str] | None = None

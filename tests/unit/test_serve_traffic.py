@@ -179,7 +179,7 @@ def test_build_app_hands_serve_routes_queues_autoscaling_and_live_settings():
     digits = [a._bound_deployment for a in servers["digits"]]
     assert [d.name for d in digits] == ["model-digits", "model-digits--staging"]
     for d, ref in zip(digits, ["production", "staging"]):
-        assert d.user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "stream_interval_s": 0.05, "version": ref}
+        assert d.user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "stream_interval_s": 0.25, "version": ref}
         assert d.max_queued_requests == 7 and d.backpressure_config.retry_after_s == 2
         auto = d._deployment_config.autoscaling_config
         assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 12)
