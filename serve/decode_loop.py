@@ -5,8 +5,8 @@ Each turn of the loop admits waiting requests (while fewer than `max_batch_size`
 run), runs one `RunningBatch.step` in a worker thread (the running sequences make their next
 token, the admitted ones are prefilled and make their first), hands every request its new
 token through its own queue, and lets finished sequences go. A reader takes its tokens in lists
-(`token_batches`): the first alone, then what was made within its stream interval. A request arriving while others
-decode therefore joins at the next step rather than waiting for them to finish, and a short
+(`token_batches`): the first alone, then what was made within its stream interval. A request
+arriving while others decode therefore joins at the next step rather than waiting for them to finish, and a short
 generation leaves as soon as it is done. The loop starts with the first request and ends when
 nothing runs or waits; a hot-swapped version gets a loop of its own while the old one finishes
 what it runs, so one batch never mixes versions.
@@ -20,7 +20,6 @@ sequence cancelled and it leaves at the next step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter as CountMap
 from collections import deque
 from dataclasses import dataclass, field
@@ -87,20 +86,13 @@ class DecodeLoop:
     def running(self) -> int:
         return self._batch.live
 
-    async def tokens(self, seq: DecodeSequence, kind: str, enqueued: float) -> AsyncIterator[int]:
-        """Queue `seq` and yield its new token ids as the steps make them; raises the error that
-        failed it (non-finite logits, an adapter that does not load)."""
-        async with contextlib.aclosing(self.token_batches(seq, kind, enqueued)) as batches:
-            async for batch in batches:
-                for token in batch:
-                    yield token
-
     async def token_batches(self, seq: DecodeSequence, kind: str, enqueued: float,
                             interval_s: float = 0.0) -> AsyncIterator[list[int]]:
-        """Queue `seq` and yield its new token ids in lists: the first token alone as soon as it
-        is made, then at most one list per `interval_s` holding every token made meanwhile (0:
-        each list holds what was made when the previous one was taken). Raises the error that
-        failed the sequence after yielding the tokens made before it."""
+        """Queue `seq` and yield its new token ids in lists as the steps make them: the first token
+        alone as soon as it is made, then at most one list per `interval_s` holding every token
+        made meanwhile (0: each list holds what was made when the previous one was taken).
+        Raises the error that failed the sequence (non-finite logits, an adapter that does not
+        load) after yielding the tokens made before it."""
         req = DecodeRequest(seq, kind, enqueued)
         self._waiting.append(req)
         if self._task is None:

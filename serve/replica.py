@@ -58,7 +58,7 @@ from ray import serve
 from app import telemetry
 from app.artifact_roots import check_under_roots
 from app.config.registry import RegistryConfig
-from app.config.serve import registered_adapter_ref
+from app.config.serve import ServedModel, registered_adapter_ref
 from app.data.chat_template import ChatFormatError, render_chat
 from app.inference import (
     NonFiniteOutputError,
@@ -392,7 +392,7 @@ class BatchSettings(BaseModel):
     """Largest dynamic batch (requests)."""
     batch_wait_timeout_s: float = Field(ge=0, le=10)
     """Wait for more requests after the first of a batch."""
-    stream_interval_s: float = Field(0.25, ge=0, le=10)
+    stream_interval_s: float = Field(ServedModel.model_fields["stream_interval_s"].default, ge=0, le=10)
     """Streamed generation: the tokens made within this long after a stream's previous message go as one message."""
     version: str
     """Registry version number or alias to serve (the route)."""

@@ -131,9 +131,9 @@ def test_gpt_sequences_joining_mid_decode_equal_the_recompute_path_past_block_si
 
 
 async def _collect(loop: DecodeLoop, seq: DecodeSequence, out: list, started: asyncio.Event | None = None, after: int = 0):
-    async for token in loop.tokens(seq, "generate", 0.0):
-        out.append(token)
-        if started is not None and len(out) == after:
+    async for batch in loop.token_batches(seq, "generate", 0.0):
+        out.extend(batch)
+        if started is not None and len(out) >= after:
             started.set()
 
 
@@ -192,8 +192,8 @@ def test_a_closed_stream_leaves_the_batch_at_the_next_step(gpt):
     async def scenario():
         keep: list[int] = []
         task = asyncio.create_task(_collect(loop, stay, keep))
-        gen = loop.tokens(leave, "generate_stream", 0.0)
-        got = [await gen.__anext__() for _ in range(3)]
+        gen = loop.token_batches(leave, "generate_stream", 0.0)  # interval 0: one token per list here
+        got = [t for _ in range(3) for t in await gen.__anext__()]
         await gen.aclose()  # the client went away
         left_at = loop._batch.steps
         await task

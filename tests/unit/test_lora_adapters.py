@@ -111,8 +111,8 @@ def test_adapter_rows_joining_a_running_batch_equal_each_merged_model_and_are_un
             if delay_tokens:  # join once the base row has made this many tokens
                 while len(seqs[0].tokens) < delay_tokens:
                     await asyncio.sleep(0.001)
-            async for t in loop.tokens(seqs[i], "generate", 0.0):
-                outs[i].append(t)
+            async for batch in loop.token_batches(seqs[i], "generate", 0.0):
+                outs[i].extend(batch)
 
         await asyncio.gather(collect(0, 0), collect(1, 1), collect(2, 2))
         return outs
