@@ -143,6 +143,25 @@ def quality(emb: np.ndarray, reference: np.ndarray) -> dict:
     return {"mean_cosine": mean, "min_cosine": low, "recall_at_10": recall_at_k(emb, reference, k=10)}
 
 
+def int8_artifact(folder: Path, onnx_file: Path, dst: Path) -> Path:
+    """`onnx_file` (a Temper int8 graph of the model in `folder`) as an `onnx_int8` artifact folder
+    that the registry can hold and a replica can load (configs/minilm.yaml's model, at `folder`)."""
+    import shutil
+
+    import yaml
+
+    from app.artifacts import write_meta
+    from app.config.jobs import OptimizeJob
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "minilm.yaml").read_text())
+    raw["model"]["path"] = str(folder)
+    job = OptimizeJob.model_validate(raw).train_job()
+    dst.mkdir(parents=True)
+    shutil.copyfile(onnx_file, dst / "model.onnx")
+    write_meta(dst, job, "onnx_int8", {"source": str(onnx_file)})
+    return dst
+
+
 def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], reference: np.ndarray, repeats: int,
                   concurrency: int = 32) -> dict:
     """(d) `onnx_file` (the (c) graph) registered as an `onnx_int8` version and served by Temper on
@@ -153,28 +172,18 @@ def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], r
     ORT's dynamic int8 picks activation scales per batch, and served batches are whatever arrived
     together (a text embedded alone and in a batch of 32 measured mean cosine 0.991 to each other)."""
     import asyncio
-    import shutil
     import uuid
 
     import ray
-    import yaml
 
     from actors.registry.client import get_or_create_registry
-    from app.artifacts import write_meta
-    from app.config.jobs import OptimizeJob, ServeApp
+    from app.config.jobs import ServeApp
     from app.config.registry import RegistryConfig
     from app.config.serve import ServeConfig, ServedModel
     from serve.client import AsyncTemperClient
     from serve.deploy import deploy, shutdown
 
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "minilm.yaml").read_text())
-    raw["model"]["path"] = str(folder)
-    job = OptimizeJob.model_validate(raw).train_job()
-    artifact = work / "served-onnx_int8"
-    artifact.mkdir()
-    shutil.copyfile(onnx_file, artifact / "model.onnx")
-    write_meta(artifact, job, "onnx_int8", {"source": str(onnx_file)})
-
+    artifact = int8_artifact(folder, onnx_file, work / "served-onnx_int8")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     reg_cfg = RegistryConfig(actor_name=f"bench-{uuid.uuid4().hex[:6]}", namespace="temper-bench",
                              db_url=f"sqlite:///{work / 'registry.db'}")

@@ -40,6 +40,18 @@ PROMPTS = [
     "try:\n    import numpy as np\nexcept ",
 ]
 """Fixed prompts of different lengths (generation batches mix them: left padding at work)."""
+SENTENCES = [
+    "How do I reset my password?",
+    "The quarterly report shows revenue grew by twelve percent while costs stayed flat.",
+    "Best hiking trails near the lake with a view of the mountains",
+    "A sentence embedding maps a text to a vector so that similar meanings land close together.",
+    "Where is the nearest train station?",
+    "Customers who bought this item also looked at the waterproof version, which ships in two days "
+    "and comes with a one-year warranty.",
+    "error: connection refused when the client retries after a timeout",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+]
+"""Fixed search-style texts of different lengths for `embed` (one text per request)."""
 
 
 def is_loopback(url: str) -> bool:
@@ -61,6 +73,8 @@ def payloads(endpoint: str, max_new_tokens: int, n: int = 64) -> list[dict]:
         return [{"inputs": [img.reshape(-1).tolist()], "top_k": 1} for img in images]
     if endpoint == "generate":
         return [{"prompt": p, "max_new_tokens": max_new_tokens} for p in PROMPTS]
+    if endpoint == "embed":
+        return [{"texts": [t]} for t in SENTENCES]
     if endpoint == "score":
         return [{"texts": [p], "top_k": 1} for p in PROMPTS]
     raise ValueError(f"unknown endpoint {endpoint!r}")
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.loadgen", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="base URL of the app (endpoints under <url>/api/v1/)")
     p.add_argument("--model", required=True)
-    p.add_argument("--endpoint", choices=["predict", "generate", "score"], required=True)
+    p.add_argument("--endpoint", choices=["predict", "generate", "score", "embed"], required=True)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=500, help="stop after this many answers")
     p.add_argument("--duration-s", type=float, default=10.0, help="... or after this many seconds")

@@ -23,6 +23,7 @@ RESULT_KEYS = {  # what each script's JSON holds besides its goals
     "pruning": {"steps", "results"},
     "quantization": {"threads", "results"},
     "serve_batching": {"machine", "models", "serve_floor"},
+    "serving_vs_fastapi": {"machine", "models"},
     "strategy_memory": {"args", "results"},
     "train_overhead": {"model", "results"},
     "tune_asha": {"grid", "asha", "step_ratio", "best_gap"},
