@@ -16,7 +16,7 @@ import torch
 
 from app.inference import SamplingParams, generate_steps, generate_tokens, load_predictor
 from hf_folders import tiny_llama_artifact
-from serve.replica import LMRequest, run_lm_batch
+from serve.batches import LMRequest, run_lm_batch
 
 PROMPTS = ["the cat", "a dog ran fast on the mat", "red", "the big house sat on a small tree", "blue mat"]
 
@@ -108,7 +108,7 @@ def test_onnx_artifact_generates_the_torch_tokens_by_recomputing(artifact, lm, t
 
 def test_replica_rows_refuse_a_text_over_the_token_limit_and_stream_pieces_add_up(lm):
     from serve.protocol import ModelRequestError
-    from serve.replica import TokenPieces, finish_reason, lm_row
+    from serve.batches import TokenPieces, finish_reason, lm_row
 
     pred, _ = lm
     with pytest.raises(ModelRequestError) as err:

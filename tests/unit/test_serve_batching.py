@@ -21,8 +21,7 @@ from app.models import build_model
 from serve.client import TemperAPIError, TemperClient
 from serve.ingress import make_api
 from serve.protocol import ModelRequestError, raise_if_refused
-from serve.replica import (
-    BatchStats,
+from serve.batches import (
     ClassifyRequest,
     LMRequest,
     group_lm_rows,
@@ -31,6 +30,7 @@ from serve.replica import (
     run_lm_batch,
     tokens_from_text,
 )
+from serve.replica import BatchStats
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from hf_folders import sentiment_rows, tiny_bert
 from serve.client import TemperClient
 from serve.ingress import make_api
 from serve.protocol import ModelRequestError
-from serve.replica import TextRequest, encode_texts, run_text_batch
+from serve.batches import TextRequest, encode_texts, run_text_batch
 
 LONG = " ".join(["cat"] * 30)  # 32 tokens with [CLS] [SEP]; the limit (data.max_length) is 16
 
