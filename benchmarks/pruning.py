@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -26,10 +25,10 @@ import torch
 
 from app.artifacts import load_fp32
 from app.compression.pruning import RowView, sparsity_of, unstructured_masks
-from app.config.train import MagnitudePruningConfig
 from app.config.jobs import TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums
+from app.models import block_linear_weights
 from pipelines.train import fit
 
 
@@ -73,9 +72,10 @@ def main() -> None:
         dense_model, _ = load_fp32(dense_path)
         gradual_model, _ = load_fp32(fit(gradual_job).artifact_path)
 
-        pattern = re.compile(MagnitudePruningConfig(name="magnitude_pruning").targets)
+        # the callback's default targets: every Linear weight inside the transformer blocks
+        names = set(block_linear_weights(dense_model))
         oneshot_model, _ = load_fp32(dense_path)
-        targets = {n: p for n, p in oneshot_model.named_parameters() if pattern.fullmatch(n)}
+        targets = {n: p for n, p in oneshot_model.named_parameters() if n in names}
         masks = unstructured_masks({n: RowView(p.data, 0, tuple(p.shape)) for n, p in targets.items()}, 0.5, "global")
         with torch.no_grad():
             for n, p in targets.items():
@@ -83,7 +83,7 @@ def main() -> None:
 
         rows = {}
         for name, model in (("dense", dense_model), ("gradual", gradual_model), ("one-shot", oneshot_model)):
-            weights = [p for n, p in model.named_parameters() if pattern.fullmatch(n)]
+            weights = [p for n, p in model.named_parameters() if n in names]
             rows[name] = {"val_loss": evaluate(model, dense_job, args.eval_batches), "sparsity": sparsity_of(weights)}
     ray.shutdown()
 
