@@ -13,8 +13,7 @@ Servers, one after the other on this machine:
   `app.inference.load_predictor`, ORT at 1 thread, one model call at a time, no batching;
 - (b) Temper on an embedded local Ray: one replica per model with `cpus_per_replica: 1` (ORT at
   1 thread), dynamic batches of up to 32, every other setting at its default; the full path
-  (Serve proxy -> ingress -> replica).
-
+  (Serve proxy -> ingress -> replica);
 - (c) the same Temper app under Ray Serve's throughput-optimized mode
   (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between replicas, user code on the replica's main
   thread, and "direct ingress": the ingress replica serves HTTP on a port of its own), measured
@@ -24,11 +23,11 @@ Servers, one after the other on this machine:
   HAProxy would forward to. Ray documents this mode at 88% lower latency. It runs in a child
   process: Serve reads the flag when its modules are imported.
 
-The same closed-loop load generator (`serve.loadgen`, its own process) drives both at
-concurrency 1 and 32. Goals (2-core CPU): at concurrency 1, Temper's p50 <= 1.5x FastAPI's for
-MiniLM and <= 3x for the digits ViT, p99 <= 2x; at concurrency 32, Temper's throughput >= 3x
-FastAPI's for MiniLM (batching) and >= 1.0x for the digits ViT. Writes
-benchmarks/results/serving_vs_fastapi.json.
+The same closed-loop load generator (`serve.loadgen`, its own process) drives every server at
+concurrency 1 and 32. Goals (2-core CPU, judged on (b), what Temper runs): at concurrency 1,
+Temper's p50 <= 1.5x FastAPI's for MiniLM and <= 3x for the digits ViT, p99 <= 2x; at
+concurrency 32, Temper's throughput >= 3x FastAPI's for MiniLM (batching) and >= 1.0x for the
+digits ViT. Writes benchmarks/results/serving_vs_fastapi.json.
 
 `--quick` (a smoke run): the digits model only, 2 s per load point.
 """
