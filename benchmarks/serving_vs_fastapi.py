@@ -58,12 +58,12 @@ def digits_artifact(work: Path) -> Path:
 
     from app.artifacts import save_fp32
     from app.compression import to_onnx_int8
-    from app.config.jobs import OptimizeJob, TrainJob
+    from app.config.jobs import OptimizeJob
     from app.models import build_model
 
     job = OptimizeJob.model_validate(yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text()))
     torch.manual_seed(0)
-    fp32 = save_fp32(work / "digits-fp32", build_model(job.model), TrainJob.model_validate(job.train_job().model_dump()))
+    fp32 = save_fp32(work / "digits-fp32", build_model(job.model), job.train_job())
     return to_onnx_int8(fp32, work / "digits-onnx_int8")
 
 
@@ -141,7 +141,7 @@ def direct_ingress_url(first_port: int, tries: int = 50) -> str:
 
 
 def temper_column(artifacts: dict[str, tuple[Path, str]], work: Path, args, direct_port: int | None = None) -> dict:
-    """{"proxy": {model: points}} through Serve's proxy, and {"direct": ...} on the ingress
+    """{"proxy": {model: points}} through Serve's proxy, and {"replica_port": ...} on the ingress
     replica's own port when `direct_port` (direct ingress on, its first port) is given."""
     import ray
     from ray import serve
@@ -166,11 +166,11 @@ def temper_column(artifacts: dict[str, tuple[Path, str]], work: Path, args, dire
         url = deploy(ServeApp(registry=reg_cfg, serve=ServeConfig(app_name="bench-vs-fastapi", port=8000 + os.getpid() % 1000, models=models)))
         urls = {"proxy": url}
         if direct_port is not None:
-            urls["direct"] = direct_ingress_url(direct_port)
+            urls["replica_port"] = direct_ingress_url(direct_port)
         try:
             for name, (_, endpoint) in artifacts.items():
                 for path, base in urls.items():
-                    label = "temper" if direct_port is None else f"opt-{path}"
+                    label = "temper" if direct_port is None else f"opt-{path.replace('_', '-')}"
                     out.setdefault(path, {})[name] = load_points(base, name, endpoint, args, label)
         finally:
             shutdown("bench-vs-fastapi")
@@ -245,7 +245,7 @@ def main() -> int:
     print("\nRay Serve's throughput-optimized mode (c) beside the default path (b): c=1 p50 / p99 ms, c=32 req/s")
     for name in artifacts:
         cols = {"(a) fastapi": fastapi[name], "(b) temper": temper[name], "(c) optimized, proxy": optimized["proxy"][name],
-                "(c) optimized, replica port": optimized["direct"][name]}
+                "(c) optimized, replica port": optimized["replica_port"][name]}
         for label, col in cols.items():
             print(f"  {name:7s} {label:28s} {col['c1']['latency_ms']['p50']:8.2f} {col['c1']['latency_ms']['p99']:8.2f} "
                   f"{col['c32']['throughput_rps']:9.1f}")
@@ -258,8 +258,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "serving_vs_fastapi", "quick": args.quick, "machine": machine,
                                "models": {n: {"endpoint": e, "fastapi": fastapi[n], "temper": temper[n],
-                                              "temper_throughput_optimized": {"proxy": optimized["proxy"][n],
-                                                                              "replica_port": optimized["direct"][n]}}
+                                              "temper_throughput_optimized": {k: v[n] for k, v in optimized.items()}}
                                           for n, (_, e) in artifacts.items()},
                                "goals": goals}, indent=2))
     print(f"wrote {out}")
