@@ -11,6 +11,9 @@ process group, and stepped with the worker loop's batches.
 - QLoRA: the base is 4-bit NF4 (bitsandbytes `Linear4bit`), only the adapters train and sit in
   the optimizer, the base bytes do not change, and the adapter learns the word-swap task
   (greedy exact match from 0 to >= 0.4, as LoRA does on CPU).
+- A transformers BERT classifier in bf16 under ddp, fsdp and zero3, and LoRA on the tiny Llama
+  in bf16 under ddp, fsdp and zero2 (the strategies adapters may use): bf16 matmuls, the fp32
+  loss, and the adapter learns the word-swap task.
 - The built-in GPT in bf16 on CUDA (torch SDPA or flash-attn) gives the CPU fp32 logits.
 """
 
@@ -57,8 +60,10 @@ def _gpt_job(tmp_path: Path, strategy: str, precision: str):
                   "batch_size": 16, "lr": 3e-3, "warmup_steps": 4}})
 
 
-def _train(job, device, steps: int | None = None) -> tuple[list[float], object]:
-    """Per-step losses of the worker loop's inner steps; the strategy it stepped."""
+def _train(job, device, steps: int | None = None, linear_dtypes: set | None = None) -> tuple[list[float], object]:
+    """Per-step losses of the worker loop's inner steps; the strategy it stepped. `linear_dtypes`
+    collects the dtype of every Linear output in the forward passes (the precision the matmuls
+    really ran in: autocast, FSDP's param dtype or DeepSpeed's half weights all show there)."""
     from app.data import build_data, train_batches
     from app.evaluation import metric_kind, task_loss
     from pipelines.optimization import build_optimizer, build_train_model, lr_factor
@@ -69,6 +74,10 @@ def _train(job, device, steps: int | None = None) -> tuple[list[float], object]:
     data = build_data(job.data, job.model)
     model = build_train_model(job, device, labels=getattr(data, "labels", None))
     strategy = build_strategy(job, model, lambda m: build_optimizer(m, tc), device)
+    if linear_dtypes is not None:
+        for m in strategy.module.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda _m, _i, out: linear_dtypes.add(out.dtype))
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
     kind, losses = metric_kind(job.model), []
     batches = train_batches(data, tc.seed, 0, 0, tc.batch_size)
@@ -88,8 +97,11 @@ def _train(job, device, steps: int | None = None) -> tuple[list[float], object]:
 def test_mixed_precision_trains_like_fp32(nccl, tmp_path, strategy, precision):
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
-    reference, _ = _train(_gpt_job(tmp_path, strategy, "fp32"), nccl)
-    losses, trained = _train(_gpt_job(tmp_path, strategy, precision), nccl)
+    reference_dtypes, dtypes = set(), set()
+    reference, _ = _train(_gpt_job(tmp_path, strategy, "fp32"), nccl, linear_dtypes=reference_dtypes)
+    losses, trained = _train(_gpt_job(tmp_path, strategy, precision), nccl, linear_dtypes=dtypes)
+    assert reference_dtypes == {torch.float32}
+    assert dtypes == {torch.float16 if precision == "fp16" else torch.bfloat16}, dtypes  # the matmuls ran low
     tail = sum(losses[-5:]) / 5
     assert tail < losses[0] - 0.5, losses  # learning: byte-level loss starts near ln 256 = 5.55
     assert tail == pytest.approx(sum(reference[-5:]) / 5, rel=0.02), (losses[-5:], reference[-5:])
@@ -98,8 +110,63 @@ def test_mixed_precision_trains_like_fp32(nccl, tmp_path, strategy, precision):
         scaler = getattr(trained, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else trained.ds_optimizer.cur_scale
         assert (scaler is None or scaler.is_enabled()) and 0 < scale < float("inf")
-    print(f"[gpu] {strategy} {precision}: loss {losses[0]:.3f} -> {tail:.3f} (fp32 {sum(reference[-5:]) / 5:.3f})"
+    print(f"[gpu] {strategy} {precision}: loss {losses[0]:.5f} -> {tail:.5f} (fp32 {reference[0]:.5f} -> "
+          f"{sum(reference[-5:]) / 5:.5f})"
           + (f", loss scale {scale:.0f}" if scale else ""))
+
+
+def _hf_classifier_job(tmp_path: Path, strategy: str, precision: str):
+    import json
+
+    from app.config.jobs import TrainJob
+    from hf_folders import sentiment_rows, tiny_bert
+
+    if not (tmp_path / "bert").exists():
+        tiny_bert(tmp_path / "bert")
+        (tmp_path / "sent.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(200)))
+    return TrainJob.model_validate({
+        "name": f"gpu-cls-{strategy}-{precision}", "storage_path": str(tmp_path / "runs"),
+        "model": {"kind": "hf", "path": str(tmp_path / "bert"), "task": "sequence_classification"},
+        "data": {"kind": "jsonl", "path": str(tmp_path / "sent.jsonl"), "label_field": "label", "max_length": 16,
+                 "val_fraction": 0.25},
+        "train": {"num_workers": 1, "use_gpu": True, "strategy": strategy, "precision": precision, "steps": 40,
+                  "batch_size": 16, "lr": 3e-3, "warmup_steps": 2}})
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_hf_classifier_trains_in_bf16_like_fp32(nccl, tmp_path, strategy):
+    """A transformers BERT under each strategy on CUDA: bf16 matmuls, and the fp32 run's loss."""
+    reference, _ = _train(_hf_classifier_job(tmp_path, strategy, "fp32"), nccl)
+    dtypes = set()
+    losses, _ = _train(_hf_classifier_job(tmp_path, strategy, "bf16"), nccl, linear_dtypes=dtypes)
+    assert dtypes == {torch.bfloat16}, dtypes
+    tail, ref_tail = sum(losses[-5:]) / 5, sum(reference[-5:]) / 5
+    print(f"[gpu] hf classifier {strategy} bf16: loss {losses[0]:.5f} -> {tail:.5f} (fp32 {ref_tail:.5f})")
+    assert tail < 0.5 * losses[0], losses  # two balanced labels: ln 2 = 0.69 untrained
+    assert tail == pytest.approx(ref_tail, abs=0.1), (losses[-5:], reference[-5:])  # seen: 0.02-0.045 apart
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_lora_learns_in_bf16_under_each_adapter_strategy(nccl, tmp_path, strategy):
+    """LoRA on CUDA in bf16 under every strategy the config allows for adapters: the adapter
+    learns the word-swap task (greedy exact match from 0 to >= 0.4), judged on a fresh model
+    holding the consolidated weights (what a checkpoint saves; a sharded module cannot generate)."""
+    from app.data import build_data
+    from pipelines.optimization import build_train_model
+
+    job = swap_words_job(tmp_path, name=f"swap-{strategy}", use_gpu=True, strategy=strategy, precision="bf16")
+    data = build_data(job.data, job.model)
+    dtypes = set()
+    losses, trained = _train(job, nccl, linear_dtypes=dtypes)
+    assert torch.bfloat16 in dtypes, dtypes
+    state = trained.full_state_dict()
+    fresh = build_train_model(job, nccl).to(nccl)
+    missing, unexpected = fresh.load_state_dict({k: v.to(nccl) for k, v in state.items()}, strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k], (missing, unexpected)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        after = _exact_match(fresh, data, nccl)
+    print(f"[gpu] lora {strategy} bf16: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}, exact match {after:.2f}")
+    assert after >= 0.4, after
 
 
 def test_gpt_bf16_logits_on_cuda_equal_cpu_fp32(tmp_path):
