@@ -4,8 +4,8 @@ worker, or a local session when the loop runs in the calling process.
 The loop (pipelines/train.py) asks `current()` for its rank, world size, device, the checkpoint
 to resume from, the dataset shard it streams, and where to report metrics and checkpoints. On a
 Ray Train worker every answer comes from `ray.train`. `LocalSession` answers the same questions
-for a one-worker run inside an existing process (a Tune trial: pipelines/train.fit_in_process),
-in Ray Train's checkpoint layout (a local run resumes from the newest whole folder; Ray Train
+for a run inside existing processes (a Tune trial: pipelines/train.fit_in_process; or each rank of
+a process group the caller set up, as torchrun does), in Ray Train's checkpoint layout (a local run resumes from the newest whole folder; Ray Train
 resumes from its own snapshot file, so a run keeps the runner it started with):
 
     <storage>/train/<name>/checkpoint_step<8 digits>/   one folder per checkpoint, written under
@@ -70,19 +70,27 @@ class RayTrainSession:
 
 
 class LocalSession:
-    """One worker in this process: rank 0 of 1, checkpoints under `run_dir` (Ray Train's layout),
-    every report handed to `on_report(metrics, checkpoint path or None)`."""
+    """One worker in this process: rank `rank` of `world` (0 of 1 unless the caller's process group
+    is larger), checkpoints under `run_dir` (Ray Train's layout), every report handed to
+    `on_report(metrics, checkpoint path or None)`."""
 
     def __init__(self, run_dir: Path, keep_last: int, use_gpu: bool,
-                 on_report: Callable[[dict, str | None], None] | None = None):
+                 on_report: Callable[[dict, str | None], None] | None = None, rank: int = 0, world: int = 1):
         self.run_dir = Path(run_dir)
         self.keep_last = max(1, keep_last)
         self.use_gpu = use_gpu
         self.on_report = on_report
+        self.rank, self.world = rank, world
         self.latest_metrics: dict | None = None
 
     def rank_and_world(self) -> tuple[int, int]:
-        return 0, 1
+        return self.rank, self.world
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -103,18 +111,26 @@ class LocalSession:
         raise RuntimeError("a streamed dataset needs Ray Train workers; run_in_process refuses streamed data")
 
     def report(self, metrics: dict, folder: Path | None = None, dir_name: str | None = None) -> None:
+        """Every rank calls it with its part of the checkpoint (or None where it wrote nothing); the
+        parts are merged into one folder, as Ray Train merges its workers' uploads."""
         path = None
-        if folder is not None:
+        if folder is not None or dir_name is not None:  # a checkpoint report (every rank, parts or not)
             target = self.run_dir / (dir_name or f"checkpoint_step{int(metrics.get('step', 0)):08d}")
             partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(folder, partial)
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
-            for old in self.checkpoints()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            path = target
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._barrier()
+            if folder is not None:
+                shutil.copytree(folder, partial, dirs_exist_ok=True)
+            self._barrier()
+            if self.rank == 0 and partial.exists():
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+                for old in self.checkpoints()[: -self.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            self._barrier()
+            path = target if target.exists() else None
         self.latest_metrics = dict(metrics)
         if self.on_report is not None:
             self.on_report(dict(metrics), str(path) if path else None)

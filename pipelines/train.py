@@ -629,33 +629,46 @@ def runs_in_process(job: TrainJob) -> bool:
 
 def fit_in_process(job: TrainJob, teacher_artifact: str | None = None, *, on_report=None,
                    resume_from: str | None = None) -> TrainResult:
-    """A one-worker run of the same loop in this process, without a TorchTrainer: what a Tune
-    trial with `train.num_workers: 1` runs (the trial's process is already a Ray worker holding
-    the run's CPUs). Checkpoints go where Ray Train puts them (pipelines/session.py); a re-run
-    resumes from the newest; `on_report(metrics, checkpoint path or None)` sees every report as it
-    happens. `resume_from` as in `fit`."""
-    import torch.distributed as dist
-
+    """A run of the same loop in this process, without a TorchTrainer: what a Tune trial with
+    `train.num_workers: 1` runs (the trial's process is already a Ray worker holding the run's
+    CPUs). With `train.num_workers` N > 1, each of N processes that already share a process group
+    of N ranks (as torchrun sets up) calls it and runs its rank. Checkpoints go where Ray Train
+    puts them (pipelines/session.py), every rank's part merged into one folder; a re-run resumes
+    from the newest; `on_report(metrics, checkpoint path or None)` sees every report as it happens.
+    `resume_from` as in `fit`."""
+    from app.config.data import FileDataConfig
+    from app.data.stream import should_stream
     from pipelines.session import LocalSession, local
 
-    if not runs_in_process(job):
-        raise ValueError(f"{job.name}: fit_in_process runs one worker on data in memory (train.num_workers is {job.train.num_workers})")
     tc = job.train
-    session = LocalSession(Path(job.storage_path).resolve() / "train" / job.name, tc.keep_last, tc.use_gpu, on_report)
-    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from,
-                   "log_format": env_format(default="text")}
+    if isinstance(job.data, FileDataConfig) and should_stream(job.data):
+        raise ValueError(f"{job.name}: fit_in_process runs on data read into memory; streamed data is sharded to Ray Train workers by Ray Data")
     if not dist.is_initialized():
+        if tc.num_workers != 1:
+            raise ValueError(f"{job.name}: train.num_workers is {tc.num_workers}: fit_in_process runs one worker, or one "
+                             "rank in each process of a process group of that size")
         # FSDP and DeepSpeed shard over a process group: here one of one rank, in memory (no
         # port), kept for the process's life (DeepSpeed caches its groups across engines).
         # DeepSpeed also reads the launcher's variables even when handed a group.
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-        dist.init_process_group("nccl" if session.device().type == "cuda" else "gloo", store=dist.HashStore(),
+        dist.init_process_group("nccl" if tc.use_gpu and torch.cuda.is_available() else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
-        raise RuntimeError("fit_in_process runs one rank, but this process is in a larger process group")
+    elif dist.get_world_size() != tc.num_workers:
+        raise ValueError(f"{job.name}: train.num_workers is {tc.num_workers}, but this process is in a process group "
+                           f"of {dist.get_world_size()} ranks")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    session = LocalSession(Path(job.storage_path).resolve() / "train" / job.name, tc.keep_last, tc.use_gpu, on_report,
+                           rank=rank, world=world)
+    loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from,
+                   "log_format": env_format(default="text")}
     with local(session):
         train_loop_per_worker(loop_config)
     found = session.checkpoints()
     if not found:
         raise RuntimeError(f"training run {job.name!r} finished without a checkpoint")
-    return _durable_result(job, session.latest_metrics or {}, found[-1], str(found[-1]), None)
+    if rank != 0:  # rank 0 writes the artifact; the others wait for it and return the same result
+        dist.barrier()
+    result = _durable_result(job, session.latest_metrics or {}, found[-1], str(found[-1]), None)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return result

@@ -13,7 +13,9 @@ towards the teacher's vectors and is registered with the teacher as its parent; 
 model fine-tuned with the in-batch contrastive loss on `text` / `text_pair` rows (ddp) puts each
 text nearer its own pair than before.
 
-Eight fits of a few seconds of compute each (and one import), run two at a time.
+Eight fits of a few seconds of compute each (and one import). The pruned zero3 classifier and the
+registered teacher and student run on Ray Train workers; the others run the same worker loop on
+two local ranks (tests/local_ranks.py), without Ray Train's start-up per fit.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from app.data import build_data
 from app.evaluation import eval_sums, metric_kind, metrics_from_sums
 from app.models import build_model
 from conftest import running_two_at_a_time
+from local_ranks import LocalRanks
 from hf_folders import WORDS, sentiment_rows, tiny_bert, tiny_llama, with_sentence_transformers_files
 from pipelines.register import train_and_register
 from pipelines.train import fit
@@ -132,6 +135,7 @@ PRUNING = {"fsdp": {"name": "magnitude_pruning", "kind": "unstructured", "final_
 STRATEGIES = ["ddp", "fsdp", "zero3"]
 LM_STRATEGIES = ["fsdp", "zero3"]
 RESUMED_LM = ("zero3",)
+ON_RAY_TRAIN = "zero3"  # the classifier fit that runs on Ray Train workers (2:4 pruning over ZeRO-3 shards)
 
 
 def _with(job: TrainJob, **train) -> TrainJob:
@@ -149,17 +153,22 @@ def runs(ray_cluster, tmp_path_factory):
         if s in LM_STRATEGIES:
             jobs["lm", s] = _with(base["lm"], strategy=s)
 
-    def paused_then_resumed(job: TrainJob):
-        paused = fit(job.model_copy(update={"train": job.train.model_copy(update={"pause_at_step": 8})}))
-        return paused, fit(job)
+    def paused(job: TrainJob) -> TrainJob:
+        return job.model_copy(update={"train": job.train.model_copy(update={"pause_at_step": 8})})
 
-    tasks = {("cls", s): partial(fit, jobs["cls", s]) for s in STRATEGIES}
-    tasks.update({("lm", s): partial(paused_then_resumed if s in RESUMED_LM else fit, jobs["lm", s]) for s in LM_STRATEGIES})
-    tasks["emb"] = partial(_distilled, base["emb-teacher"], base["emb"])
     jobs["pairs"] = base["pairs"]
-    tasks["pairs"] = partial(fit, base["pairs"])
+    # On two local ranks (the worker loop without Ray Train's start-up per fit: tests/local_ranks.py)
+    local = {("cls", s): jobs["cls", s] for s in STRATEGIES if s != ON_RAY_TRAIN}
+    local.update({("lm", s): [paused(jobs["lm", s]), jobs["lm", s]] if s in RESUMED_LM else jobs["lm", s] for s in LM_STRATEGIES})
+    local["pairs"] = base["pairs"]
+    with LocalRanks(2) as ranks:
+        result = ranks.fit_all(local)
+        results = {key: result(key) for key in local}
+    # On Ray Train: the pruned zero3 classifier, and the teacher and student through the registry
+    tasks = {("cls", ON_RAY_TRAIN): partial(fit, jobs["cls", ON_RAY_TRAIN]),
+             "emb": partial(_distilled, base["emb-teacher"], base["emb"])}
     with running_two_at_a_time(tasks) as result:
-        return jobs, {key: result(key) for key in tasks}
+        return jobs, {**results, **{key: result(key) for key in tasks}}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -5,8 +5,8 @@ ddp, through `train_and_register`: the base is registered first (`imported`), th
 `lora_adapter` version whose parent is the base, with rank, targets and trainable-parameter count;
 only the adapter's weights are in the artifact, and they moved (lora_B starts at zero); the base
 folder is unchanged. `compress` then merges the adapter (a torch_fp32 version whose parent is the
-adapter) and quantizes the merged version. fsdp and zero2: a few steps each, the adapter written
-and loadable; the loss is the same as under ddp within tolerance (same seed, same batches).
+adapter) and quantizes the merged version. fsdp and zero2 (on two local ranks running the worker
+loop: tests/local_ranks.py): a few steps each, the adapter written and loadable; the loss is the same as under ddp within tolerance (same seed, same batches).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from app.config.jobs import CompressJob, TrainJob
-from conftest import running_two_at_a_time
 from hf_folders import tiny_chat_llama
-from pipelines.train import fit
+from local_ranks import LocalRanks
 
 pytestmark = pytest.mark.ray
 
@@ -67,10 +65,13 @@ def runs(ray_cluster, tmp_path_factory):
         versions = ray.get(registry.list_versions.remote(jobs["ddp"].name))
         return adapter, source, reports, versions
 
-    tasks = {"ddp": registered, **{s: partial(fit, jobs[s]) for s in ("fsdp", "zero2")}}
     try:
-        with running_two_at_a_time(tasks) as result:
-            yield jobs, {key: result(key) for key in tasks}, weights_before
+        # fsdp and zero2 run the worker loop on two local ranks (tests/local_ranks.py), without Ray
+        # Train's start-up per fit; ddp goes through Ray Train and the registry.
+        with LocalRanks(2) as ranks:
+            result = ranks.fit_all({s: jobs[s] for s in ("fsdp", "zero2")})
+            results = {s: result(s) for s in ("fsdp", "zero2")}
+        yield jobs, {"ddp": registered(), **results}, weights_before
     finally:
         ray.kill(registry)
 

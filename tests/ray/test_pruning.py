@@ -3,12 +3,13 @@
 One run per strategy carries four `magnitude_pruning` callbacks on disjoint weights, so every
 kind is exercised under every strategy: global unstructured (mlp.gate), rows (mlp.up), 2:4
 (mlp.down) and heads (attn.qkv + attn.proj). The schedule ends at step 8 of 16, so the last 8
-steps check that masked weights stay zero while the rest keep training.
+steps check that masked weights stay zero while the rest keep training. The fits run the worker
+loop on two local ranks (tests/local_ranks.py), one after the other, without Ray Train's start-up
+per fit; pruning under Ray Train workers is covered by tests/ray/test_hf_train.py and the e2e runs.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,7 @@ from safetensors.torch import load_file
 
 from app.compression.pruning import is_nm
 from app.config.jobs import TrainJob
-from pipelines.train import fit
-from conftest import running_two_at_a_time
+from local_ranks import LocalRanks
 
 pytestmark = pytest.mark.ray
 
@@ -57,18 +57,22 @@ STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tmp_path_factory):
-    """The module's pruned fits, started up front two at a time: (root, result(key))."""
+def ranks():
+    """Two local ranks running the worker loop (tests/local_ranks.py) for every fit of the module."""
+    with LocalRanks(2) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def runs(ranks, tmp_path_factory):
+    """The module's pruned fits, run up front one after the other: (root, result(key))."""
     root = tmp_path_factory.mktemp("pruning")
-
-    def paused_then_resumed():
-        paused = fit(_job(root, "resumed", "ddp", pause_at_step=4))
-        return paused, fit(_job(root, "resumed", "ddp"))
-
-    tasks = {s: partial(fit, _job(root, f"prune-{s}", s)) for s in STRATEGIES}
-    tasks.update({"straight": partial(fit, _job(root, "straight", "ddp")), "resumed": paused_then_resumed})
-    with running_two_at_a_time(tasks) as result:
-        yield root, result
+    result = ranks.fit_all({
+        **{s: _job(root, f"prune-{s}", s) for s in STRATEGIES},
+        "straight": _job(root, "straight", "ddp"),
+        "resumed": [_job(root, "resumed", "ddp", pause_at_step=4), _job(root, "resumed", "ddp")],
+    })
+    yield root, result
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -114,7 +118,7 @@ def test_resume_mid_schedule_continues_it(runs):
     assert resumed.metrics["val_loss"] == pytest.approx(straight.metrics["val_loss"], rel=1e-5)
 
 
-def test_early_stopping_ends_the_run_with_a_checkpoint_and_stays_stopped(ray_cluster, tmp_path):
+def test_early_stopping_ends_the_run_with_a_checkpoint_and_stays_stopped(ranks, tmp_path):
     def job():
         return TrainJob.model_validate({
             "name": "early", "storage_path": str(tmp_path),
@@ -125,11 +129,11 @@ def test_early_stopping_ends_the_run_with_a_checkpoint_and_stays_stopped(ray_clu
                       "callbacks": [{"name": "early_stopping", "metric": "val_loss", "patience": 2, "min_delta": 1.0}]},
         })
 
-    first = fit(job())
+    first = ranks.fit(job())
     assert first.step == 15  # evaluations at 5 (best), 10 and 15 (no improvement twice) -> stop
     assert (tmp_path / "train" / "early" / "checkpoint_step00000015").is_dir()
-    again = fit(job())
-    # Stopped stays stopped: the re-run restores step 15 and trains no further (Ray Train's
-    # result carries the metrics of the latest checkpoint, still the step-15 one).
+    again = ranks.fit(job())
+    # Stopped stays stopped: the re-run restores step 15 and trains no further (the result carries
+    # the metrics of the latest checkpoint, still the step-15 one).
     assert again.step == 15
     assert sorted(p.name for p in (tmp_path / "train" / "early").glob("checkpoint_step*")) == ["checkpoint_step00000015"]

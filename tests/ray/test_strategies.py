@@ -4,9 +4,11 @@ the precision: the same checkpoint code, with bf16 casts done after loading); co
 sharded strategies hold less per rank; ZeRO-2 with the optimizer offloaded to the CPU trains
 like ZeRO-2; a killed worker is recovered from a checkpoint.
 
-Runs are shared by the module's tests (the exact-resume test reuses the matrix's resumed runs)
-and run two at a time: 5 paused-and-resumed fp32 runs, 5 straight bf16 runs, straight fp32 runs
-of ddp, fsdp and zero2 and the ZeRO-Offload run.
+Runs are shared by the module's tests (the exact-resume test reuses the matrix's resumed runs):
+5 paused-and-resumed fp32 runs, 5 straight bf16 runs, straight fp32 runs of ddp, fsdp and zero2
+and the ZeRO-Offload run. They run the worker loop on two local ranks (tests/local_ranks.py: the
+same loop, checkpoint layout and gloo process group as Ray Train's workers, without starting
+Ray Train's actors for each of 19 fits); the killed worker is Ray Train's own recovery, on Ray.
 
 Tolerances (final val_loss after 2K optimizer steps vs DDP fp32, same seed):
 - fp32: 1e-4 relative. All strategies do the same fp32 math; only the order of the gradient
@@ -25,7 +27,6 @@ import os
 import signal
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from app.config.jobs import TrainJob
 from app.data import build_data
 from app.evaluation import eval_sums, metrics_from_sums
 from pipelines.train import TrainResult, fit
-from conftest import running_two_at_a_time
+from local_ranks import LocalRanks
 
 pytestmark = pytest.mark.ray
 
@@ -58,27 +59,20 @@ def _job(root: Path, name: str, strategy: str, precision: str, **train) -> Train
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tmp_path_factory):
-    """Every fit of the module, started up front two at a time; tests wait on the ones they read."""
+def runs(tmp_path_factory):
+    """Every fit of the matrix, run up front one after the other on two local ranks (the loop a
+    Ray Train worker runs, without Ray's start-up per fit: tests/local_ranks.py); tests read them."""
     root = tmp_path_factory.mktemp("strategies")
-
-    def straight_run(strategy: str, precision: str) -> TrainResult:
-        return fit(_job(root, f"straight-{strategy}-{precision}", strategy, precision))
-
-    def resumed_run(strategy: str, precision: str) -> tuple[TrainResult, TrainResult]:
-        name = f"resumed-{strategy}-{precision}"
-        paused = fit(_job(root, name, strategy, precision, pause_at_step=K))
-        return paused, fit(_job(root, name, strategy, precision))
-
-    tasks = {("straight", s, "fp32"): partial(straight_run, s, "fp32") for s in ("ddp", "zero2")}
+    plan = {("resumed", s, "fp32"): [_job(root, f"resumed-{s}-fp32", s, "fp32", pause_at_step=K),
+                                     _job(root, f"resumed-{s}-fp32", s, "fp32")] for s in STRATEGIES}
+    for s, p in [(s, "bf16") for s in STRATEGIES] + [("ddp", "fp32"), ("zero2", "fp32"), ("fsdp", "fp32")]:
+        plan[("straight", s, p)] = _job(root, f"straight-{s}-{p}", s, p)
     # ZeRO-Offload: the optimizer state and step on the CPU, with our torch optimizer (no C++ build).
-    tasks["offload"] = partial(fit, _job(root, "offload-zero2-fp32", "zero2", "fp32", offload_optimizer=True))
-    tasks.update({("resumed", s, "fp32"): partial(resumed_run, s, "fp32") for s in STRATEGIES})
-    tasks.update({("straight", s, "bf16"): partial(straight_run, s, "bf16") for s in STRATEGIES})
-    tasks[("straight", "fsdp", "fp32")] = partial(straight_run, "fsdp", "fp32")
-    with running_two_at_a_time(tasks) as result:
-        yield ((lambda s, p: result(("straight", s, p))), (lambda s, p: result(("resumed", s, p))),
-               (lambda: result("offload")))
+    plan["offload"] = _job(root, "offload-zero2-fp32", "zero2", "fp32", offload_optimizer=True)
+    with LocalRanks(2) as ranks:
+        result = ranks.fit_all(plan)
+    yield ((lambda s, p: result(("straight", s, p))), (lambda s, p: result(("resumed", s, p))),
+           (lambda: result("offload")))
 
 
 def _final(runs, strategy: str, precision: str) -> TrainResult:
