@@ -4,9 +4,10 @@ worker, or a local session when the loop runs in the calling process.
 The loop (pipelines/train.py) asks `current()` for its rank, world size, device, the checkpoint
 to resume from, the dataset shard it streams, and where to report metrics and checkpoints. On a
 Ray Train worker every answer comes from `ray.train`. `LocalSession` answers the same questions
-for a run inside existing processes (a Tune trial: pipelines/train.fit_in_process; or each rank of
-a process group the caller set up, as torchrun does), in Ray Train's checkpoint layout (a local run resumes from the newest whole folder; Ray Train
-resumes from its own snapshot file, so a run keeps the runner it started with):
+for a run inside existing processes (pipelines/train.fit_in_process: a Tune trial, or each rank
+of a process group the caller set up, as torchrun does), in Ray Train's checkpoint layout (a local
+run resumes from the newest whole folder; Ray Train resumes from its own snapshot file, so a run
+keeps the runner it started with):
 
     <storage>/train/<name>/checkpoint_step<8 digits>/   one folder per checkpoint, written under
                                                         a `.partial` name and renamed when whole;
@@ -108,7 +109,7 @@ class LocalSession:
         yield found[-1] if found else None
 
     def dataset_shard(self, name: str):
-        raise RuntimeError("a streamed dataset needs Ray Train workers; run_in_process refuses streamed data")
+        raise RuntimeError("a streamed dataset needs Ray Train workers; fit_in_process refuses streamed data")
 
     def report(self, metrics: dict, folder: Path | None = None, dir_name: str | None = None) -> None:
         """Every rank calls it with its part of the checkpoint (or None where it wrote nothing); the

@@ -3,7 +3,9 @@
 Reads top to bottom: setup (validate config, seed, model, data, optimizer, schedule, AMP)
 -> resume (from `ray.train.get_checkpoint()`) -> train (step, log, eval + report, checkpoint)
 -> done. The driver side (`fit`) builds the trainer and copies the final checkpoint's
-consolidated weights to a durable artifact folder the registry points at. The module is over 500
+consolidated weights to a durable artifact folder the registry points at; `fit_in_process`
+runs the same loop without a TorchTrainer, in this process (a Tune trial) or in each process of
+a caller's process group (one rank each). The module is over 500
 lines and one idea, one training run: the worker loop, its checkpoint helpers and `fit` share the
 checkpoint layout and the loop config. (What a worker trains, without Ray: pipelines/optimization.py.)
 
@@ -618,13 +620,17 @@ def _durable_result(job: TrainJob, reported: dict, ckpt_dir: Path, ckpt_path: st
     return TrainResult(metrics=metrics, checkpoint_path=ckpt_path, artifact_path=str(artifact), step=step, config_hash=chash)
 
 
-def runs_in_process(job: TrainJob) -> bool:
-    """Whether `fit_in_process` can run the job: one worker, and data read into memory (streamed
-    data is sharded to Ray Train workers by Ray Data)."""
+def _streams(job: TrainJob) -> bool:
+    """Whether the job's data is streamed through Ray Data (sharded to Ray Train workers)."""
     from app.config.data import FileDataConfig
     from app.data.stream import should_stream
 
-    return job.train.num_workers == 1 and not (isinstance(job.data, FileDataConfig) and should_stream(job.data))
+    return isinstance(job.data, FileDataConfig) and should_stream(job.data)
+
+
+def runs_in_process(job: TrainJob) -> bool:
+    """Whether `fit_in_process` can run the job on its own: one worker, and data read into memory."""
+    return job.train.num_workers == 1 and not _streams(job)
 
 
 def fit_in_process(job: TrainJob, teacher_artifact: str | None = None, *, on_report=None,
@@ -636,12 +642,10 @@ def fit_in_process(job: TrainJob, teacher_artifact: str | None = None, *, on_rep
     puts them (pipelines/session.py), every rank's part merged into one folder; a re-run resumes
     from the newest; `on_report(metrics, checkpoint path or None)` sees every report as it happens.
     `resume_from` as in `fit`."""
-    from app.config.data import FileDataConfig
-    from app.data.stream import should_stream
     from pipelines.session import LocalSession, local
 
     tc = job.train
-    if isinstance(job.data, FileDataConfig) and should_stream(job.data):
+    if _streams(job):
         raise ValueError(f"{job.name}: fit_in_process runs on data read into memory; streamed data is sharded to Ray Train workers by Ray Data")
     if not dist.is_initialized():
         if tc.num_workers != 1:
@@ -666,9 +670,12 @@ def fit_in_process(job: TrainJob, teacher_artifact: str | None = None, *, on_rep
     found = session.checkpoints()
     if not found:
         raise RuntimeError(f"training run {job.name!r} finished without a checkpoint")
-    if rank != 0:  # rank 0 writes the artifact; the others wait for it and return the same result
-        dist.barrier()
-    result = _durable_result(job, session.latest_metrics or {}, found[-1], str(found[-1]), None)
-    if rank == 0 and world > 1:
-        dist.barrier()
-    return result
+    def result() -> TrainResult:
+        return _durable_result(job, session.latest_metrics or {}, found[-1], str(found[-1]), None)
+
+    if world == 1:
+        return result()
+    # rank 0 writes the artifact; the other ranks wait for it, then find it and return the same result
+    written = result() if rank == 0 else None
+    dist.barrier()
+    return written if written is not None else result()

@@ -60,10 +60,10 @@ class LocalRanks:
 
     def fit(self, job):
         assert job.train.num_workers == self.world, (job.train.num_workers, self.world)
-        for q in self.jobs:
-            q.put(job.model_dump(mode="json"))
         if self.broken:
             raise RuntimeError(f"{job.name}: not run, an earlier fit left the ranks broken: {self.broken}")
+        for q in self.jobs:
+            q.put(job.model_dump(mode="json"))
         answers = {}
         for _ in range(self.world):
             try:

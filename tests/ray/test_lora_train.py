@@ -6,7 +6,8 @@ ddp, through `train_and_register`: the base is registered first (`imported`), th
 only the adapter's weights are in the artifact, and they moved (lora_B starts at zero); the base
 folder is unchanged. `compress` then merges the adapter (a torch_fp32 version whose parent is the
 adapter) and quantizes the merged version. fsdp and zero2 (on two local ranks running the worker
-loop: tests/local_ranks.py): a few steps each, the adapter written and loadable; the loss is the same as under ddp within tolerance (same seed, same batches).
+loop: tests/local_ranks.py): a few steps each, the adapter written and loadable; the loss is the
+same as under ddp within tolerance (same seed, same batches).
 """
 
 from __future__ import annotations
