@@ -361,6 +361,15 @@ def _metrics_callback(sweep: str, metric: str, mode: str):
                 for state, n in self.tally.counts().items():
                     gauge.set(n, {"sweep": sweep, "state": state})
             telemetry.record(telemetry.TUNE_TRIALS, publish)
+            self._publish_best()
+
+        def _publish_best(self) -> None:
+            # Set again at every trial event, not only when it improves: a value set once, right
+            # after the gauge is made, was missing from a scrape that showed the trial counts.
+            best = self.tally.best
+            if best is not None:
+                telemetry.record(telemetry.TUNE_BEST_METRIC, lambda: telemetry.gauge(
+                    telemetry.TUNE_BEST_METRIC, ("sweep", "metric")).set(best, {"sweep": sweep, "metric": metric}))
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self.tally.started(trial.trial_id)
@@ -376,9 +385,7 @@ def _metrics_callback(sweep: str, metric: str, mode: str):
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if self.tally.offer(result.get(metric)):
-                best = self.tally.best
-                telemetry.record(telemetry.TUNE_BEST_METRIC, lambda: telemetry.gauge(
-                    telemetry.TUNE_BEST_METRIC, ("sweep", "metric")).set(best, {"sweep": sweep, "metric": metric}))
+                self._publish_best()
 
     return SweepMetrics()
 

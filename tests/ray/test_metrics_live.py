@@ -143,8 +143,10 @@ def test_tune_registry_and_serve_metrics_reach_prometheus(ray_cluster, tmp_path)
             def scraped():
                 seen["text"] = text = httpx.get(endpoint, timeout=10).text
                 return sum(_samples(text, f"ray_{telemetry.SERVE_REQUESTS}", model=served, endpoint="predict",
-                                    status="200")) == REQUESTS and _samples(text, f"ray_{telemetry.TUNE_TRIALS}", sweep=sweep)
-            wait_for(scraped, lambda: f"{REQUESTS} predict requests of {served} and the sweep's trial gauge on {endpoint}", 90)
+                                    status="200")) == REQUESTS and _samples(text, f"ray_{telemetry.TUNE_TRIALS}", sweep=sweep) \
+                    and _samples(text, f"ray_{telemetry.TUNE_BEST_METRIC}", sweep=sweep)
+            wait_for(scraped, lambda: f"{REQUESTS} predict requests of {served} and the sweep's trial and best-metric "
+                                      f"gauges on {endpoint}", 90)
     finally:
         ray.kill(registry)
 
