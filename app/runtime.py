@@ -3,6 +3,7 @@ much of Ray's own logging reaches the console (`TEMPER_VERBOSE`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -55,7 +56,44 @@ def ray_log_options() -> dict:
     }
 
 
-def connect(num_cpus: int | None = None, dashboard: bool = True) -> str:
+# Ray Serve reads these when each of its processes (controller, proxy, replicas) imports it; the
+# processes inherit the environment of the `ray.init` that starts the local Ray, so they must be
+# set before that. An ingress replica under direct ingress stays up for a draining period (30 s by
+# default) before it stops, for an external load balancer to take it out of rotation; an embedded
+# Ray has no balancer in front, and 30 s per ingress restart would slow every redeploy.
+_DIRECT_INGRESS_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+def direct_ingress_env() -> dict[str, str]:
+    """The environment that turns on Ray Serve's throughput-optimized mode (direct ingress) in a
+    Ray started from it; a value the user set wins."""
+    return {name: os.environ.get(name, value) for name, value in _DIRECT_INGRESS_ENV.items()}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """`values` in this process's environment inside the block, the previous values after it.
+
+    Around `ray.init`, the processes that Ray starts (and their workers) keep them, and this
+    process does not: in the driver, the throughput-optimized mode would run a deployment handle's
+    router on the caller's event loop, and a handle used from synchronous code (`serve status`,
+    `serve advise`, `HandleClient`) fails with "No event loop running"."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def connect(num_cpus: int | None = None, dashboard: bool = True, direct_ingress: bool = False) -> str:
     """Initialise Ray once; returns 'cluster' or 'embedded'. Its own line goes to stderr.
 
     - Already initialised (tests, notebooks): used as is.
@@ -63,7 +101,9 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> str:
     - Otherwise: start an embedded local Ray with `num_cpus` logical CPUs (default: at least 4,
       so 2 training workers, the registry and Serve fit on a 2-core laptop). `address="local"`
       always starts a new instance: with "auto" (the default), a stale current-cluster file
-      left in Ray's temp folder by a stopped cluster makes `ray.init` fail.
+      left in Ray's temp folder by a stopped cluster makes `ray.init` fail. With
+      `direct_ingress` (`serve.direct_ingress`), it starts with Ray Serve's throughput-optimized
+      mode on; a running cluster keeps the mode it was started with.
     """
     import ray
 
@@ -80,10 +120,11 @@ def connect(num_cpus: int | None = None, dashboard: bool = True) -> str:
     # reclaims, and on 2 cores that process slows each fit's start by ~3 s. Ray Train reads the
     # setting from the driver's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ctx = ray.init(
-        address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-        log_to_driver=True, **options,
-    )
+    with environment(direct_ingress_env() if direct_ingress else {}):
+        ctx = ray.init(
+            address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+            log_to_driver=True, **options,
+        )
     url = getattr(ctx, "dashboard_url", None)
     print(f"[ray] embedded local Ray with {cpus} logical CPUs" + (f"; dashboard http://{url}" if url else ""),
           file=sys.stderr, flush=True)

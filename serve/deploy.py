@@ -185,6 +185,54 @@ def base_url(cfg: ServeConfig) -> str:
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
+DIRECT_INGRESS_WAIT_S = 30.0
+"""How long `deploy` waits for Serve's controller to list the ingress replica's own port."""
+
+
+def replica_urls(cfg: ServeConfig) -> list[str]:
+    """Base URLs of the app's ingress replicas on their own HTTP ports when Ray Serve runs with
+    direct ingress; [] when it does not (then only the proxy serves HTTP).
+
+    Serve's controller knows them as the app's "target groups" (the public `TargetGroup` schema);
+    Ray 2.60 has no public call that returns them, so the controller is asked directly. Without
+    direct ingress it answers with the proxies' group, which names no ingress deployment.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(cfg.app_name))
+    any_interface = cfg.host in ("0.0.0.0", "::", "")
+    prefix = cfg.route_prefix.rstrip("/")
+    # A replica binds serve.host; bound to every interface, it is reached on its node's address.
+    return [f"http://{t.ip if any_interface else cfg.host}:{t.port}{prefix}" for g in groups
+            if g.ingress_deployment_name and str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP"
+            for t in g.targets]
+
+
+def _direct_ingress_url(cfg: ServeConfig) -> str | None:
+    """The first ingress replica's own URL once it answers health checks; None (with a warning
+    on stderr) when the cluster runs Serve without direct ingress."""
+    import sys
+
+    import httpx
+
+    deadline = time.monotonic() + DIRECT_INGRESS_WAIT_S
+    while True:
+        for url in replica_urls(cfg):
+            try:
+                if httpx.get(f"{url}{API_PREFIX}/health", timeout=5.0).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    print(f"[serve] warning: serve.direct_ingress is set, but no ingress replica of {cfg.app_name!r} answers on its "
+          "own port: this cluster's Serve runs without direct ingress (start the cluster with "
+          "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); serving through the proxy", file=sys.stderr, flush=True)
+    return None
+
+
 def check_versions(app_cfg: ServeApp) -> list[dict]:
     """Driver-side check that every route's version ref resolves (and has the expected backend)
     before any replica starts; returns the registry records, route by route."""
@@ -231,7 +279,8 @@ def _failed_deployments(app_name: str) -> str:
 
 def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     """Start Serve (HTTP on serve.host:serve.port), run the app, wait until it answers; returns
-    the base URL (endpoints under `<url>/api/v1/`). With `blocking`, serve until Ctrl-C."""
+    the base URL (endpoints under `<url>/api/v1/`): the proxy's, or with `serve.direct_ingress`
+    the ingress replica's own. With `blocking`, serve until Ctrl-C."""
     import httpx
     import ray
 
@@ -264,6 +313,8 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
             f"{HEALTH_WAIT_S:.0f} s ({last}). If Serve was already started with other http_options, "
             "call serve.shutdown() first: host/port are fixed when Serve starts."
         )
+    if cfg.direct_ingress:
+        url = _direct_ingress_url(cfg) or url
     log.info("Serve app %r healthy at %s", cfg.app_name, url)
     if blocking:
         print(f"Temper serving at {url}{API_PREFIX}/ (Ctrl-C to stop)", flush=True)
@@ -311,7 +362,8 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
             routes.append(entry)
         models.append({"model": m.model, "aliases": aliases, "routes": routes})
     out = {"app": cfg.app_name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
-           "message": app.message, "url": base_url(cfg), "models": models,
+           "message": app.message, "url": base_url(cfg), "replica_urls": replica_urls(cfg) if cfg.direct_ingress else [],
+           "models": models,
            "other_deployments": {k: v for k, v in deployments.items() if not k.startswith("model-")}}
     if WATCHER_NAME in deployments:
         out["rollouts"] = serve.get_deployment_handle(WATCHER_NAME, cfg.app_name).status.remote().result(timeout_s=timeout_s)

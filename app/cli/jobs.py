@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
     from pipelines.recipe import format_summary, run
 
     job = load_job("run", args)
-    mode = connect()
+    mode = connect(direct_ingress=job.serve.direct_ingress)
     summary = run(job)
     print(format_summary(summary, metric_kind(job.model)), flush=True)
     if args.json:

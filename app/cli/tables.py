@@ -118,6 +118,7 @@ def format_serve_status(st: dict) -> str:
     if st["status"] == "NOT_RUNNING":
         return f"application {st['app']!r}: not running"
     lines = [f"application {st['app']!r}: {st['status']} at {st['url'].rstrip('/')}/api/v1/" + (f" ({st['message']})" if st["message"] else "")]
+    lines += [f"  direct ingress: {url.rstrip('/')}/api/v1/" for url in st.get("replica_urls", [])]
     rows = []
     for m in st["models"]:
         for r in m["routes"]:

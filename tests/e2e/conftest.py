@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from app.runtime import direct_ingress_env
 from conftest import free_port
 
 from .ray_nodes import write_token
@@ -95,7 +96,10 @@ def start_ray_head(num_cpus: int = 4) -> RayHead:
     # ~/.ray alone.
     token = temp_dir / TOKEN_FILE
     write_token(token)
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", RAY_AUTH_TOKEN_PATH=str(token))
+    # Started as `serve.direct_ingress` asks a cluster to be started (Ray Serve's throughput-
+    # optimized mode): every command here then serves through Serve's proxy in that mode, and
+    # test_cli_verbs also through the ingress replica's own port. tests/ray covers the default mode.
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", RAY_AUTH_TOKEN_PATH=str(token), **direct_ingress_env())
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",

@@ -6,6 +6,7 @@ versions are untouched."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -34,11 +35,14 @@ def test_train_compress_then_serve_deploy_answers_over_http(workspace):
     assert len(onnx) == 1 and onnx[0]["parent"] == {"model": MODEL, "version": 1} and onnx[0]["transformation"] == "quantized"
 
     # Its own application and prefix: the quickstart's app (same Serve proxy, same port) keeps running.
-    app = ("serve.app_name=e2e-verbs", "serve.route_prefix=/verbs",
+    # The cluster runs Serve's throughput-optimized mode (conftest): with serve.direct_ingress the
+    # printed URL is the ingress replica's own port, and the proxy's URL answers the same.
+    app = ("serve.app_name=e2e-verbs", "serve.route_prefix=/verbs", "serve.direct_ingress=true",
            f"serve.models=[{{model: {MODEL}, version: {onnx[0]['version']}}}]")
     out = ws.cli("serve", "deploy", "configs/quickstart.yaml", *app).stdout
-    base = f"{ws.url}/verbs"
-    assert base in out
+    [base] = re.findall(r"\[serve\] e2e-verbs at (http://127\.0\.0\.1:\d+/verbs)/api/v1/", out)
+    assert base != f"{ws.url}/verbs", out
+    assert httpx.get(f"{ws.url}/verbs/api/v1/health", timeout=30).json() == httpx.get(f"{base}/api/v1/health", timeout=30).json()
     try:
         digit = [[0, 0, 5, 13, 9, 1, 0, 0]] * 8  # any 8x8 image in [0, 16] / 16 is a valid input
         body = httpx.post(f"{base}/api/v1/models/{MODEL}/predict", json={"inputs": [[[v / 16 for v in row] for row in digit]], "top_k": 3},
@@ -51,6 +55,8 @@ def test_train_compress_then_serve_deploy_answers_over_http(workspace):
         accuracy, answered_by = served_digits_accuracy(base, MODEL, onnx[0])
         assert answered_by == {onnx[0]["version"]}
         assert abs(accuracy - onnx[0]["metrics"]["val_accuracy"]) <= 0.02, (accuracy, onnx[0]["metrics"])
+        status = ws.cli("serve", "status", "configs/quickstart.yaml", *app).stdout
+        assert f"at {ws.url}/verbs/api/v1/" in status and f"direct ingress: {base}/api/v1/" in status, status
     finally:
         ws.cli("serve", "shutdown", "configs/quickstart.yaml", *app)
 

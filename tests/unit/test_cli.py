@@ -151,3 +151,20 @@ def test_ray_is_quiet_unless_verbose(monkeypatch):
     assert os.environ["RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING"] == "0"
     monkeypatch.setenv(VERBOSE_ENV, "1")
     assert ray_log_options() == {}
+
+
+def test_direct_ingress_env_turns_the_mode_on_and_keeps_what_the_user_set(monkeypatch, tmp_path, capsys):
+    from app.runtime import direct_ingress_env
+
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "7")
+    # the mode itself, and the user's draining period instead of ours (1 s: no balancer in front)
+    assert direct_ingress_env() == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "7"}
+    # `serve config` reminds whoever starts the cluster, only when the key is set
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"serve": {"models": [{"model": "m", "version": "1"}], "direct_ingress": True}}))
+    assert cli_main.main(["serve", "config", str(cfg)]) == 0
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in capsys.readouterr().out
+    cfg.write_text(yaml.safe_dump({"serve": {"models": [{"model": "m", "version": "1"}]}}))
+    assert cli_main.main(["serve", "config", str(cfg)]) == 0
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in capsys.readouterr().out
