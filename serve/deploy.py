@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import serve
 
@@ -180,8 +180,13 @@ def app_builder(args: dict) -> serve.Application:
     return build_app(app_cfg)
 
 
+def _any_interface(cfg: ServeConfig) -> bool:
+    """Whether Serve's HTTP servers bind every interface (then they are reached on a real address)."""
+    return cfg.host in ("0.0.0.0", "::", "")
+
+
 def base_url(cfg: ServeConfig) -> str:
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    host = "127.0.0.1" if _any_interface(cfg) else cfg.host
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
@@ -201,12 +206,31 @@ def replica_urls(cfg: ServeConfig) -> list[str]:
     from ray.serve.context import _get_global_client
 
     groups = ray.get(_get_global_client()._controller.get_target_groups.remote(cfg.app_name))
-    any_interface = cfg.host in ("0.0.0.0", "::", "")
     prefix = cfg.route_prefix.rstrip("/")
     # A replica binds serve.host; bound to every interface, it is reached on its node's address.
-    return [f"http://{t.ip if any_interface else cfg.host}:{t.port}{prefix}" for g in groups
+    return [f"http://{t.ip if _any_interface(cfg) else cfg.host}:{t.port}{prefix}" for g in groups
             if g.ingress_deployment_name and str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP"
             for t in g.targets]
+
+
+def _first_healthy(candidates: Callable[[], list[str]], wait_s: float) -> tuple[str | None, str]:
+    """Poll the health route of each of `candidates()` every 0.25 s for up to `wait_s`: (the first
+    URL that answers 200, "") or (None, what the last one answered)."""
+    import httpx
+
+    deadline, last = time.monotonic() + wait_s, "no answer"
+    while True:
+        for url in candidates():
+            try:
+                resp = httpx.get(f"{url}{API_PREFIX}/health", timeout=5.0)
+                if resp.status_code == 200:
+                    return url, ""
+                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            except httpx.HTTPError as err:
+                last = repr(err)
+        if time.monotonic() > deadline:
+            return None, last
+        time.sleep(0.25)
 
 
 def _direct_ingress_url(cfg: ServeConfig) -> str | None:
@@ -214,19 +238,9 @@ def _direct_ingress_url(cfg: ServeConfig) -> str | None:
     on stderr) when the cluster runs Serve without direct ingress."""
     import sys
 
-    import httpx
-
-    deadline = time.monotonic() + DIRECT_INGRESS_WAIT_S
-    while True:
-        for url in replica_urls(cfg):
-            try:
-                if httpx.get(f"{url}{API_PREFIX}/health", timeout=5.0).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
+    url, _ = _first_healthy(lambda: replica_urls(cfg), DIRECT_INGRESS_WAIT_S)
+    if url is not None:
+        return url
     print(f"[serve] warning: serve.direct_ingress is set, but no ingress replica of {cfg.app_name!r} answers on its "
           "own port: this cluster's Serve runs without direct ingress (start the cluster with "
           "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); serving through the proxy", file=sys.stderr, flush=True)
@@ -281,7 +295,6 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     """Start Serve (HTTP on serve.host:serve.port), run the app, wait until it answers; returns
     the base URL (endpoints under `<url>/api/v1/`): the proxy's, or with `serve.direct_ingress`
     the ingress replica's own. With `blocking`, serve until Ctrl-C."""
-    import httpx
     import ray
 
     if not ray.is_initialized():
@@ -297,17 +310,8 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     except RuntimeError as err:
         raise RuntimeError(f"{err}{_failed_deployments(cfg.app_name)}") from err
     url = base_url(cfg)
-    deadline, last = time.monotonic() + HEALTH_WAIT_S, "no answer"
-    while time.monotonic() < deadline:
-        try:
-            resp = httpx.get(f"{url}{API_PREFIX}/health", timeout=5.0)
-            if resp.status_code == 200:
-                break
-            last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-        except httpx.HTTPError as err:
-            last = repr(err)
-        time.sleep(0.25)
-    else:
+    healthy, last = _first_healthy(lambda: [url], HEALTH_WAIT_S)
+    if healthy is None:
         raise RuntimeError(
             f"Serve app {cfg.app_name!r} is running but {url}{API_PREFIX}/health did not answer 200 within "
             f"{HEALTH_WAIT_S:.0f} s ({last}). If Serve was already started with other http_options, "
