@@ -38,17 +38,22 @@ def _cluster() -> dict[str, Any]:
 
 def _jobs_and_trials() -> tuple[dict, dict]:
     """Running or pending submitted jobs, and alive Tune trial actors, from Ray's state API (the dashboard)."""
+    import ray
     from ray.util.state import list_actors, list_jobs
 
+    # The connected cluster's own address: without one the state API looks for "the" cluster on
+    # this machine and refuses to choose when there are several (Ray's "Found multiple active Ray
+    # instances"), although this process knows which one it is connected to.
+    address = ray.get_runtime_context().gcs_address
     try:
         jobs = [{"job_id": j.submission_id or j.job_id, "status": str(j.status), "entrypoint": j.entrypoint}
-                for j in list_jobs(raise_on_missing_output=False)
+                for j in list_jobs(address=address, raise_on_missing_output=False)
                 if str(j.status).split(".")[-1] in ("PENDING", "RUNNING") and j.type != "DRIVER"]
         job_part: dict = {"running": jobs}
     except Exception as err:  # noqa: BLE001 (the dashboard may be off or unreachable)
         job_part = {"error": f"Ray's state API (dashboard) is not reachable: {error_message(err)}"}
     try:
-        actors = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", TUNE_TRIAL_ACTOR_CLASS)],
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE"), ("class_name", "=", TUNE_TRIAL_ACTOR_CLASS)],
                              raise_on_missing_output=False)
         trial_part: dict = {"running": len(actors)}
     except Exception as err:  # noqa: BLE001

@@ -10,8 +10,11 @@ artifact folders, the compression report, and predictions of the served model ov
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -49,7 +52,7 @@ def test_readme_submit_command_names_the_runtime_env_and_shared_storage():
     assert f"storage_path={README_STORAGE}" in entry and f"registry.db_url=sqlite:///{README_STORAGE}/registry.db" in entry
 
 
-def test_ray_job_submit_runs_the_quickstart_on_a_two_node_cluster(tmp_path):
+def test_ray_job_submit_runs_the_quickstart_on_a_two_node_cluster(tmp_path, ray_head):
     from actors.registry.store import RegistryStore
 
     storage = tmp_path / "shared"
@@ -101,5 +104,16 @@ def test_ray_job_submit_runs_the_quickstart_on_a_two_node_cluster(tmp_path):
         accuracy, answered = served_digits_accuracy(f"http://127.0.0.1:{serve_port}", "quickstart-digits", served)
         assert answered == {served["version"]}
         assert abs(accuracy - served["metrics"]["val_accuracy"]) <= 0.02, (accuracy, served["metrics"]["val_accuracy"])
+
+        # `status` against this two-node cluster while another runs on the machine (`ray_head`, this
+        # folder's cluster): both nodes, the finished job not listed as running, the registry's versions.
+        status = subprocess.run([sys.executable, "-m", "app", "status", "--json", f"registry.db_url=sqlite:///{storage / 'registry.db'}"],
+                                env={**cluster.client_env(), "RAY_ADDRESS": cluster.address}, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert status.returncode == 0, status.stderr[-3000:]
+        st = json.loads(status.stdout)
+        assert st["jobs"] == {"running": []} and st["trials"] == {"running": 0}, st
+        assert len(st["cluster"]["nodes"]) == 2 and st["cluster"]["cpus"]["total"] == 4, st["cluster"]
+        assert [(m["name"], m["versions"]) for m in st["registry"]["models"]] == [("quickstart-digits", 4)]
     finally:
         cluster.stop()
