@@ -32,8 +32,9 @@ def _rank_main(rank: int, world: int, port: int, jobs, results) -> None:
     from pipelines.train import fit_in_process
 
     while (item := jobs.get()) is not None:
+        job, resume_from = item
         try:
-            result = fit_in_process(TrainJob.model_validate(item))
+            result = fit_in_process(TrainJob.model_validate(job), resume_from=resume_from)
             results.put((rank, "ok", result))
         except BaseException:  # noqa: BLE001 - reported to the test, which raises it
             results.put((rank, "error", traceback.format_exc()))
@@ -58,12 +59,13 @@ class LocalRanks:
             p.start()
         return self
 
-    def fit(self, job):
+    def fit(self, job, resume_from: str | None = None):
+        """Every rank runs `job` (`resume_from` as in `pipelines.train.fit`); rank 0's result."""
         assert job.train.num_workers == self.world, (job.train.num_workers, self.world)
         if self.broken:
             raise RuntimeError(f"{job.name}: not run, an earlier fit left the ranks broken: {self.broken}")
         for q in self.jobs:
-            q.put(job.model_dump(mode="json"))
+            q.put((job.model_dump(mode="json"), resume_from))
         answers = {}
         for _ in range(self.world):
             try:

@@ -16,7 +16,8 @@ reason and no fields, so the check below sees every one in file order.
 
 Survey: before training the driver makes one streamed pass (`survey`): each block is reduced by a
 Ray task to a small summary (good rows per split, labels, bad rows and their first reasons, the
-first val rows) and the driver merges the summaries in file order. So without `skip_bad_rows`
+first val rows) and the driver merges the summaries in file order; files of a few MB
+(`SURVEY_IN_DRIVER_MB`) are read by the driver itself, block by block, to the same summaries. So without `skip_bad_rows`
 the first bad row in the files is the error, as in memory (after the whole pass, not at that
 row); with it, the count and the first `MAX_REASONS` reasons are printed and kept. A classifier's
 labels are `data.labels`, else the sorted labels this pass saw in train (at most `MAX_LABELS`).
@@ -286,17 +287,30 @@ def _data_error_inside(err: BaseException) -> DataFileError | None:
 
 
 def local_summaries(source: FileRowsDatasource, keep_val: int) -> Iterator[dict]:
-    """The same summaries with every read task run in this process, one after another (tests, no Ray)."""
+    """The same summaries with every read task run in this process, one after another (small
+    files, and tests without Ray)."""
     for task in source.get_read_tasks(1):
         for block in task():
             yield summarize_block(block, keep_val)
 
 
+SURVEY_IN_DRIVER_MB = 64.0
+"""Files up to this many MB (10^6 bytes) together are surveyed in the driver's process: starting
+Ray tasks costs seconds (each new worker process imports the readers), while one pass over a few
+MB takes well under a second. Above it, Ray tasks read the pieces in parallel, next to the data."""
+
+
+def _default_summaries(files: list[tuple[str, str | None]]):
+    size = sum(os.path.getsize(path) for path, _ in files)
+    return local_summaries if size <= SURVEY_IN_DRIVER_MB * 1e6 else ray_summaries
+
+
 def survey(kind: str, files: list[tuple[str, str | None]], fields: Fields, val_fraction: float, seed: int,
-           keep_val: int, *, skip_bad_rows: bool, summaries=ray_summaries) -> Survey:
-    """One streamed pass over `files`; raises the first bad row (without `skip_bad_rows`) and a file
-    without usable rows, as app/data/files.py does."""
+           keep_val: int, *, skip_bad_rows: bool, summaries=None) -> Survey:
+    """One streamed pass over `files` (by `summaries`, default: `SURVEY_IN_DRIVER_MB`); raises the
+    first bad row (without `skip_bad_rows`) and a file without usable rows, as app/data/files.py does."""
     source = FileRowsDatasource(kind, files, fields, val_fraction, seed)
+    summaries = summaries or _default_summaries(files)
     where = ", ".join(path for path, split in files if split != "val")
     result = merge_summaries(summaries(source, keep_val), keep_val, where, fields.label_field)
     if result.first_bad and not skip_bad_rows:
@@ -311,7 +325,7 @@ def survey(kind: str, files: list[tuple[str, str | None]], fields: Fields, val_f
 # The driver's side: survey, labels, the train Dataset
 
 
-def survey_files(cfg: FileDataConfig, keep_val: int, summaries=ray_summaries) -> dict:
+def survey_files(cfg: FileDataConfig, keep_val: int, summaries=None) -> dict:
     """The summary every worker receives (labels, row counts, bad rows, the first `keep_val` val
     rows in file order), checked as `load_splits` checks the in-memory rows."""
     fields = _fields(cfg)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import pytest
 from app.runtime import direct_ingress_env
 from conftest import free_port
 
-from .ray_nodes import write_token
+from .ray_nodes import RayNode, write_token
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 900
@@ -68,20 +67,9 @@ class RayHead:
         return self.temp_dir / TOKEN_FILE
 
     def stop(self) -> None:
-        """SIGTERM the head's process group (ray start and the daemons it spawned), SIGKILL what is left after 60 s."""
-        if self.proc.poll() is not None:
-            return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        """Stop the head's processes (`ray start`, its daemons and their workers), then remove its temp folder."""
+        if self.proc.poll() is None:
+            RayNode(self.proc, self.temp_dir / "head.log").stop()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -35,6 +35,10 @@ VENV_BIN = Path(sys.executable).parent
 # ~65 bytes below it); a socket path longer than 107 bytes cannot be bound.
 MAX_TEMP_DIR_LEN = 40
 
+STOP_GRACE_S = 3.0
+"""How long a stopped node's processes get after SIGTERM before SIGKILL. The cluster is thrown away,
+so nothing needs a clean exit: a raylet given SIGTERM drains for ~30 s before it exits."""
+
 
 @dataclass
 class RayNode:
@@ -55,30 +59,40 @@ class RayNode:
                 return sorted(found)
             found |= more
 
-    def _signal(self, pids: list[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
     def kill(self) -> list[int]:
         """SIGKILL every process of the node at once (a machine lost), by id; returns the ids."""
         pids = self.pids()
-        self._signal(pids, signal.SIGKILL)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
         self.proc.wait()
         return pids
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the node's processes, SIGKILL those left after `grace_s`."""
-        pids = self.pids()
-        self._signal(pids, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(map(_running, pids)):
-            self.proc.poll()  # reaps `ray start` once it exits
-            time.sleep(0.25)
-        self._signal([pid for pid in pids if _running(pid)], signal.SIGKILL)
-        self.proc.wait()
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        stop_nodes([self], grace_s)
+
+
+def stop_nodes(nodes: list[RayNode], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process of the nodes at once, SIGKILL those left after `grace_s`."""
+    pids = [pid for node in nodes for pid in node.pids()]
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(map(_running, pids)):
+        for node in nodes:
+            node.proc.poll()  # reaps `ray start` once it exits
+        time.sleep(0.25)
+    for pid in pids:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+    for node in nodes:
+        node.proc.wait()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _running(pid: int) -> bool:
@@ -191,9 +205,7 @@ class LocalCluster:
         return res.json()
 
     def stop(self) -> None:
-        for node in [*self.workers, self.head]:
-            if node is not None:
-                node.stop()
+        stop_nodes([node for node in [*self.workers, self.head] if node is not None])
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

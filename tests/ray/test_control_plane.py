@@ -335,8 +335,11 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(api, app_cfg, key
     """schemathesis generates requests from the running ingress's OpenAPI schema, with an admin key
     and without: no answer is a 5xx, none takes longer than the request timeout, and a valid
     request still answers afterwards. Runs last in the module: the admin's requests may move
-    aliases and delete versions."""
+    aliases and delete versions. Two threads send the requests while the next ones are generated
+    (generating one takes about as long as answering it), so the server also sees them overlap."""
+    import threading
     from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
 
     import requests
     import schemathesis
@@ -348,7 +351,7 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(api, app_cfg, key
     timeout_s = app_cfg.serve.request_timeout_s + 10
     statuses: Counter = Counter()
     failures: list[str] = []
-    session = requests.Session()
+    lock, local = threading.Lock(), threading.local()
     callers = {"admin": {"X-API-Key": keys["admin"]}, "anonymous": {}}
     operations = [r.ok() for r in schema.get_all_operations()]
     fuzzed = [op for op in operations if (op.method.upper(), op.path) not in NOT_FUZZED]
@@ -356,15 +359,19 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(api, app_cfg, key
             ("POST", "/v1/chat/completions")} <= {(op.method.upper(), op.path) for op in fuzzed}
 
     def send(case, headers: dict) -> None:
+        if not hasattr(local, "session"):  # a requests.Session per sending thread
+            local.session = requests.Session()
         try:
-            resp = case.call(base_url=root, session=session, headers=headers, timeout=timeout_s)
+            resp = case.call(base_url=root, session=local.session, headers=headers, timeout=timeout_s)
         except requests.Timeout:
-            failures.append(f"no answer within {timeout_s} s: {case.method} {case.formatted_path} {case.body!r:.200}")
+            with lock:
+                failures.append(f"no answer within {timeout_s} s: {case.method} {case.formatted_path} {case.body!r:.200}")
             return
-        statuses[resp.status_code] += 1
-        if resp.status_code >= 500:
-            failures.append(f"{resp.status_code} {case.method} {case.formatted_path} query={case.query} "
-                            f"body={case.body!r:.300}: {resp.text[:300]}")
+        with lock:
+            statuses[resp.status_code] += 1
+            if resp.status_code >= 500:
+                failures.append(f"{resp.status_code} {case.method} {case.formatted_path} query={case.query} "
+                                f"body={case.body!r:.300}: {resp.text[:300]}")
 
     runs = [(op, mode, headers, {}) for op in fuzzed
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
@@ -372,17 +379,30 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(api, app_cfg, key
     # random model names mostly meet a 404: the admin's valid requests also go to the served model
     runs += [(op, schemathesis.GenerationMode.POSITIVE, callers["admin"], {"model": "digits"})
              for op in fuzzed if "{model}" in op.path]
-    for op, mode, headers, path_parameters in runs:
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(case=op.as_strategy(generation_mode=mode, path_parameters=path_parameters or None))
-        def fuzz(case) -> None:
-            send(case, headers)
+    in_flight = threading.BoundedSemaphore(4)  # generated but not yet answered
 
-        try:
-            fuzz()
-        except Unsatisfiable:  # e.g. no invalid input exists for an operation without parameters
-            pass
+    def sent(future) -> None:
+        in_flight.release()
+        if future.exception() is not None:  # e.g. a connection reset: a failure like a 5xx
+            with lock:
+                failures.append(f"{type(future.exception()).__name__}: {future.exception()}"[:500])
+
+    def send_later(pool: ThreadPoolExecutor, case, headers: dict) -> None:
+        in_flight.acquire()
+        pool.submit(send, case, headers).add_done_callback(sent)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for op, mode, headers, path_parameters in runs:
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode, path_parameters=path_parameters or None))
+            def fuzz(case) -> None:
+                send_later(pool, case, headers)
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # e.g. no invalid input exists for an operation without parameters
+                pass
 
     total = sum(statuses.values())
     with capsys.disabled():

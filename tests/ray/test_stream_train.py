@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from app.config.jobs import TrainJob
-from app.data.stream import survey_files, train_dataset
+from app.data.stream import ray_summaries, survey_files, train_dataset
 from hf_folders import sentiment_rows, tiny_bert
 from pipelines.train import fit
 
@@ -129,5 +129,5 @@ def test_an_error_inside_a_read_task_reaches_the_driver_as_itself(ray_cluster, t
     with pytest.raises(DataFileError) as memory:
         read_splits(cfg)
     with pytest.raises(DataFileError) as streamed_error:
-        survey_files(cfg, keep_val=8)
+        survey_files(cfg, keep_val=8, summaries=ray_summaries)  # a small file: Ray tasks asked for
     assert str(streamed_error.value) == str(memory.value) and str(memory.value).startswith(f"{path}: not UTF-8 text")

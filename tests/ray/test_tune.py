@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from actors.registry.client import get_or_create_registry
 from app.config.jobs import TrainJob, parse_config
+from local_ranks import LocalRanks
 from pipelines.train import fit
 from tune.sweep import SweepPaths, run_sweep
 
@@ -196,15 +197,19 @@ def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, 
 
 def test_a_run_can_start_from_another_runs_checkpoint_with_new_hyperparameters(ray_cluster, tmp_path):
     """What a PBT exploit does: the weak trial continues the strong one's checkpoint as a new
-    training run, with its own (mutated) learning rate and weight decay."""
+    training run, with its own (mutated) learning rate and weight decay. The clone runs on Ray
+    Train (`fit`: a trial of several workers); the donor and the late clone run the same loop in a
+    process of their own (`fit_in_process`: a one-worker trial), without Ray Train's start-up."""
     def job(name, lr, steps):
         tree = _tree(tmp_path, name, {})
         tree.pop("tune")
         tree["train"].update(lr=lr, steps=steps, weight_decay=0.05 if name == "donor" else 0.2)
         return TrainJob.model_validate(tree)
 
-    donor = fit(job("donor", 3e-3, 20))
-    clone = fit(job("clone", 1e-2, 40), resume_from=donor.checkpoint_path)
+    with LocalRanks(1) as one:
+        donor = one.fit(job("donor", 3e-3, 20))
+        clone = fit(job("clone", 1e-2, 40), resume_from=donor.checkpoint_path)
+        late = one.fit(job("late", 1e-2, 20), resume_from=donor.checkpoint_path)
     assert donor.metrics["step"] == 20
     assert clone.metrics["start_step"] == 20 and clone.metrics["step"] == 40   # continued, did not restart
     # The clone's schedule is its own lr's (cosine floor 0.1 x 1e-2 at the end), not the donor's 3e-3.
@@ -213,7 +218,6 @@ def test_a_run_can_start_from_another_runs_checkpoint_with_new_hyperparameters(r
     b = load_file(str(Path(clone.artifact_path) / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on from there
     # Cloning a donor's *final* checkpoint: nothing left to train, but the run ends with its own checkpoint.
-    late = fit(job("late", 1e-2, 20), resume_from=donor.checkpoint_path)
     assert late.metrics["start_step"] == 20 and Path(late.checkpoint_path).is_dir()
     c = load_file(str(Path(late.artifact_path) / "model.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
