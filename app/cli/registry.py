@@ -118,13 +118,14 @@ def _compare_on_eval(versions: list[dict], eval_cfg, eval_path: str) -> dict:
     from app.inference import TextPredictor, load_predictor
 
     pairs = read_eval_pairs(eval_cfg.data)
-    results = []
-    for v in versions:
-        pred = load_predictor(v["artifact_uri"])
+    predictors = [load_predictor(v["artifact_uri"]) for v in versions]  # both checked before either is evaluated
+    for v, pred in zip(versions, predictors):
         if not (isinstance(pred, TextPredictor) and pred.task == "causal_lm"):
             kind = pred.task if isinstance(pred, TextPredictor) else pred.job.model.kind
             raise ValueError(f"{v['model']} v{v['version']} is a {kind} model; --eval compares causal LMs "
                              "(model.kind hf, task causal_lm)")
+    results = []
+    for v, pred in zip(versions, predictors):
         print(f"[eval] {v['model']} v{v['version']} ({v['format']}): {len(pairs)} prompts", file=sys.stderr, flush=True)
         results.append(evaluate_pairs(pred, pairs, eval_cfg))
     brief = [{k: v[k] for k in ("model", "version", "format", "transformation", "artifact_uri")} for v in versions]
