@@ -2,8 +2,7 @@
 
 `get_or_create_registry(cfg)` starts or finds the `ModelRegistry` actor (needs Ray);
 `open_store(cfg)` opens the same database in this process without Ray, for read-only commands
-when no cluster runs (Ray is imported only by the functions that need it: a read-only command
-starts ~0.7 s sooner). Both resolve a relative SQLite path against this process's working
+when no cluster runs. Both resolve a relative SQLite path against this process's working
 directory, so they open the same file.
 """
 
@@ -14,8 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
 from sqlalchemy.engine import make_url
 
+from actors.registry.actor import ModelRegistry
 from actors.registry.store import RegistryStore, mask_password
 from actors.registry.validation import URI_SCHEME_RE
 
@@ -155,10 +156,6 @@ def get_or_create_registry(cfg: RegistryConfig, auth: dict | None = None) -> Act
     actor with auth on refuses that caller's writes unless it sends credentials. `cfg.artifact_roots`
     too is fixed when the actor starts.
     """
-    import ray
-
-    from actors.registry.actor import ModelRegistry
-
     if not ray.is_initialized():
         raise RuntimeError("get_or_create_registry needs Ray: call ray.init() first")
     url = database_url(cfg)
@@ -233,8 +230,6 @@ def open_store(cfg: RegistryConfig, *, key_secret: bytes | None = None, auth_ena
 
 def find_version_by_artifact(registry: ActorHandle, model: str, artifact_uri: str) -> dict | None:
     """The version already registered for an artifact folder, if any (makes re-runs idempotent)."""
-    import ray
-
     if model not in {m["name"] for m in ray.get(registry.list_models.remote())}:
         return None
     versions = ray.get(registry.list_versions.remote(model))
