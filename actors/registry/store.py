@@ -225,12 +225,12 @@ class RegistryStore:
             raise ValueError(f"version ref must be a version number, an alias or 'latest', got {ref!r}")
         v = versions_table.c
         if isinstance(ref, int):
-            # A number outside SQL's 64-bit integers is no version's (and the database driver
-            # would refuse to send it: an OverflowError, not a "not found").
-            row = None if not -2**63 <= ref < 2**63 else conn.execute(
-                select(v.id, v.deleted_at, v.deleted_by, v.deleted_reason)
-                .where(v.model_id == model_id, v.version == ref)
-            ).first()
+            row = None  # a number outside SQL's 64-bit integers is no version's (the driver would raise OverflowError)
+            if -2**63 <= ref < 2**63:
+                row = conn.execute(
+                    select(v.id, v.deleted_at, v.deleted_by, v.deleted_reason)
+                    .where(v.model_id == model_id, v.version == ref)
+                ).first()
             if row is None:
                 top = _max_version(conn, model_id)
                 have = f"versions 1..{top}" if top else "no versions yet"

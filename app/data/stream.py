@@ -17,10 +17,11 @@ reason and no fields, so the check below sees every one in file order.
 Survey: before training the driver makes one streamed pass (`survey`): each block is reduced by a
 Ray task to a small summary (good rows per split, labels, bad rows and their first reasons, the
 first val rows) and the driver merges the summaries in file order; files of a few MB
-(`SURVEY_IN_DRIVER_MB`) are read by the driver itself, block by block, to the same summaries. So without `skip_bad_rows`
-the first bad row in the files is the error, as in memory (after the whole pass, not at that
-row); with it, the count and the first `MAX_REASONS` reasons are printed and kept. A classifier's
-labels are `data.labels`, else the sorted labels this pass saw in train (at most `MAX_LABELS`).
+(`SURVEY_IN_DRIVER_MB`) are read by the driver itself, block by block, to the same summaries.
+So without `skip_bad_rows` the first bad row in the files is the error, as in memory (after the
+whole pass, not at that row); with it, the count and the first `MAX_REASONS` reasons are printed
+and kept. A classifier's labels are `data.labels`, else the sorted labels this pass saw in train
+(at most `MAX_LABELS`).
 Validation is small and materialized: the first `eval_batches x batch_size` val rows in file
 order, the rows the in-memory path evaluates on, travel to every worker in the loop config.
 
