@@ -2,12 +2,15 @@
 
 Metrics go through `ray.util.metrics`, so they show on the Ray dashboard and on each node's
 Prometheus endpoint (prefixed `ray_`). Objects are created lazily, once per process, and only
-inside Ray workers/actors/replicas (creating them needs a connected Ray).
+inside Ray workers/actors/replicas (creating them needs a connected Ray). Gauges are set with
+`set_gauge`, which keeps a rarely changing value visible (see there).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -90,6 +93,53 @@ def histogram(name: str, boundaries: tuple[float, ...], tag_keys: tuple[str, ...
 
 
 _FAILED: set[str] = set()
+
+GAUGE_KEEPALIVE_S = 5.0
+"""How often the last value of every gauge series this process set is set again.
+
+Ray 2.60 drops a gauge series from the node's Prometheus endpoint when it has not been set for a
+while, although the process that set it still lives: measured on a local cluster, a gauge set
+once (in a driver or in an actor) was scraped for about 20 s at a 1 s metrics export interval and
+for about 30 s at the default 10 s, then never again. A replica's served version, a sweep's trial
+counts or an evaluation metric can stay the same for minutes, so each value is sent again every
+few seconds while its process lives; the series still ends with the process (a finished Train
+worker, a replaced replica)."""
+
+_LAST_SET: dict[tuple, tuple[Any, float, dict[str, str]]] = {}
+_LAST_SET_LOCK = threading.Lock()
+_keepalive: threading.Thread | None = None
+
+
+def set_gauge(name: str, value: float, tags: dict[str, str], slot: str | None = None) -> None:
+    """Set gauge `name` (its tag keys: those of `tags`, in that order) for the series `tags`, and
+    keep that value visible until the series is set again or the process ends. Series sharing a
+    `slot` replace each other in the keep-alive (a replica's version under a new route name: the
+    old series is then left to expire). Best effort, like `record`."""
+
+    def action() -> None:
+        global _keepalive
+        g = gauge(name, tuple(tags))
+        g.set(value, tags=tags)
+        key = (name, slot) if slot is not None else (name, tuple(sorted(tags.items())))
+        with _LAST_SET_LOCK:
+            _LAST_SET[key] = (g, value, dict(tags))
+            if _keepalive is None:
+                _keepalive = threading.Thread(target=_keep_gauges_alive, name="temper-gauge-keepalive", daemon=True)
+                _keepalive.start()
+
+    record(name, action)
+
+
+def _keep_gauges_alive() -> None:
+    while True:
+        time.sleep(GAUGE_KEEPALIVE_S)
+        with _LAST_SET_LOCK:
+            series = list(_LAST_SET.values())
+        for g, value, tags in series:
+            try:
+                g.set(value, tags=tags)
+            except Exception:  # noqa: BLE001 - the first failure of a metric was logged when it was set
+                pass
 
 
 def record(name: str, action: Callable[[], Any]) -> None:

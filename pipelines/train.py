@@ -142,11 +142,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         write_progress(progress, {"run": job.name, "step": start_step, "steps": tc.steps, "metric": metric_name})
     tags = {"run": job.name, "rank": str(rank)}
-    m_loss = telemetry.gauge(telemetry.TRAIN_LOSS, ("run", "rank"))
-    m_rate = telemetry.gauge(telemetry.TRAIN_SAMPLES_PER_S, ("run", "rank"))
-    m_step = telemetry.gauge(telemetry.TRAIN_STEP, ("run", "rank"))
-    m_tokens = telemetry.gauge(telemetry.TRAIN_TOKENS_PER_S, ("run", "rank"))
-    m_eval = telemetry.gauge(telemetry.EVAL_METRIC, ("run", "metric"))
 
     if start_step >= tc.steps or state.should_stop:  # finished (or stopped early): report the final evaluation once more
         metrics = {"step": start_step, "start_step": start_step, **_evaluate(job, strategy, data, rank, world, teacher),
@@ -196,12 +191,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             now = time.perf_counter()
             rate = seen_since_log / max(now - t_log, 1e-9)
             avg_loss = loss_acc / steps_since_log
-            telemetry.record(telemetry.TRAIN_LOSS, lambda: m_loss.set(avg_loss, tags))
-            telemetry.record(telemetry.TRAIN_SAMPLES_PER_S, lambda: m_rate.set(rate, tags))
-            telemetry.record(telemetry.TRAIN_STEP, lambda: m_step.set(done, tags))
+            telemetry.set_gauge(telemetry.TRAIN_LOSS, avg_loss, tags)
+            telemetry.set_gauge(telemetry.TRAIN_SAMPLES_PER_S, rate, tags)
+            telemetry.set_gauge(telemetry.TRAIN_STEP, done, tags)
             if tokens_since_log:
                 tokens_rate = tokens_since_log / max(now - t_log, 1e-9)
-                telemetry.record(telemetry.TRAIN_TOKENS_PER_S, lambda: m_tokens.set(tokens_rate, tags))
+                telemetry.set_gauge(telemetry.TRAIN_TOKENS_PER_S, tokens_rate, tags)
             if rank == 0:
                 per_step = (now - t_start) / (done - start_step)
                 write_progress(progress, {"step": done, "steps": tc.steps, "loss": avg_loss, "lr": scheduler.get_last_lr()[0],
@@ -225,7 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 value = metrics[metric_name]
                 write_progress(progress, {"metric_value": value, "eval_step": done})
-                telemetry.record(telemetry.EVAL_METRIC, lambda: m_eval.set(value, {"run": job.name, "metric": metric_name}))
+                telemetry.set_gauge(telemetry.EVAL_METRIC, value, {"run": job.name, "metric": metric_name})
                 if log_format == "json":  # the whole report: what Ray Train records for this step
                     emit(report_log, "train_report", {"run": job.name, **metrics}, "json")
                 elif log_format != "off":
@@ -275,8 +270,7 @@ def _report_checkpoint(job: TrainJob, strategy, scheduler, callbacks, step: int,
         # Every rank reports its part (FSDP/ZeRO shards); Ray merges them into one folder.
         current().report(metrics, folder if any(folder.iterdir()) else None, f"checkpoint_step{step:08d}")
     seconds = time.perf_counter() - t0
-    telemetry.record(telemetry.TRAIN_CHECKPOINT_S, lambda: telemetry.gauge(telemetry.TRAIN_CHECKPOINT_S, ("run", "rank"))
-                     .set(seconds, {"run": job.name, "rank": str(rank)}))
+    telemetry.set_gauge(telemetry.TRAIN_CHECKPOINT_S, seconds, {"run": job.name, "rank": str(rank)})
 
 
 def _load_teacher(job: TrainJob, artifact: str | None, device):

@@ -224,7 +224,6 @@ class BatchedModelServer:
             telemetry.SERVE_QUEUE_WAIT_MS, tuple(telemetry.LATENCY_BOUNDARIES_MS), ("model", "app", "route", "method")
         )
         self._tokens = telemetry.counter(telemetry.SERVE_GENERATED_TOKENS, ("model", "route"))
-        self._version_gauge = telemetry.gauge(telemetry.SERVE_SERVED_VERSION, ("model", "route"))
 
     # ---- version and settings
 
@@ -244,7 +243,8 @@ class BatchedModelServer:
             method.set_max_batch_size(settings.max_batch_size)
             method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._settings = settings
-        self._version_gauge.set(self._loaded.version, tags={"model": self.model, "route": settings.version})
+        telemetry.set_gauge(telemetry.SERVE_SERVED_VERSION, self._loaded.version, {"model": self.model, "route": settings.version},
+                            slot="served")
         if self._poller is None:  # started here: reconfigure runs on the replica's event loop
             self._poller = asyncio.create_task(self._poll_alias())
 
@@ -307,7 +307,8 @@ class BatchedModelServer:
                 continue
             try:
                 if await self._load(ref):
-                    self._version_gauge.set(self._loaded.version, tags={"model": self.model, "route": ref})
+                    telemetry.set_gauge(telemetry.SERVE_SERVED_VERSION, self._loaded.version, {"model": self.model, "route": ref},
+                                        slot="served")
                 self._poll_error = None
             except Exception as err:  # registry away, alias removed, version unloadable: keep serving
                 message = str(getattr(err, "cause", None) or err)

@@ -356,11 +356,8 @@ def _metrics_callback(sweep: str, metric: str, mode: str):
             self.tally = TrialTally(mode)
 
         def _publish(self) -> None:
-            def publish() -> None:
-                gauge = telemetry.gauge(telemetry.TUNE_TRIALS, ("sweep", "state"))
-                for state, n in self.tally.counts().items():
-                    gauge.set(n, {"sweep": sweep, "state": state})
-            telemetry.record(telemetry.TUNE_TRIALS, publish)
+            for state, n in self.tally.counts().items():
+                telemetry.set_gauge(telemetry.TUNE_TRIALS, n, {"sweep": sweep, "state": state})
             self._publish_best()
 
         def _publish_best(self) -> None:
@@ -368,8 +365,7 @@ def _metrics_callback(sweep: str, metric: str, mode: str):
             # after the gauge is made, was missing from a scrape that showed the trial counts.
             best = self.tally.best
             if best is not None:
-                telemetry.record(telemetry.TUNE_BEST_METRIC, lambda: telemetry.gauge(
-                    telemetry.TUNE_BEST_METRIC, ("sweep", "metric")).set(best, {"sweep": sweep, "metric": metric}))
+                telemetry.set_gauge(telemetry.TUNE_BEST_METRIC, best, {"sweep": sweep, "metric": metric})
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self.tally.started(trial.trial_id)

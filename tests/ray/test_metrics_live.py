@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tune.sweep import run_sweep
 
 pytestmark = pytest.mark.ray
 REQUESTS = 50
+GAUGE_EXPIRY_S = 40.0
 
 
 def _tree(tmp_path, name: str, steps: int) -> dict:
@@ -127,6 +129,7 @@ def test_tune_registry_and_serve_metrics_reach_prometheus(ray_cluster, tmp_path)
         record = train_and_register(job, registry)
         ray.get(registry.register_version.remote(served, record["artifact_uri"], "torch_fp32"))
         result = run_sweep(tune_job, registry)
+        swept = time.monotonic()
         assert len(result.trials) == 2
         app_cfg = ServeApp(registry=job.registry, serve=ServeConfig(
             app_name=f"metrics-{uuid.uuid4().hex[:6]}", port=free_port(),
@@ -147,6 +150,11 @@ def test_tune_registry_and_serve_metrics_reach_prometheus(ray_cluster, tmp_path)
                     and _samples(text, f"ray_{telemetry.TUNE_BEST_METRIC}", sweep=sweep)
             wait_for(scraped, lambda: f"{REQUESTS} predict requests of {served} and the sweep's trial and best-metric "
                                       f"gauges on {endpoint}", 90)
+            # Ray drops a gauge series not set for ~30 s (default export interval) although its process
+            # lives; the sweep's gauges, last set when its final trial ended, must outlive that, and so
+            # must the replica's served version, set once when it loaded.
+            time.sleep(max(0.0, swept + GAUGE_EXPIRY_S - time.monotonic()))
+            late = httpx.get(endpoint, timeout=10).text
     finally:
         ray.kill(registry)
 
@@ -155,6 +163,9 @@ def test_tune_registry_and_serve_metrics_reach_prometheus(ray_cluster, tmp_path)
     assert sum(_samples(text, f"ray_{telemetry.TUNE_TRIALS}", sweep=sweep, state="stopped")) == 2
     [best] = _samples(text, f"ray_{telemetry.TUNE_BEST_METRIC}", sweep=sweep)
     assert 0 <= best <= 1
+    assert sum(_samples(late, f"ray_{telemetry.TUNE_TRIALS}", sweep=sweep, state="stopped")) == 2
+    assert _samples(late, f"ray_{telemetry.TUNE_BEST_METRIC}", sweep=sweep) == [best]
+    assert _samples(late, f"ray_{telemetry.SERVE_SERVED_VERSION}", model=served, route="1") == [1.0]
     # registry: this test's register calls at least (other tests' actors count too)
     assert sum(_samples(text, f"ray_{telemetry.REGISTRY_OPERATIONS}", operation="register_version")) >= 3
     assert sum(_samples(text, f"ray_{telemetry.REGISTRY_LATENCY_MS}_count", operation="register_version")) >= 3

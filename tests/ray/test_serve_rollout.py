@@ -11,6 +11,7 @@ polling and the watcher work on their own clock)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 
@@ -39,6 +40,10 @@ from conftest import free_port, metric_total, wait_for
 pytestmark = pytest.mark.ray
 
 WEIGHTS = {"production": 90, "staging": 10}
+# Ray drops a gauge series from the node's Prometheus endpoint once it has not been set for ~30 s
+# (at the default 10 s export interval); a series set only when a replica loads must outlive that.
+GAUGE_EXPIRY_S = 40.0
+DEPLOYED: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +116,7 @@ def base_url(app_cfg, config_file):
     from app.cli.main import main
 
     url = deploy(app_cfg)
+    DEPLOYED["at"] = time.monotonic()
     yield url
     try:
         assert main(["serve", "shutdown", config_file]) == 0  # the CLI's shutdown, on the way out
@@ -289,3 +295,17 @@ def test_cli_status_and_advise(base_url, app_cfg, config_file, capsys):
     assert [line.split()[:2] for line in out.splitlines() if line.startswith(("    1", "    8"))] == [["1", "0.0"], ["8", "2.0"]]
     models = {m["model"]: m for m in TemperClient(base_url).models()}
     assert models["digits"]["max_batch_size"] == 8 and models["digits"]["batch_wait_timeout_s"] == 0.005  # restored
+
+
+def test_served_version_gauges_stay_while_the_replicas_serve(base_url):
+    """Each replica sets its served-version gauge when it loads a version (and at a hot swap): a
+    value that stays the same for the replica's whole life is still scraped minutes later."""
+    import ray
+
+    time.sleep(max(0.0, DEPLOYED["at"] + GAUGE_EXPIRY_S - time.monotonic()))  # the module's tests usually took longer
+    node = ray._private.worker.global_worker.node
+    text = httpx.get(f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics", timeout=10).text
+    served = {route: metric_total(text, "ray_temper_serve_served_version", model=model, route=route)
+              for model, route in (("digits", "production"), ("digits", "staging"), ("code", "latest"))}
+    # production: v1 since the start; staging: v2 again after the auto-rollback; code: its only version
+    assert served == {"production": 1.0, "staging": 2.0, "latest": 1.0}, served
