@@ -546,6 +546,8 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
     storage = Path(job.storage_path).resolve()
     tc = job.train
     refuse_incompatible_resume(job, storage / "train" / job.name)
+    if report_to is None and (done := finished_run(job, storage / "train" / job.name)) is not None:
+        return done
     # Progress and report lines: text for people (default), or TEMPER_LOG_FORMAT=json for one JSON
     # object per line (a step line per log_every, a report line per evaluation) for log pipelines.
     loop_config = {"job": job.model_dump(mode="json"), "teacher_artifact": teacher_artifact, "initial_checkpoint": resume_from,
@@ -583,6 +585,41 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
         return _durable_result(job, result.metrics, Path(ckpt_dir), result.checkpoint.path, labels)
 
 
+def finished_run(job: TrainJob, run_dir: Path) -> TrainResult | None:
+    """The result of this run as Ray Train stored it, when its newest checkpoint is already at
+    `train.steps`: a re-run of a finished job (the same `run` command again) then starts no
+    workers. Starting them only to load the last checkpoint and evaluate it once more cost a fit's
+    whole start-up (controller, workers, process group: ~15-25 s on 2 cores) for the metrics the
+    checkpoint already holds. A run stopped earlier, or one whose `train.steps` was raised since,
+    trains on as before; streamed data needs its labels from a pass over the files for a missing
+    artifact, so such a run goes through the workers too."""
+    from ray.train import Result
+
+    if not run_dir.is_dir():
+        return None
+    try:
+        result = Result.from_path(str(run_dir))
+    except (RuntimeError, OSError, ValueError):  # no snapshot yet (the first run died early), unreadable
+        return None
+    step = (result.metrics or {}).get("step")
+    if result.checkpoint is None or not isinstance(step, (int, float)) or step < job.train.steps:
+        return None
+    with result.checkpoint.as_directory() as ckpt_dir:
+        if resume_conflict(Path(ckpt_dir), job):
+            return None  # refuse_incompatible_resume said why already, for the newest folder it could read
+        if _streams(job) and not durable_artifact_path(job, int(step)).exists():
+            return None
+        print(f"[train] {job.name}: already finished at step {int(step)} ({result.checkpoint.path}); not trained again",
+              flush=True)
+        return _durable_result(job, result.metrics, Path(ckpt_dir), result.checkpoint.path, None)
+
+
+def durable_artifact_path(job: TrainJob, step: int) -> Path:
+    """Where the fp32 weights (or the adapter) of this job's checkpoint at `step` are kept for the registry."""
+    kind = "lora" if job.train.finetune != "full" else "trained"
+    return Path(job.storage_path).resolve() / job.name / "artifacts" / f"{kind}-{config_hash(job)}-step{step:08d}"
+
+
 def _durable_result(job: TrainJob, reported: dict, ckpt_dir: Path, ckpt_path: str, labels: list | None) -> TrainResult:
     """The run's result, its final checkpoint's weights copied to an artifact folder that stays
     (checkpoints rotate with keep_last; the registry points at the artifact)."""
@@ -591,7 +628,7 @@ def _durable_result(job: TrainJob, reported: dict, ckpt_dir: Path, ckpt_path: st
     step = int(metrics.get("step", tc.steps))
     chash = config_hash(job)
     adapter = tc.finetune != "full"
-    artifact = Path(job.storage_path).resolve() / job.name / "artifacts" / f"{'lora' if adapter else 'trained'}-{chash}-step{step:08d}"
+    artifact = durable_artifact_path(job, step)
     if not artifact.exists():
         tmp = artifact.with_name(artifact.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,6 +55,12 @@ def test_two_workers_learn_then_resume_continues_the_step_count(ray_cluster, tmp
     assert ckpts == ["checkpoint_step00000040", "checkpoint_step00000060"]  # keep_last: 2
     assert second.artifact_path != first.artifact_path and Path(first.artifact_path).is_dir()
 
+    # The same job once more: finished, so its result comes back from the step-60 checkpoint's stored
+    # report (start_step 40); a second pass through the workers would have reported start_step 60.
+    third = fit(_job(tmp_path, steps=60))
+    assert (third.metrics, third.step, third.artifact_path) == (second.metrics, 60, second.artifact_path)
+    assert sorted(p.name for p in (tmp_path / "train" / "tiny-digits").glob("checkpoint_step*")) == ckpts
+
 
 def test_resume_with_another_model_config_is_refused(ray_cluster, tmp_path):
     fit(_job(tmp_path, steps=20))
