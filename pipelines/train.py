@@ -587,12 +587,12 @@ def fit(job: TrainJob, teacher_artifact: str | None = None, *, report_to=None, r
 
 def finished_run(job: TrainJob, run_dir: Path) -> TrainResult | None:
     """The result of this run as Ray Train stored it, when its newest checkpoint is already at
-    `train.steps`: a re-run of a finished job (the same `run` command again) then starts no
-    workers. Starting them only to load the last checkpoint and evaluate it once more cost a fit's
-    whole start-up (controller, workers, process group: ~15-25 s on 2 cores) for the metrics the
-    checkpoint already holds. A run stopped earlier, or one whose `train.steps` was raised since,
-    trains on as before; streamed data needs its labels from a pass over the files for a missing
-    artifact, so such a run goes through the workers too."""
+    `train.steps` and was written by this very config (its hash): a re-run of a finished job (the
+    same `run` command again) then starts no workers. Starting them only to load the last
+    checkpoint and evaluate it once more cost a fit's whole start-up (controller, workers, process
+    group: ~15-25 s on 2 cores) for the metrics the checkpoint already holds. A run stopped
+    earlier, one whose `train.steps` or other settings changed since, goes through the workers as
+    before; so does streamed data whose artifact is gone (its labels need a pass over the files)."""
     from ray.train import Result
 
     if not run_dir.is_dir():
@@ -605,8 +605,12 @@ def finished_run(job: TrainJob, run_dir: Path) -> TrainResult | None:
     if result.checkpoint is None or not isinstance(step, (int, float)) or step < job.train.steps:
         return None
     with result.checkpoint.as_directory() as ckpt_dir:
-        if resume_conflict(Path(ckpt_dir), job):
-            return None  # refuse_incompatible_resume said why already, for the newest folder it could read
+        try:
+            _, meta = read_meta(Path(ckpt_dir))
+        except (ValueError, KeyError, OSError):  # unreadable: the workers' resume reports it
+            return None
+        if meta.get("config_hash") != config_hash(job):  # another lr, eval or callback setting: evaluated anew
+            return None
         if _streams(job) and not durable_artifact_path(job, int(step)).exists():
             return None
         print(f"[train] {job.name}: already finished at step {int(step)} ({result.checkpoint.path}); not trained again",
