@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,28 +46,31 @@ def route_deployments(m: ServedModel) -> list[tuple[str, str]]:
 
 
 def _code_version(*parts: Any) -> str:
-    """A deployment version that changes with the replica's constructor arguments and code.
+    """A deployment version that changes with the replica's constructor arguments, code and environment.
 
     Serve restarts replicas when this changes and otherwise only calls `reconfigure` with the
-    new `user_config`. `serve.run` would draw a random version on every call (restarting
-    replicas even when only batch settings change), so we pass one; the driver's job id is
-    part of it so that a new driver process, which may carry new code, restarts replicas.
+    new `user_config`. `serve.run` would draw a random version on every call, restarting every
+    replica even when the same config is deployed again (a re-run of `serve deploy` or of a `run`
+    job: ~8 s on 2 cores until the app was RUNNING again, with each replica loading its model
+    anew), so we pass one. Besides the arguments it covers the project's code (`_source_digest`)
+    and the runtime environment of the job that deploys (pip packages, working_dir: Ray names a
+    working_dir package by a hash of its content), so new code or dependencies restart replicas.
     """
     import ray
 
-    job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
-    blob = json.dumps([parts, _source_digest(), job], sort_keys=True, default=str)
+    env = ray.get_runtime_context().runtime_env if ray.is_initialized() else None
+    blob = json.dumps([parts, _source_digest(), env], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _source_digest() -> str:
-    """Hash of the code that runs in the replicas (serve/, inference, models)."""
+    """Hash of the project's code that a replica may run: every module of app/, serve/ and actors/."""
     root = Path(__file__).resolve().parents[1]
-    files = (sorted(root.glob("serve/*.py")) + [root / "app/inference.py", root / "app/stop_strings.py",
-             root / "app/data/chat_template.py"] + sorted(root.glob("app/models/*.py")))
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.read_bytes())
+    for package in ("app", "serve", "actors"):
+        for f in sorted((root / package).rglob("*.py")):
+            digest.update(str(f.relative_to(root)).encode())
+            digest.update(f.read_bytes())
     return digest.hexdigest()
 
 
@@ -131,10 +135,12 @@ def registry_for(app_cfg: ServeApp):
     return get_or_create_registry(app_cfg.registry, auth=registry_auth(app_cfg.auth, auth_enabled(app_cfg)))
 
 
-def build_app(app_cfg: ServeApp) -> serve.Application:
+def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
     """Ingress + one BatchedModelServer deployment per model route (+ the rollout watcher when a
     model has `auto_rollback`), ready for `serve.run`. The ingress's auth settings (on or off,
-    rate limit) are live like its traffic weights."""
+    rate limit) are live like its traffic weights. `fresh`: versions no earlier deploy had, so
+    every replica starts anew (Serve does not try a failed version again)."""
+    salt = os.urandom(8).hex() if fresh else ""
     cfg = app_cfg.serve
     registry = app_cfg.registry.model_dump(mode="json")
     servers: dict[str, list] = {}
@@ -145,18 +151,18 @@ def build_app(app_cfg: ServeApp) -> serve.Application:
                     m.max_adapters)
             opts = route_deployment_options(m, ref, name, cfg)
             # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
-            deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica), _internal=True)
+            deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica, salt), _internal=True)
             servers[m.model].append(deployment.bind(*args))
     rollback = {m.model: m.auto_rollback.model_dump(mode="json") for m in cfg.models if m.auto_rollback}
     watcher = None
     if rollback:
         watcher = RolloutWatcher.options(
-            name=WATCHER_NAME, version=_code_version(rollback, registry), _internal=True,
+            name=WATCHER_NAME, version=_code_version(rollback, registry, salt), _internal=True,
         ).bind(rollback, registry, app_cfg.auth.service_key_env if auth_enabled(app_cfg) else None)
     capacity = _ingress_capacity(cfg)
     return TemperIngress.options(
         name=INGRESS_NAME,
-        version=_code_version(_fixed_ingress_config(cfg), bool(watcher), registry), _internal=True,
+        version=_code_version(_fixed_ingress_config(cfg), bool(watcher), registry, salt), _internal=True,
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
         max_ongoing_requests=capacity,
@@ -304,9 +310,14 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     # Serve's controller, proxy and replicas log every deployment step and request at INFO;
     # on the console that drowns our own lines, so they log warnings only unless verbose.
     logging_config = None if verbose() else {"log_level": "WARNING", "enable_access_log": False}
+    quiet_serve_driver_logs()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
+    # The same config deployed again keeps its replicas (stable versions), but a deployment that
+    # failed to start would then not be tried again: over an app that is not RUNNING, start afresh.
+    running = serve.status().applications.get(cfg.app_name)
+    fresh = running is not None and str(getattr(running.status, "value", running.status)) != "RUNNING"
     try:
-        serve.run(build_app(app_cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
+        serve.run(build_app(app_cfg, fresh), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
     except RuntimeError as err:
         raise RuntimeError(f"{err}{_failed_deployments(cfg.app_name)}") from err
     url = base_url(cfg)
@@ -330,8 +341,17 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     return url
 
 
+def quiet_serve_driver_logs() -> None:
+    """Serve's logger in this process (`ray.serve`, set to INFO with its own console handler when
+    Serve is imported) prints lines such as `Connecting to existing Serve app in namespace "serve"`
+    and `Application 'x' is ready at ...` next to our own; warnings only, unless verbose."""
+    if not verbose():
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def shutdown(app_name: str) -> None:
     """Delete the Serve application `app_name` (Serve itself keeps running for other apps)."""
+    quiet_serve_driver_logs()
     serve.delete(app_name)
 
 
@@ -341,6 +361,7 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
     rollout watcher's rollbacks. `{"status": "NOT_RUNNING"}` when the app is not deployed."""
     import ray
 
+    quiet_serve_driver_logs()
     cfg = app_cfg.serve
     app = serve.status().applications.get(cfg.app_name)
     if app is None:
@@ -361,8 +382,12 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
                      "registry_version": int(ref) if ref.isdigit() else aliases.get(ref),
                      **deployments.get(name, {"status": "MISSING"})}
             if name in deployments:
-                info = serve.get_deployment_handle(name, cfg.app_name).info.remote().result(timeout_s=timeout_s)
-                entry["serving_version"], entry["backend"] = info["version"], info["backend"]
+                try:
+                    info = serve.get_deployment_handle(name, cfg.app_name).info.remote().result(timeout_s=timeout_s)
+                    entry["serving_version"], entry["backend"] = info["version"], info["backend"]
+                except Exception as err:  # noqa: BLE001 - no replica answers (failed, starting): say so, go on
+                    entry["serving_version"], entry["backend"] = None, None
+                    entry["message"] = entry.get("message") or f"no replica answered within {timeout_s:.0f} s ({type(err).__name__})"
             routes.append(entry)
         models.append({"model": m.model, "aliases": aliases, "routes": routes})
     out = {"app": cfg.app_name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),

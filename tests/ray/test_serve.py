@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 import uuid
 
@@ -29,7 +30,7 @@ from app.data import DigitsData
 from app.inference import classify, generate_text, load_predictor, score_text
 from app.models import build_model
 from serve.client import AsyncTemperClient, HandleClient, TemperAPIError, TemperClient
-from serve.deploy import build_app
+from serve.deploy import build_app, deploy
 from serve.protocol import API_PREFIX, ModelRequestError
 from conftest import free_port, metric_total, readme_permissions, serving, wait_for
 
@@ -358,6 +359,33 @@ def test_deploy_refuses_unknown_version_or_wrong_backend(app_cfg):
     bad.serve.models[0].backend = "onnx_int8"
     with pytest.raises(ValueError, match="onnx_int8"):
         check_versions(bad)
+
+
+def test_a_failed_deploy_is_tried_again_with_the_same_config(base_url, app_cfg, registry_cfg, artifacts, tmp_path):
+    """Deployment versions are stable, so deploying the same config again keeps its replicas; over
+    an app whose deployment failed to start, the same config must start it afresh (here: the
+    version's artifact folder was missing at the first try, then put back)."""
+    import ray
+    from ray import serve
+
+    from actors.registry.client import get_or_create_registry
+
+    folder = tmp_path / "vit"
+    shutil.copytree(artifacts["vit"], folder)
+    ray.get(get_or_create_registry(registry_cfg).register_version.remote("again", str(folder), "torch_fp32"))
+    again = app_cfg.model_copy(deep=True)  # the same Serve instance (host, port), another app
+    again.serve.app_name, again.serve.route_prefix = f"again-{uuid.uuid4().hex[:6]}", "/again"
+    again.serve.models = [ServedModel(model="again", version="1", cpus_per_replica=0.25)]
+    away = folder.rename(tmp_path / "away")
+    try:
+        with pytest.raises(RuntimeError, match="model-again"):
+            deploy(again)
+        away.rename(folder)
+        url = deploy(again)
+        resp = httpx.post(f"{url}{API_PREFIX}/models/again/predict", json={"inputs": [[0.5] * 64]}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["version"] == 1
+    finally:
+        serve.delete(again.serve.app_name)
 
 
 def test_a_lone_request_skips_the_batch_wait(base_url, app_cfg, client):

@@ -202,6 +202,9 @@ def test_build_app_versions_keep_replicas_on_live_changes_only():
         return [ingress.version] + [a._bound_deployment.version for apps in ingress.init_args[1].values() for a in apps]
 
     assert versions(live) == versions(base)  # weights, batch size, version ref: reconfigure in place
+    assert versions(base) == versions(_canary_app())  # the same config deployed again: replicas kept
+    fresh = build_app(base, fresh=True)  # over a failed app: every deployment starts anew
+    assert not set(versions(base)) & {fresh._bound_deployment.version}
     assert versions(fixed)[0] != versions(base)[0] and versions(fixed)[-1] != versions(base)[-1]
 
 
