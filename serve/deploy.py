@@ -22,13 +22,12 @@ from ray import serve
 
 from app.config.jobs import ServeApp
 from app.config.serve import ServeConfig, ServedModel, registered_adapter_ref
-from app.models.adapters import check_adapter_folder, registered_adapter_folder
 from app.runtime import verbose
-from serve.access import IngressAuth
-from serve.ingress import IngressSettings, TemperIngress
 from serve.protocol import API_PREFIX, model_deployment_name
-from serve.replica import BatchedModelServer, BatchSettings
-from serve.rollout import RolloutWatcher
+
+# The deployments' classes (serve.ingress, serve.replica, serve.rollout) and app.models are
+# imported where an app is built or checked, not here: `serve status` and `serve shutdown` load
+# this module too, and those imports (torch, FastAPI) were ~3 of their ~8 s on 2 cores.
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +105,8 @@ def adapter_folders(m: ServedModel) -> dict[str, str] | None:
 
 def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
     """Serve options of one route deployment (what `serve config` writes as well)."""
+    from serve.replica import BatchSettings
+
     opts: dict[str, Any] = dict(
         name=name,
         max_ongoing_requests=m.max_ongoing_requests,
@@ -140,6 +141,11 @@ def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
     model has `auto_rollback`), ready for `serve.run`. The ingress's auth settings (on or off,
     rate limit) are live like its traffic weights. `fresh`: versions no earlier deploy had, so
     every replica starts anew (Serve does not try a failed version again)."""
+    from serve.access import IngressAuth
+    from serve.ingress import IngressSettings, TemperIngress
+    from serve.replica import BatchedModelServer
+    from serve.rollout import RolloutWatcher
+
     salt = os.urandom(8).hex() if fresh else ""
     cfg = app_cfg.serve
     registry = app_cfg.registry.model_dump(mode="json")
@@ -257,6 +263,8 @@ def check_versions(app_cfg: ServeApp) -> list[dict]:
     """Driver-side check that every route's version ref resolves (and has the expected backend)
     before any replica starts; returns the registry records, route by route."""
     import ray
+
+    from app.models.adapters import check_adapter_folder, registered_adapter_folder
 
     registry = registry_for(app_cfg)
     records = []
