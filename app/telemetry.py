@@ -105,7 +105,7 @@ counts or an evaluation metric can stay the same for minutes, so each value is s
 few seconds while its process lives; the series still ends with the process (a finished Train
 worker, a replaced replica)."""
 
-_LAST_SET: dict[tuple, tuple[Any, float, dict[str, str]]] = {}
+_LAST_SET: dict[tuple, tuple[str, Any, float, dict[str, str]]] = {}
 _LAST_SET_LOCK = threading.Lock()
 _keepalive: threading.Thread | None = None
 
@@ -122,7 +122,7 @@ def set_gauge(name: str, value: float, tags: dict[str, str], slot: str | None = 
         g.set(value, tags=tags)
         key = (name, slot) if slot is not None else (name, tuple(sorted(tags.items())))
         with _LAST_SET_LOCK:
-            _LAST_SET[key] = (g, value, dict(tags))
+            _LAST_SET[key] = (name, g, value, dict(tags))
             if _keepalive is None:
                 _keepalive = threading.Thread(target=_keep_gauges_alive, name="temper-gauge-keepalive", daemon=True)
                 _keepalive.start()
@@ -135,11 +135,8 @@ def _keep_gauges_alive() -> None:
         time.sleep(GAUGE_KEEPALIVE_S)
         with _LAST_SET_LOCK:
             series = list(_LAST_SET.values())
-        for g, value, tags in series:
-            try:
-                g.set(value, tags=tags)
-            except Exception:  # noqa: BLE001 - the first failure of a metric was logged when it was set
-                pass
+        for name, g, value, tags in series:
+            record(name, lambda: g.set(value, tags=tags))
 
 
 def record(name: str, action: Callable[[], Any]) -> None:

@@ -44,21 +44,29 @@ def route_deployments(m: ServedModel) -> list[tuple[str, str]]:
     return [(ref, model_deployment_name(m.model, None if i == 0 else ref)) for i, ref in enumerate(m.routes())]
 
 
-def _code_version(*parts: Any) -> str:
-    """A deployment version that changes with the replica's constructor arguments, code and environment.
+def _build_identity(fresh: bool) -> str:
+    """What every deployment version of one build shares (see `_code_version`): the project's code
+    (`_source_digest`), the runtime environment of the job that deploys (pip packages, working_dir:
+    Ray names a working_dir package by a hash of its content), and with `fresh` a random salt, so
+    that no earlier deploy had these versions. Computed once per build: it reads every module."""
+    import ray
+
+    env = ray.get_runtime_context().runtime_env if ray.is_initialized() else None
+    salt = os.urandom(8).hex() if fresh else ""
+    return json.dumps([_source_digest(), env, salt], sort_keys=True, default=str)
+
+
+def _code_version(identity: str, *parts: Any) -> str:
+    """A deployment version that changes with the replica's constructor arguments and the build's
+    `identity` (code, environment).
 
     Serve restarts replicas when this changes and otherwise only calls `reconfigure` with the
     new `user_config`. `serve.run` would draw a random version on every call, restarting every
     replica even when the same config is deployed again (a re-run of `serve deploy` or of a `run`
     job: ~8 s on 2 cores until the app was RUNNING again, with each replica loading its model
-    anew), so we pass one. Besides the arguments it covers the project's code (`_source_digest`)
-    and the runtime environment of the job that deploys (pip packages, working_dir: Ray names a
-    working_dir package by a hash of its content), so new code or dependencies restart replicas.
+    anew), so we pass one; new code or dependencies still restart replicas.
     """
-    import ray
-
-    env = ray.get_runtime_context().runtime_env if ray.is_initialized() else None
-    blob = json.dumps([parts, _source_digest(), env], sort_keys=True, default=str)
+    blob = json.dumps([parts, identity], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -146,7 +154,7 @@ def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
     from serve.replica import BatchedModelServer
     from serve.rollout import RolloutWatcher
 
-    salt = os.urandom(8).hex() if fresh else ""
+    identity = _build_identity(fresh)
     cfg = app_cfg.serve
     registry = app_cfg.registry.model_dump(mode="json")
     servers: dict[str, list] = {}
@@ -157,18 +165,18 @@ def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
                     m.max_adapters)
             opts = route_deployment_options(m, ref, name, cfg)
             # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
-            deployment = BatchedModelServer.options(**opts, version=_code_version(args, m.cpus_per_replica, salt), _internal=True)
+            deployment = BatchedModelServer.options(**opts, version=_code_version(identity, args, m.cpus_per_replica), _internal=True)
             servers[m.model].append(deployment.bind(*args))
     rollback = {m.model: m.auto_rollback.model_dump(mode="json") for m in cfg.models if m.auto_rollback}
     watcher = None
     if rollback:
         watcher = RolloutWatcher.options(
-            name=WATCHER_NAME, version=_code_version(rollback, registry, salt), _internal=True,
+            name=WATCHER_NAME, version=_code_version(identity, rollback, registry), _internal=True,
         ).bind(rollback, registry, app_cfg.auth.service_key_env if auth_enabled(app_cfg) else None)
     capacity = _ingress_capacity(cfg)
     return TemperIngress.options(
         name=INGRESS_NAME,
-        version=_code_version(_fixed_ingress_config(cfg), bool(watcher), registry, salt), _internal=True,
+        version=_code_version(identity, _fixed_ingress_config(cfg), bool(watcher), registry), _internal=True,
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
         max_ongoing_requests=capacity,
@@ -323,7 +331,7 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
     # The same config deployed again keeps its replicas (stable versions), but a deployment that
     # failed to start would then not be tried again: over an app that is not RUNNING, start afresh.
     running = serve.status().applications.get(cfg.app_name)
-    fresh = running is not None and str(getattr(running.status, "value", running.status)) != "RUNNING"
+    fresh = running is not None and _state(running.status) != "RUNNING"
     try:
         serve.run(build_app(app_cfg, fresh), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
     except RuntimeError as err:
@@ -347,6 +355,11 @@ def deploy(app_cfg: ServeApp, blocking: bool = False) -> str:
         except KeyboardInterrupt:
             shutdown(cfg.app_name)
     return url
+
+
+def _state(value: Any) -> str:
+    """A Serve status or replica state as its name (Serve hands enums; a plain string stays as is)."""
+    return str(getattr(value, "value", value))
 
 
 def quiet_serve_driver_logs() -> None:
@@ -374,8 +387,7 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
     app = serve.status().applications.get(cfg.app_name)
     if app is None:
         return {"app": cfg.app_name, "status": "NOT_RUNNING", "url": base_url(cfg)}
-    deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
-                          "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in d.replica_states.items()},
+    deployments = {name: {"status": _state(d.status), "replicas": {_state(k): v for k, v in d.replica_states.items()},
                           "message": d.message}
                    for name, d in app.deployments.items()}
     from actors.registry.client import get_or_create_registry
@@ -398,7 +410,7 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
                     entry["message"] = entry.get("message") or f"no replica answered within {timeout_s:.0f} s ({type(err).__name__})"
             routes.append(entry)
         models.append({"model": m.model, "aliases": aliases, "routes": routes})
-    out = {"app": cfg.app_name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+    out = {"app": cfg.app_name, "status": _state(app.status),
            "message": app.message, "url": base_url(cfg), "replica_urls": replica_urls(cfg) if cfg.direct_ingress else [],
            "models": models,
            "other_deployments": {k: v for k, v in deployments.items() if not k.startswith("model-")}}

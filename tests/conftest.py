@@ -118,6 +118,12 @@ def serving(app_cfg):
         serve.shutdown()
 
 
+GAUGE_EXPIRY_S = 40.0
+"""Longer than Ray 2.60 keeps a gauge series on the Prometheus endpoint without a new value (~30 s at
+the default 10 s export interval): a gauge still scraped this long after it was last changed was
+kept alive by `telemetry.set_gauge`."""
+
+
 def metric_total(text: str, name: str, **labels: str) -> float | None:
     """Sum of a Prometheus sample over the series carrying `labels` (None when there is none)."""
     total, found = 0.0, False

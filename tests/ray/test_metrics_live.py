@@ -27,14 +27,13 @@ from app import telemetry
 from app.config.jobs import ServeApp, TrainJob, parse_config
 from app.config.serve import ServeConfig, ServedModel
 from app.data import DigitsData
-from conftest import free_port, serving, wait_for
+from conftest import GAUGE_EXPIRY_S, free_port, serving, wait_for
 from pipelines.register import train_and_register
 from serve.protocol import API_PREFIX
 from tune.sweep import run_sweep
 
 pytestmark = pytest.mark.ray
 REQUESTS = 50
-GAUGE_EXPIRY_S = 40.0
 
 
 def _tree(tmp_path, name: str, steps: int) -> dict:

@@ -35,14 +35,11 @@ from serve.client import AsyncTemperClient, HandleClient, RetryPolicy, TemperCli
 from serve.deploy import WATCHER_NAME, deploy
 from serve.protocol import API_PREFIX, ROUTE_HEADER
 from serve.routing import TrafficRouter
-from conftest import free_port, metric_total, wait_for
+from conftest import GAUGE_EXPIRY_S, free_port, metric_total, wait_for
 
 pytestmark = pytest.mark.ray
 
 WEIGHTS = {"production": 90, "staging": 10}
-# Ray drops a gauge series from the node's Prometheus endpoint once it has not been set for ~30 s
-# (at the default 10 s export interval); a series set only when a replica loads must outlive that.
-GAUGE_EXPIRY_S = 40.0
 DEPLOYED: dict[str, float] = {}
 
 
