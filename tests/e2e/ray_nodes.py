@@ -225,9 +225,3 @@ def write_token(path: Path) -> None:
     path.write_text(secrets.token_hex(32))
     path.chmod(0o600)
 
-
-def submit(cluster: LocalCluster, command: str, timeout: float) -> subprocess.CompletedProcess:
-    """`ray job submit ...` (a shell command line, run from the repository root as a user runs it),
-    waiting for the job's end; its output is the job's log followed by the final status."""
-    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=cluster.client_env(), capture_output=True,
-                          text=True, timeout=timeout)

@@ -1,4 +1,5 @@
-"""Ray Train: a real 2-worker DDP run on the tiny model learns, checkpoints, and resumes."""
+"""Ray Train: a real 2-worker DDP run on the tiny model learns, checkpoints, and resumes; resuming it
+with another model config or strategy is refused."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _job(tmp_path: Path, steps: int) -> TrainJob:
     })
 
 
-def test_two_workers_learn_then_resume_continues_the_step_count(ray_cluster, tmp_path):
+def test_two_workers_learn_resume_from_their_step_and_refuse_another_config(ray_cluster, tmp_path):
     job = _job(tmp_path, steps=40)
 
     # Loss before training, on the same val batches and the same seeded init the workers use.
@@ -61,13 +62,11 @@ def test_two_workers_learn_then_resume_continues_the_step_count(ray_cluster, tmp
     assert (third.metrics, third.step, third.artifact_path) == (second.metrics, 60, second.artifact_path)
     assert sorted(p.name for p in (tmp_path / "train" / "tiny-digits").glob("checkpoint_step*")) == ckpts
 
-
-def test_resume_with_another_model_config_is_refused(ray_cluster, tmp_path):
-    fit(_job(tmp_path, steps=20))
-    other = _job(tmp_path, steps=40).model_copy(update={"model": _job(tmp_path, 40).model.model_copy(update={"d_model": 64})})
-    # refused by the driver before any worker starts: a config error (one line in the CLI), not a
-    # Ray Train failure from inside a worker
+    # Resuming this run with another model config or strategy is refused by the driver before any
+    # worker starts: a config error (one line in the CLI), not a Ray Train failure from inside a worker.
+    more = _job(tmp_path, steps=80)
     with pytest.raises(ConfigError, match="another model/data config"):
-        fit(other)
+        fit(more.model_copy(update={"model": more.model.model_copy(update={"d_model": 64})}))
     with pytest.raises(ConfigError, match="holds train.strategy 'ddp' state of 2 workers"):
-        fit(_job(tmp_path, steps=40).model_copy(update={"train": _job(tmp_path, 40).train.model_copy(update={"strategy": "zero2"})}))
+        fit(more.model_copy(update={"train": more.train.model_copy(update={"strategy": "zero2"})}))
+    assert sorted(p.name for p in (tmp_path / "train" / "tiny-digits").glob("checkpoint_step*")) == ckpts
