@@ -530,6 +530,13 @@ def trial_rows(grid, job: TuneJob, metric: str) -> list[TrialRow]:
         if df is not None and metric in df and TIME_ATTR in df:
             curve = [(int(s), float(v)) for s, v in zip(df[TIME_ATTR], df[metric]) if v == v]
         last = _scalars(result.metrics or {})
+        # The curve is read back from the trial's results file, which Tune's driver writes after the
+        # fact: a trial stopped at a rung right after its report can end before that row is written
+        # (seen: a HyperBand trial stopped at step 1 with an empty curve). Its last result is known.
+        last_step, last_value = last.get(TIME_ATTR), last.get(metric)
+        if last_step is not None and last_value is not None and last_value == last_value \
+                and (not curve or curve[-1][0] < int(last_step)):
+            curve.append((int(last_step), float(last_value)))
         steps = int(last.get(TIME_ATTR, curve[-1][0] if curve else 0))
         values = {k: result.config[k] for k in job.tune.search_space if k in (result.config or {})}
         best_value = (min if mode == "min" else max)((v for _, v in curve), default=None)

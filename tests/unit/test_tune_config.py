@@ -12,7 +12,8 @@ import pytest
 from app.cli.main import main
 from app.config.base import ConfigError
 from app.config.jobs import parse_config
-from tune.sweep import TrialRow, build_scheduler, build_searcher, objective, pick_best, search_space, write_results
+from tune.sweep import (TrialRow, build_scheduler, build_searcher, objective, pick_best, search_space, trial_rows,
+                        write_results)
 
 BASE = {
     "name": "sweep", "storage_path": "runs",
@@ -109,6 +110,23 @@ def test_best_trial_is_a_full_length_one_without_errors():
     assert pick_best(rows, "max").trial_id == "a"
     assert pick_best([_row("x", 0.5, 20)], "min").trial_id == "x"  # only early-stopped ones: best of those
     assert pick_best([_row("d", 0.1, 30, error="boom")], "min") is None
+
+
+def test_a_trials_last_report_is_on_its_curve_when_the_results_file_lacks_it():
+    """Tune reads a trial's curve back from a results file its driver writes after the fact; a trial
+    stopped at a rung right after reporting can end before that row is there."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    job = _job({"search_space": {"train.lr": {"type": "uniform", "low": 1e-3, "high": 2e-3}}, "scheduler": {"name": "asha"}})
+    last = {"step": 20, "val_loss": 1.5, "trial_id": "b"}
+    lost_row = pd.DataFrame({"step": [10], "val_loss": [2.0]})
+    results = [SimpleNamespace(metrics=last, metrics_dataframe=df, config={"train.lr": 0.001}, error=None, path="/x/b")
+               for df in (lost_row, None, pd.DataFrame({"step": [10, 20], "val_loss": [2.0, 1.5]}))]
+    rows = trial_rows(results, job, "val_loss")
+    assert [r.curve for r in rows] == [[(10, 2.0), (20, 1.5)], [(20, 1.5)], [(10, 2.0), (20, 1.5)]]
+    assert all(r.steps == 20 and r.metric_best == 1.5 and r.stopped_early for r in rows)
 
 
 def test_results_table_and_curves_are_written(tmp_path):
