@@ -80,6 +80,16 @@ class LocalRanks:
             answers[rank] = value
         return answers[0]
 
+    def fit_and_register(self, job, registry) -> dict:
+        """`fit(job)`, then its result registered as a `trained` version of `job.name`, as
+        `pipelines.register.train_and_register` registers a Ray Train run; the version record."""
+        from pipelines.register import register_trained
+
+        result = self.fit(job)
+        record, _ = register_trained(registry, job, result.artifact_path, config_hash=result.config_hash,
+                                     metrics=result.metrics, transformation="trained", tags={"run": job.name})
+        return record
+
     def fit_all(self, plan: dict) -> "Callable[[object], object]":
         """Run every plan entry (key -> one job, or several run in turn: a paused run and its resume)
         now, one after the other; returns `result(key)`: its TrainResult (a tuple for several), or

@@ -17,7 +17,7 @@ from actors.registry.client import get_or_create_registry
 from app.config.registry import RegistryConfig
 from app.config.jobs import TrainJob
 from local_ranks import LocalRanks
-from pipelines.register import register_trained, train_and_register
+from pipelines.register import train_and_register
 
 pytestmark = pytest.mark.ray
 
@@ -31,13 +31,6 @@ def _job(root, name, model, steps, lr, distill=None) -> TrainJob:
     })
 
 
-def _fit_and_register(ranks: LocalRanks, registry, job: TrainJob) -> dict:
-    result = ranks.fit(job)
-    record, _ = register_trained(registry, job, result.artifact_path, config_hash=result.config_hash,
-                                 metrics=result.metrics, transformation="trained", tags={"run": job.name})
-    return record
-
-
 def test_student_with_teacher_beats_student_without(ray_cluster, tmp_path):
     cfg = RegistryConfig(actor_name=f"distill-{uuid.uuid4().hex[:6]}", db_url=f"sqlite:///{tmp_path}/registry.db")
     registry = get_or_create_registry(cfg)
@@ -47,8 +40,8 @@ def test_student_with_teacher_beats_student_without(ray_cluster, tmp_path):
         # runs, without Ray Train's start-up for each) and are registered as trained runs are; the
         # student with the teacher goes the user's way, through Ray Train and the registry.
         with LocalRanks(2) as ranks:
-            teacher = _fit_and_register(ranks, registry, _job(tmp_path, "teacher", {"d_model": 64, "n_layer": 2}, 300, 3e-3))
-            plain = _fit_and_register(ranks, registry, _job(tmp_path, "student-plain", student, 150, 1e-2))
+            teacher = ranks.fit_and_register(_job(tmp_path, "teacher", {"d_model": 64, "n_layer": 2}, 300, 3e-3), registry)
+            plain = ranks.fit_and_register(_job(tmp_path, "student-plain", student, 150, 1e-2), registry)
         ray.get(registry.set_alias.remote("teacher", "production", teacher["version"], reason="distillation teacher"))
         kd = train_and_register(_job(tmp_path, "student-kd", student, 150, 1e-2,
                                      {"teacher": "teacher", "teacher_version": "production", "alpha": 0.1, "temperature": 2.0}), registry)

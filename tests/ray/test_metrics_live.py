@@ -29,7 +29,6 @@ from app.config.serve import ServeConfig, ServedModel
 from app.data import DigitsData
 from conftest import GAUGE_EXPIRY_S, free_port, serving, wait_for
 from local_ranks import LocalRanks
-from pipelines.register import register_trained
 from serve.protocol import API_PREFIX
 from tune.sweep import run_sweep
 
@@ -129,9 +128,7 @@ def test_tune_registry_and_serve_metrics_reach_prometheus(ray_cluster, tmp_path)
         # The run trains in a process of its own (the loop a Ray Train worker runs, without Ray Train's
         # start-up: what is served is not what this test is about) and is registered as a trained run is.
         with LocalRanks(1) as one:
-            result = one.fit(job)
-        record, _ = register_trained(registry, job, result.artifact_path, config_hash=result.config_hash,
-                                     metrics=result.metrics, transformation="trained", tags={"run": run})
+            record = one.fit_and_register(job, registry)
         ray.get(registry.register_version.remote(served, record["artifact_uri"], "torch_fp32"))
         result = run_sweep(tune_job, registry)
         swept = time.monotonic()
