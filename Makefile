@@ -36,8 +36,10 @@ run: install
 
 # The benchmark smoke test (every script in --quick mode, ~12 min on 2 cores) is left out of
 # `make test` to keep CI time down; `make test-bench` runs it.
+# Two pytest processes at once, tests/ray beside the unit and end-to-end tests (a sequential run
+# leaves the 2 cores ~30% idle while Ray tests wait); given a test path in PYTEST_ARGS, one pytest.
 test: install
-	$(PY) -m pytest -ra --durations=15 -m "not bench" $(PYTEST_ARGS)
+	$(PY) tests/parallel_suites.py -ra --durations=15 -m "not bench" $(PYTEST_ARGS)
 
 test-bench: install
 	$(PY) -m pytest -ra -m bench tests/ray/test_bench_quick.py $(PYTEST_ARGS)

@@ -8,9 +8,10 @@ README's commands run verbatim against what the quickstart made there.
 The cluster is a `ray start --head --block` process rather than an embedded Ray per command:
 the commands then share one registry actor and one Serve instance, `serve status` / `shutdown`
 have a cluster to talk to, `run --keep-serving` returns (the app stays up on the cluster), and
-each command connects in a second or two instead of starting Ray (~10 s each on 2 cores). It is
-stopped, by its process group, when the last test of this folder has run, before tests/ray starts
-its own cluster.
+each command connects in a second or two instead of starting Ray (~10 s each on 2 cores). Its
+private temp folder keeps it apart from tests/ray's embedded cluster, which `make test` runs at the
+same time in another pytest process (`tests/parallel_suites.py`). It is stopped, by its process
+group, when the last test of this folder has run.
 """
 
 from __future__ import annotations

@@ -1,0 +1,84 @@
+"""`make test`: the suite as two pytest processes at once, `tests/ray` beside the rest.
+
+Why: sampled from /proc/stat on a 2-core machine, a sequential run keeps the cores ~70% busy. A
+Ray test spends much of its time waiting (a Serve deployment coming up, a Train controller
+polling its workers, a subprocess connecting), so a second stream of tests fills that gap. The
+split keeps Ray's rules for a test session: `tests/ray` has its one embedded cluster
+(`tests/conftest.py`); the other stream's Ray tests (`tests/e2e`) run on a `ray start` cluster in
+a private temp folder of their own, and its unit tests never start Ray. The two streams share
+nothing on disk but PostgreSQL's binaries and free ports picked at random.
+
+Usage: `python tests/parallel_suites.py [pytest options]`. Given a test path, it runs one
+ordinary pytest over what was asked for instead. `--junitxml=FILE` gives each stream its own
+file (`FILE` with `-ray` / `-rest` before the suffix). The Ray stream prints as it goes; the
+other stream's output is kept in a file and printed in full when both have finished, after a
+one-line notice when it ends. The exit status is the first non-zero one of the two (a stream that
+collected nothing counts as passed when the other ran tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_TESTS = 5  # pytest's exit status when nothing was collected
+STREAMS = {"ray": ["tests/ray"], "rest": ["tests/unit", "tests/gpu", "tests/e2e"]}
+
+
+def names_a_path(arg: str) -> bool:
+    """Whether a command-line word selects tests by path (`tests/unit`, `x.py::test_y`)."""
+    return not arg.startswith("-") and (os.path.exists(arg.split("::")[0]) or "::" in arg)
+
+
+def stream_args(args: list[str], stream: str) -> list[str]:
+    """`args` for one stream: a `--junitxml` file gets the stream's name before its suffix."""
+    out = []
+    for arg in args:
+        if arg.startswith("--junitxml="):
+            path = Path(arg.split("=", 1)[1])
+            suffix = path.suffix or ".xml"
+            arg = f"--junitxml={path.with_name(path.stem + '-' + stream + suffix)}"
+        out.append(arg)
+    return out
+
+
+def main(args: list[str]) -> int:
+    pytest = [sys.executable, "-m", "pytest"]
+    if any(names_a_path(arg) for arg in args):
+        return subprocess.call(pytest + args, cwd=ROOT)
+    with tempfile.NamedTemporaryFile("w+", prefix="temper-tests-rest-", suffix=".log") as log:
+        rest = subprocess.Popen(pytest + stream_args(args, "rest") + STREAMS["rest"], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+        def announce() -> None:
+            code = rest.wait()
+            print(f"\n[tests] {' '.join(STREAMS['rest'])} finished (exit {code}); its output follows the Ray tests'",
+                  flush=True)
+
+        watcher = threading.Thread(target=announce, daemon=True)
+        watcher.start()
+        try:
+            ray_code = subprocess.call(pytest + stream_args(args, "ray") + STREAMS["ray"], cwd=ROOT)
+        except KeyboardInterrupt:
+            rest.terminate()
+            raise
+        rest_code = rest.wait()
+        watcher.join()
+        log.seek(0)
+        print(f"\n{'=' * 30} {' '.join(STREAMS['rest'])} {'=' * 30}", flush=True)
+        sys.stdout.write(log.read())
+        sys.stdout.flush()
+    print(f"[tests] tests/ray exit {ray_code}, {' '.join(STREAMS['rest'])} exit {rest_code}", flush=True)
+    if NO_TESTS in (ray_code, rest_code) and {ray_code, rest_code} != {NO_TESTS}:
+        # a `-k` or `-m` that selects tests in one stream only: the other collecting none is no failure
+        ray_code, rest_code = (0 if c == NO_TESTS else c for c in (ray_code, rest_code))
+    return ray_code or rest_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
