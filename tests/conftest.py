@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from app.runtime import log_monitor_env
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here: its usage ping would stall MLflow calls
@@ -18,6 +20,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here: it
 # preemption watcher (one more actor process per fit) a tiny fit starts ~3 s sooner on 2 cores.
 # Ray Train reads it from the driver's environment; the e2e clusters' processes inherit it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Every Ray node the tests start (the embedded cluster below, the e2e `ray start` nodes) runs its
+# log monitor as `python -m app` would: light on a machine where hundreds of workers come and go
+# (app/runtime.py says why; ~190 CPU-s of a 44-minute suite went to log monitors without it).
+os.environ.update(log_monitor_env())
 
 
 def free_port() -> int:

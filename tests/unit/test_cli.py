@@ -168,3 +168,41 @@ def test_direct_ingress_env_turns_the_mode_on_and_keeps_what_the_user_set(monkey
     cfg.write_text(yaml.safe_dump({"serve": {"models": [{"model": "m", "version": "1"}]}}))
     assert cli_main.main(["serve", "config", str(cfg)]) == 0
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in capsys.readouterr().out
+
+
+def test_an_embedded_ray_starts_with_a_light_log_monitor_and_keeps_what_the_user_set(monkeypatch):
+    """`connect` starts the local Ray with the log monitor's settings in the environment its
+    processes inherit, and only around `ray.init`: the settings are Ray's own variables, read by
+    the log monitor process when the node starts. `ray.init` is replaced by a recorder that stops
+    before anything starts (nothing else of Ray is involved)."""
+    import ray
+
+    from app import runtime
+
+    monkeypatch.setenv("RAY_LOG_MONITOR_MAX_OPEN_FILES", "300")
+    for name in ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "LOG_NAME_UPDATE_INTERVAL_S", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.log_monitor_env() == {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
+                                         "RAY_LOG_MONITOR_MAX_OPEN_FILES": "300"}
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording_init(**kwargs):
+        seen.update({name: os.environ.get(name) for name in runtime.log_monitor_env()}, address=kwargs.get("address"))
+        raise Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", recording_init)
+    before = dict(os.environ)
+    try:
+        with pytest.raises(Stop):
+            runtime.connect(num_cpus=2)
+    finally:  # connect also sets Ray Train's defaults in this process: not for the tests after this one
+        after = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(before)
+    assert seen == {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
+                    "RAY_LOG_MONITOR_MAX_OPEN_FILES": "300", "address": "local"}
+    assert "LOG_NAME_UPDATE_INTERVAL_S" not in after  # the process's own environment is as it was
