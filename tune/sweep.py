@@ -478,18 +478,12 @@ def run_sweep(job: TuneJob, registry=None, *, resume: bool = False, resume_error
         _say(f"[tune] sweep {job.name!r}: {job.tune.num_samples} samples of {len(job.tune.search_space)} keys, "
              f"{job.tune.searcher.name} searcher, {job.tune.scheduler.name} scheduler, {concurrency} trials at once, "
              f"optimising {metric} ({mode})")
-        # reuse_actors: a trial that ended hands its process to the next trial with the same
-        # resources (Tune resets the function trainable in place), so that trial skips a process
-        # start and its imports of torch, Ray Train and the pipeline (~8 CPU-s on a 2-core machine;
-        # test_tune.py's six sweeps ran in 212 s instead of ~280 s). A trial stopped by the
-        # scheduler mid-run, whose thread does not end within Tune's 2 s, gets a fresh process.
-        # Nothing of a trial outlives it in the process: each run seeds and builds its own model.
         tuner = Tuner(
             trainable,
             param_space=search_space(job.tune),
             tune_config=RayTuneConfig(
                 metric=metric, mode=mode, num_samples=job.tune.num_samples, max_concurrent_trials=concurrency,
-                scheduler=build_scheduler(job), search_alg=build_searcher(job, concurrency), reuse_actors=True,
+                scheduler=build_scheduler(job), search_alg=build_searcher(job, concurrency), reuse_actors=False,
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=RunConfig(
