@@ -5,7 +5,8 @@
   trials' training workers are gone afterwards (CPUs free again).
 - Optuna: the given starting point is tried first, then the start-up draw that Optuna's TPE
   sampler makes with the configured seed (random search would propose other values); later
-  suggestions differ from the start and from each other.
+  suggestions differ from the start and from each other; the third trial reuses a finished
+  trial's process.
 - HyperBand: brackets filled in order, the weaker trial of a bracket with a rung stopped there.
 - PBT: the weak trial continues from the strong trial's checkpoint as a new training run.
 - Resume: the CLI driver is killed by pid after two trials finished; `tune --resume NAME`
@@ -129,6 +130,10 @@ def test_optuna_suggestions_move_away_from_the_starting_points(ray_cluster, tmp_
         assert 1e-4 <= c["train.lr"] <= 3e-2 and 0.0 <= c["train.weight_decay"] <= 0.2
     assert len({round(c["train.lr"], 12) for c in later}) == len(later)  # no suggestion repeated
     assert all(r.steps == 10 for r in result.trials)                  # fifo: all trials to the end
+    # A finished trial hands its process (torch and the pipeline imported) to the next one: the
+    # third trial runs in one of the first two's (Tune's actor reuse).
+    pids = {a["pid"] for rows in _attempts(SweepPaths.of(job.name, job.storage_path)).values() for a in rows}
+    assert len(pids) == 2, pids
     # The searcher is Optuna's TPE with the configured seed: its first suggestion after the given
     # point is a start-up draw that only that sampler and seed produce (asked of Optuna directly
     # here). Random search, even with the same seed, proposes other values.

@@ -129,6 +129,31 @@ def test_a_trials_last_report_is_on_its_curve_when_the_results_file_lacks_it():
     assert all(r.steps == 20 and r.metric_best == 1.5 and r.stopped_early for r in rows)
 
 
+def test_steps_missing_from_the_results_file_come_from_the_trials_own_records(tmp_path):
+    """A trial paused at a rung and resumed in another trial's process (Tune's actor reuse) was seen
+    without the rung's row in Tune's results file: every report the trial's runs made is also in
+    their own folders (`reports.jsonl`, after a PBT exploit also the continued run's `-x` folder)."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from tune.sweep import SweepPaths
+
+    job = _job({"search_space": {"train.lr": {"type": "uniform", "low": 1e-3, "high": 2e-3}}, "scheduler": {"name": "asha"}}, tmp_path)
+    trials = SweepPaths.of(job.name, job.storage_path).trials
+    records = {"trial-b": [(1, 0.9), (2, 0.7)], "trial-b-x1a2b3c": [(3, 0.5)], "trial-bb": [(4, 0.1)]}
+    for folder, points in records.items():
+        (trials / folder).mkdir(parents=True)
+        (trials / folder / "reports.jsonl").write_text(
+            "".join(json.dumps({"step": s, "val_loss": v, "lr": 1e-3}) + "\n" for s, v in points) + '{"step": 5, "val_lo')
+    result = SimpleNamespace(metrics={"step": 3, "val_loss": 0.5, "trial_id": "b"}, config={"train.lr": 0.001}, error=None,
+                             path="/x/b", metrics_dataframe=pd.DataFrame({"step": [2, 3], "val_loss": [0.7, 0.5]}))
+    (row,) = trial_rows([result], job, "val_loss")
+    assert row.curve == [(1, 0.9), (2, 0.7), (3, 0.5)]  # not trial-bb's point, nor the line cut short
+    assert row.reports == 3 and row.metric_best == 0.5 and row.steps == 3
+
+
 def test_results_table_and_curves_are_written(tmp_path):
     job = _job({"search_space": {"train.lr": {"type": "uniform", "low": 1e-3, "high": 2e-3}}, "scheduler": {"name": "asha"}}, tmp_path)
     rows = [_row("a", 1.0, 60), _row("b", 1.5, 20), _row("c", 0.9, 60)]
