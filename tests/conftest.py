@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from app.runtime import log_monitor_env
+from app.runtime import light_node_env
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,9 +21,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network here: it
 # Ray Train reads it from the driver's environment; the e2e clusters' processes inherit it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Every Ray node the tests start (the embedded cluster below, the e2e `ray start` nodes) runs its
-# log monitor as `python -m app` would: light on a machine where hundreds of workers come and go
-# (app/runtime.py says why; ~190 CPU-s of a 44-minute suite went to log monitors without it).
-os.environ.update(log_monitor_env())
+# log monitor and Serve controller as `python -m app` would: light on a machine where hundreds of
+# workers come and go (app/runtime.py says why; ~190 CPU-s of a 44-minute suite went to log
+# monitors without it, ~140 to Serve controllers).
+os.environ.update(light_node_env())
 
 
 def free_port() -> int:

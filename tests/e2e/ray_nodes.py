@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from app.runtime import log_monitor_env
+from app.runtime import light_node_env
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ class LocalCluster:
             PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_TOKEN_PATH=str(self.token_path),
             OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
             # Ray Train's controller polls its workers every 2 s by default; a failed worker is seen sooner
-            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", **log_monitor_env(),
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", **light_node_env(),
         )
         return env
 

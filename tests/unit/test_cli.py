@@ -170,27 +170,29 @@ def test_direct_ingress_env_turns_the_mode_on_and_keeps_what_the_user_set(monkey
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in capsys.readouterr().out
 
 
-def test_an_embedded_ray_starts_with_a_light_log_monitor_and_keeps_what_the_user_set(monkeypatch):
-    """`connect` starts the local Ray with the log monitor's settings in the environment its
-    processes inherit, and only around `ray.init`: the settings are Ray's own variables, read by
-    the log monitor process when the node starts. `ray.init` is replaced by a recorder that stops
+def test_an_embedded_ray_starts_with_a_light_log_monitor_and_serve_loop_and_keeps_what_the_user_set(monkeypatch):
+    """`connect` starts the local Ray with the log monitor's and Serve controller's settings in the
+    environment its processes inherit, and only around `ray.init`: the settings are Ray's own
+    variables, read by those processes when they start. `ray.init` is replaced by a recorder that stops
     before anything starts (nothing else of Ray is involved)."""
     import ray
 
     from app import runtime
 
     monkeypatch.setenv("RAY_LOG_MONITOR_MAX_OPEN_FILES", "300")
-    for name in ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "LOG_NAME_UPDATE_INTERVAL_S", "RAY_ADDRESS"):
+    for name in ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "LOG_NAME_UPDATE_INTERVAL_S", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S",
+                 "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
-    assert runtime.log_monitor_env() == {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
-                                         "RAY_LOG_MONITOR_MAX_OPEN_FILES": "300"}
+    expected = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
+                "RAY_LOG_MONITOR_MAX_OPEN_FILES": "300", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+    assert runtime.light_node_env() == expected
     seen = {}
 
     class Stop(Exception):
         pass
 
     def recording_init(**kwargs):
-        seen.update({name: os.environ.get(name) for name in runtime.log_monitor_env()}, address=kwargs.get("address"))
+        seen.update({name: os.environ.get(name) for name in runtime.light_node_env()}, address=kwargs.get("address"))
         raise Stop
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -203,6 +205,5 @@ def test_an_embedded_ray_starts_with_a_light_log_monitor_and_keeps_what_the_user
         after = dict(os.environ)
         os.environ.clear()
         os.environ.update(before)
-    assert seen == {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "1",
-                    "RAY_LOG_MONITOR_MAX_OPEN_FILES": "300", "address": "local"}
-    assert "LOG_NAME_UPDATE_INTERVAL_S" not in after  # the process's own environment is as it was
+    assert seen == {**expected, "address": "local"}
+    assert "LOG_NAME_UPDATE_INTERVAL_S" not in after and "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in after  # the process's own environment is as it was
