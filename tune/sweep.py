@@ -539,10 +539,8 @@ def _own_reports(trials: Path, trial_id: str, metric: str) -> dict[int, float]:
     """{step: metric} from what the trial's runs recorded themselves (its own run folder and, after a
     PBT exploit, the runs it continued from a donor's checkpoint), oldest first, later wins."""
     points: dict[int, float] = {}
-    folders = sorted(trials.glob(f"trial-{trial_id}*/reports.jsonl"), key=lambda p: p.stat().st_mtime)
-    for path in folders:
-        if not (path.parent.name == f"trial-{trial_id}" or path.parent.name.startswith(f"trial-{trial_id}-x")):
-            continue
+    files = [trials / f"trial-{trial_id}" / "reports.jsonl", *trials.glob(f"trial-{trial_id}-x*/reports.jsonl")]
+    for path in sorted((f for f in files if f.is_file()), key=lambda f: f.stat().st_mtime):
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)

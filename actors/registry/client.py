@@ -2,9 +2,9 @@
 
 `get_or_create_registry(cfg)` starts or finds the `ModelRegistry` actor (needs Ray);
 `open_store(cfg)` opens the same database in this process without Ray, for read-only commands
-when no cluster runs (this module imports Ray and the actor only where they are used: a
-registry command that reads the database starts ~0.7 s sooner). Both resolve a relative SQLite path against this process's working
-directory, so they open the same file.
+when no cluster runs (this module imports Ray and the actor only where they are used: a registry
+command that reads the database starts ~0.7 s sooner). Both resolve a relative SQLite path
+against this process's working directory, so they open the same file.
 """
 
 from __future__ import annotations

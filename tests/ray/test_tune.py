@@ -151,11 +151,11 @@ def test_optuna_suggestions_move_away_from_the_starting_points(ray_cluster, tmp_
 def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, tmp_path):
     # Long enough that the last two trials, which start at once in the first two's processes (actor
     # reuse), are still running when the driver is killed: with 10 steps all four had once finished.
-    STEPS = 40
+    steps = 40
     tree = _tree(tmp_path, "resumable", {
         "search_space": {"train.lr": {"type": "grid", "values": [0.001, 0.003, 0.01, 0.03]}},
         "num_samples": 1, "max_concurrent_trials": 2, "searcher": {"name": "grid"},
-    }, steps=STEPS)
+    }, steps=steps)
     parse_config("tune", tree)
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(yaml.safe_dump(tree))
@@ -193,7 +193,7 @@ def test_resume_after_driver_killed_does_not_rerun_finished_trials(ray_cluster, 
     for trial in set(attempts) - finished_first:
         assert [a["event"] for a in attempts[trial]][-1] == "finished"
     table = json.loads(paths.reports.joinpath("tune-resumable.json").read_text())
-    assert len(table["trials"]) == 4 and all(t["status"] == "TERMINATED" and t["steps"] == STEPS for t in table["trials"])
+    assert len(table["trials"]) == 4 and all(t["status"] == "TERMINATED" and t["steps"] == steps for t in table["trials"])
     assert sorted(t["values"]["train.lr"] for t in table["trials"]) == [0.001, 0.003, 0.01, 0.03]
     assert summary["version"]["transformation"] == "tuned"
     registry = ray.get_actor(tree["registry"]["actor_name"], namespace="temper")  # detached: started by the CLI

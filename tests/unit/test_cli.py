@@ -173,8 +173,8 @@ def test_direct_ingress_env_turns_the_mode_on_and_keeps_what_the_user_set(monkey
 def test_an_embedded_ray_starts_with_a_light_log_monitor_and_serve_loop_and_keeps_what_the_user_set(monkeypatch):
     """`connect` starts the local Ray with the log monitor's and Serve controller's settings in the
     environment its processes inherit, and only around `ray.init`: the settings are Ray's own
-    variables, read by those processes when they start. `ray.init` is replaced by a recorder that stops
-    before anything starts (nothing else of Ray is involved)."""
+    variables, read by those processes when they start. `ray.init` is replaced by a recorder that
+    stops before anything starts (nothing else of Ray is involved)."""
     import ray
 
     from app import runtime
@@ -206,4 +206,5 @@ def test_an_embedded_ray_starts_with_a_light_log_monitor_and_serve_loop_and_keep
         os.environ.clear()
         os.environ.update(before)
     assert seen == {**expected, "address": "local"}
-    assert "LOG_NAME_UPDATE_INTERVAL_S" not in after and "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in after  # the process's own environment is as it was
+    # the process's own environment is as it was
+    assert "LOG_NAME_UPDATE_INTERVAL_S" not in after and "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in after
