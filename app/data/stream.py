@@ -17,7 +17,7 @@ reason and no fields, so the check below sees every one in file order.
 Survey: before training the driver makes one streamed pass (`survey`): each block is reduced by a
 Ray task to a small summary (good rows per split, labels, bad rows and their first reasons, the
 first val rows) and the driver merges the summaries in file order; files of a few MB
-(`SURVEY_IN_DRIVER_MB`) are read by the driver itself, block by block, to the same summaries.
+(`SMALL_FILES_MB`) are read by the driver itself, block by block, to the same summaries.
 So without `skip_bad_rows` the first bad row in the files is the error, as in memory (after the
 whole pass, not at that row); with it, the count and the first `MAX_REASONS` reasons are printed
 and kept. A classifier's labels are `data.labels`, else the sorted labels this pass saw in train
@@ -261,12 +261,11 @@ def merge_summaries(summaries: Iterable[dict], keep_val: int, where: str, label_
 def ray_summaries(source: FileRowsDatasource, keep_val: int) -> Iterator[dict]:
     """Summaries of every block of `source`, each computed by a Ray task next to its block."""
     import pyarrow as pa
-    import ray.data
 
     def summarize(block):
         return pa.table({"summary": [json.dumps(summarize_block(block, keep_val))]})
 
-    ds = ray.data.read_datasource(source).map_batches(summarize, batch_size=None, batch_format="pyarrow")
+    ds = read_dataset(source).map_batches(summarize, batch_size=None, batch_format="pyarrow")
     try:
         for row in ds.iter_rows():
             yield json.loads(row["summary"])
@@ -295,20 +294,35 @@ def local_summaries(source: FileRowsDatasource, keep_val: int) -> Iterator[dict]
             yield summarize_block(block, keep_val)
 
 
-SURVEY_IN_DRIVER_MB = 64.0
-"""Files up to this many MB (10^6 bytes) together are surveyed in the driver's process: starting
-Ray tasks costs seconds (each new worker process imports the readers), while one pass over a few
-MB takes well under a second. Above it, Ray tasks read the pieces in parallel, next to the data."""
+SMALL_FILES_MB = 64.0
+"""Files up to this many MB (10^6 bytes) together are small: starting a Ray task costs seconds (a
+new worker process imports the readers, and a tokenizing one loads the tokenizer), while one pass
+over a few MB takes about a second. So the survey reads small files in the driver's process, and
+their Dataset keeps one read task per piece, tokenizing in the same task (`read_dataset`). Above
+it, Ray tasks read the pieces in parallel, next to the data."""
+
+
+def read_dataset(source: FileRowsDatasource):
+    """The Ray Dataset of `source`'s blocks. For small files one block stream per piece: Ray Data
+    would otherwise split each read task's output into enough blocks for twice the cluster's CPUs
+    (a 200-row file into 8 blocks), each tokenized by its own task, a worker process that loads
+    the tokenizer first: 39 s against 18 s for a first pass over such a file on 2 cores, where
+    read and tokenize then run fused in one task."""
+    import ray.data
+
+    if source.estimate_inmemory_data_size() <= SMALL_FILES_MB * 1e6:
+        return ray.data.read_datasource(source, override_num_blocks=len(source.pieces))
+    return ray.data.read_datasource(source)
 
 
 def _default_summaries(files: list[tuple[str, str | None]]):
     size = sum(os.path.getsize(path) for path, _ in files)
-    return local_summaries if size <= SURVEY_IN_DRIVER_MB * 1e6 else ray_summaries
+    return local_summaries if size <= SMALL_FILES_MB * 1e6 else ray_summaries
 
 
 def survey(kind: str, files: list[tuple[str, str | None]], fields: Fields, val_fraction: float, seed: int,
            keep_val: int, *, skip_bad_rows: bool, summaries=None) -> Survey:
-    """One streamed pass over `files` (by `summaries`, default: `SURVEY_IN_DRIVER_MB`); raises the
+    """One streamed pass over `files` (by `summaries`, default: `SMALL_FILES_MB`); raises the
     first bad row (without `skip_bad_rows`) and a file without usable rows, as app/data/files.py does."""
     source = FileRowsDatasource(kind, files, fields, val_fraction, seed)
     summaries = summaries or _default_summaries(files)
@@ -369,11 +383,8 @@ def train_source(cfg: FileDataConfig, labels: list[str] | None) -> FileRowsDatas
 
 def train_dataset(cfg: FileDataConfig, model: HFModelConfig, labels: list[str] | None):
     """The good train rows, tokenized by `TokenizeRows` in `map_batches` (a Ray task per block)."""
-    import ray.data
-
     tokenize_rows = TokenizeRows(model.path, model.task, cfg.max_length, labels, cfg.text_pair_field is not None)
-    return ray.data.read_datasource(train_source(cfg, labels)).map_batches(tokenize_rows, batch_format="pyarrow",
-                                                                           batch_size=None)
+    return read_dataset(train_source(cfg, labels)).map_batches(tokenize_rows, batch_format="pyarrow", batch_size=None)
 
 
 @lru_cache(maxsize=2)
