@@ -102,6 +102,10 @@ def init_model(build: HFBuildConfig, tokenizer, out: Path) -> int:
     """A model of `build.architecture` over `tokenizer`'s vocabulary, random weights from the
     pre-training seed, saved in `out` with the tokenizer beside it; returns its parameter count."""
     import torch
+
+    from app.models.hf_imports import lean_transformers
+
+    lean_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(tok) for name, tok in zip(("pad", "bos", "eos"), SPECIAL_TOKENS)}

@@ -310,6 +310,9 @@ def _transformers_errors_only():
 
 
 def _from_folder(folder: Path, task: str, common: dict, label_names, pooling, normalize) -> nn.Module:
+    from app.models.hf_imports import lean_transformers
+
+    lean_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task == "embedding":

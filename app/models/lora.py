@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from app.models.hf_imports import lean_transformers
+
 ADAPTER_FORMAT = "lora_adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def peft_lora_config(job):
     """peft's LoraConfig from `train.lora`."""
+    lean_transformers()
     from peft import LoraConfig
 
     lc = job.train.lora
@@ -35,6 +38,7 @@ def peft_lora_config(job):
 
 def load_qlora_base(job, device: torch.device) -> nn.Module:
     """The base causal LM in 4-bit NF4 (bitsandbytes) on `device`, prepared for k-bit training."""
+    lean_transformers()
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -93,6 +97,7 @@ def load_adapter(folder: str | Path) -> tuple[nn.Module, object]:
 
     The base is the job's `model.path` folder (loaded as app.models.build_model does: safetensors,
     no remote code); the adapter's weights come from its safetensors file only."""
+    lean_transformers()
     from peft import PeftModel
 
     from app.artifacts import ArtifactError, local_path, read_meta

@@ -221,3 +221,22 @@ def test_real_minilm_embeds_paraphrases_closer(minilm_dir):
     assert sims[0, 1] > 0.7 > sims[0, 2] + 0.4 and sims[0, 1] > sims[1, 2] + 0.4
     cost = model_cost(model, seq_len=128)
     assert 22_000_000 < cost.params < 23_500_000
+
+
+def test_loading_a_model_does_not_import_scikit_learn(bert_dir):
+    """transformers would import scikit-learn (installed here) with its first model class, for
+    assisted generation only: ~3 s of CPU in every worker and replica. A fresh process loads the
+    folder without it, although transformers' generation code (what reads the flag) loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from app.models.hf import load_hf_model\n"
+        f"model = load_hf_model({str(bert_dir)!r}, 'sequence_classification', label_names=['a', 'b'])\n"
+        "assert 'transformers.generation.candidate_generator' in sys.modules\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
