@@ -114,6 +114,7 @@ class LocalCluster:
     dashboard_port: int
     head: RayNode | None = None
     workers: list[RayNode] = field(default_factory=list)
+    worker_temp_dirs: list[Path] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -173,10 +174,19 @@ class LocalCluster:
             env, "head", "Ray runtime started")
 
     def add_worker(self, num_cpus: int, resources: dict[str, float]) -> RayNode:
-        """`ray start --address` of a second node on this machine, with a custom resource that names it."""
+        """`ray start --address` of a second node on this machine, with a custom resource that names it.
+
+        The node gets a temp folder of its own, as a node on another machine has its own disk. A
+        node started without one takes the head's, and then both nodes' runtime-env agents unpack
+        a job's working directory into the same folder: Ray's working_dir plugin deletes the
+        folder and unpacks it again when its node first needs it, so the second node to need it
+        pulls the files from under the processes of the first (a job's driver failed with
+        `No module named 'app.auth.tokens'`, a module it imports only when the registry starts)."""
+        temp_dir = Path(tempfile.mkdtemp(prefix="tjw-", dir="/tmp"))  # short: Ray binds sockets below it
+        self.worker_temp_dirs.append(temp_dir)
         node = self._start(
             [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
-             "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}"],
+             "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}"],
             {**self.node_env(), "RAY_AUTH_MODE": "token"}, f"worker{len(self.workers)}", "Ray runtime started")
         self.workers.append(node)
         return node
@@ -207,7 +217,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         stop_nodes([node for node in [*self.workers, self.head] if node is not None])
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for folder in [self.temp_dir, *self.worker_temp_dirs]:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def local_cluster(tmp_path: Path) -> LocalCluster:

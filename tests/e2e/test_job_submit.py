@@ -128,9 +128,8 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_and_survives_losing_one
         summary = summary_of(SimpleNamespace(stdout=out))
 
         # The reported steps: attempt 1 evaluates every 20 steps until the node is lost; attempt 2
-        # starts at the last registered checkpoint and goes on to the end, skipping nothing. (While
-        # both nodes run, both log monitors tail the session's one log folder, so attempt 1's lines
-        # come twice: the steps are compared as sets.)
+        # starts at the last registered checkpoint and goes on to the end, skipping nothing (the
+        # steps are compared as sets: a line printed again would not be a lost step).
         resumed = {int(s) for s in re.findall(r"\[train\] resumed from checkpoint at step (\d+)", out)}
         assert len(resumed) == 1, out[-6000:]
         (start,) = resumed
