@@ -32,14 +32,9 @@ MOVED = "tests/ray/test_registry_actor.py"
 """A Ray test run at the end of the other stream, on that stream's own embedded cluster (started
 once e2e's has stopped), so both streams end together: measured in one run on 2 cores, tests/ray
 alone ended ~400 s after the rest, and this file takes ~150 s run alone."""
-BALANCE = "tests/unit/test_registry_compare_eval.py"
-"""A unit-test file (no Ray in this process; its CLI subprocesses start none) run at the end of the
-Ray stream, to even the streams out: in a fresh-clone run on 2 cores the other stream ended 70 s
-after this one, and this file took 52 s of it."""
-STREAMS = {"ray": ["tests/ray", f"--ignore={MOVED}", BALANCE],
-           "rest": ["tests/unit", f"--ignore={BALANCE}", "tests/gpu", "tests/e2e", MOVED]}
+STREAMS = {"ray": ["tests/ray", f"--ignore={MOVED}"], "rest": ["tests/unit", "tests/gpu", "tests/e2e", MOVED]}
 
-REST = " ".join(arg for arg in STREAMS["rest"] if not arg.startswith("-"))
+REST = " ".join(STREAMS["rest"])
 
 
 def names_a_path(arg: str) -> bool:
