@@ -310,14 +310,17 @@ def read_dataset(source: FileRowsDatasource):
     read and tokenize then run fused in one task."""
     import ray.data
 
-    if source.estimate_inmemory_data_size() <= SMALL_FILES_MB * 1e6:
+    if _small(source.files):
         return ray.data.read_datasource(source, override_num_blocks=len(source.pieces))
     return ray.data.read_datasource(source)
 
 
+def _small(files: list[tuple[str, str | None]]) -> bool:
+    return sum(os.path.getsize(path) for path, _ in files) <= SMALL_FILES_MB * 1e6
+
+
 def _default_summaries(files: list[tuple[str, str | None]]):
-    size = sum(os.path.getsize(path) for path, _ in files)
-    return local_summaries if size <= SMALL_FILES_MB * 1e6 else ray_summaries
+    return local_summaries if _small(files) else ray_summaries
 
 
 def survey(kind: str, files: list[tuple[str, str | None]], fields: Fields, val_fraction: float, seed: int,

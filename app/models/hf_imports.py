@@ -20,7 +20,7 @@ import sys
 def lean_transformers() -> None:
     """Call before importing a transformers model class or peft (which imports them)."""
     if "transformers.generation.candidate_generator" in sys.modules:
-        return  # loaded already: the flag is read at that import, so changing it now does nothing
+        return  # loaded already: the scikit-learn import this would save has happened
     from transformers.utils import import_utils
 
     if hasattr(import_utils, "_sklearn_available"):
