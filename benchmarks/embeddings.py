@@ -164,7 +164,7 @@ def int8_artifact(folder: Path, onnx_file: Path, dst: Path) -> Path:
 
 
 def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], reference: np.ndarray, repeats: int,
-                  concurrency: int = 32, direct_ingress: bool = False) -> dict:
+                  concurrency: int = 32, direct_ingress: bool = False, single_hop: bool = False) -> dict:
     """(d) `onnx_file` (the (c) graph) registered as an `onnx_int8` version and served by Temper on
     an embedded local Ray (one replica, 1 CPU, so ORT runs 1 thread; dynamic batches of up to 32),
     then every text embedded once, one text per request, by `concurrency` callers through
@@ -175,7 +175,8 @@ def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], r
 
     With `direct_ingress` the app is deployed with `serve.direct_ingress` on a Ray started in Serve's
     throughput-optimized mode (as `python -m app serve deploy` starts it), and the callers use the
-    ingress replica's own URL that `deploy` returns."""
+    ingress replica's own URL that `deploy` returns. With `single_hop` (`serve.single_hop`) the model
+    runs inside the ingress replica (1 CPU more for it, so ORT still runs 1 thread)."""
     import asyncio
     import uuid
 
@@ -190,7 +191,7 @@ def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], r
 
     from app.runtime import direct_ingress_env, environment
 
-    mode = "direct-ingress" if direct_ingress else "proxy"
+    mode = ("direct-ingress" if direct_ingress else "proxy") + ("-single-hop" if single_hop else "")
     artifact = int8_artifact(folder, onnx_file, work / f"served-onnx_int8-{mode}")
     with environment(direct_ingress_env() if direct_ingress else {}):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -201,7 +202,8 @@ def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], r
     model = ServedModel(model="minilm", version="latest", max_batch_size=BATCH, batch_wait_timeout_s=0.005,
                         max_ongoing_requests=2 * concurrency, max_queued_requests=4 * concurrency, cpus_per_replica=1)
     app = ServeApp(registry=reg_cfg, serve=ServeConfig(app_name="bench-embed", port=8000 + os.getpid() % 1000,
-                                                       models=[model], direct_ingress=direct_ingress))
+                                                       models=[model], direct_ingress=direct_ingress,
+                                                       single_hop=single_hop))
 
     async def one_pass(url: str) -> tuple[float, np.ndarray]:
         vectors: list = [None] * len(texts)
@@ -234,7 +236,7 @@ def served_column(folder: Path, work: Path, onnx_file: Path, texts: list[str], r
         serve.shutdown()
         ray.shutdown()
     return {"texts_per_s": best, "concurrency": concurrency, "replica_threads": 1, "direct_ingress": direct_ingress,
-            "quality": quality(vectors, reference)}
+            "single_hop": single_hop, "quality": quality(vectors, reference)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +310,11 @@ def main() -> None:
         good = [c for c in temper if runs[c]["quality"]["mean_cosine"] >= 0.99 and runs[c]["quality"]["recall_at_10"] >= 0.90]
         c_col = max(good or temper, key=lambda c: rate(c, threads[0]))
         q = runs[c_col]["quality"]
-        # (d) through Serve's proxy (the default), then with `serve.direct_ingress`
-        served, direct = (served_column(folder, work, temper_files[c_col.removeprefix("c_temper_")], texts, reference,
-                                        args.repeats, direct_ingress=d) for d in (False, True))
+        # (d) through Serve's proxy (the default), with `serve.direct_ingress`, with `serve.single_hop`, with both
+        served, direct, hop, direct_hop = (
+            served_column(folder, work, temper_files[c_col.removeprefix("c_temper_")], texts, reference, args.repeats,
+                          direct_ingress=d, single_hop=h)
+            for d, h in ((False, False), (True, False), (False, True), (True, True)))
 
     print(f"\n{len(texts)} docstrings; texts/s by threads; quality vs (a)")
     print(f"  {'column':<28}" + "".join(f"{f'{n} thr':>9}{'x(a)':>6}" for n in threads) + f"{'cos mean':>10}{'cos min':>9}{'R@10':>7}")
@@ -319,7 +323,11 @@ def main() -> None:
         tail = f"{qual['mean_cosine']:>10.4f}{qual['min_cosine']:>9.4f}{qual['recall_at_10']:>7.3f}" if qual else ""
         print(f"  {col:<28}" + "".join(f"{rate(col, n):>9.0f}{rate(col, n) / rate('a_st_fp32', n):>6.2f}" for n in threads) + tail)
     c_one = rate(c_col, 1) if 1 in threads else float("nan")  # (d)'s replica runs 1 thread
-    for label, col in (("d_served_http_c", served), ("d_direct_ingress_c", direct)):
+    served_modes = (("d_served_http_c", "through Serve's proxy (default)", served),
+                    ("d_direct_ingress_c", "serve.direct_ingress", direct),
+                    ("d_single_hop_c", "serve.single_hop", hop),
+                    ("d_direct_single_hop_c", "serve.direct_ingress + serve.single_hop", direct_hop))
+    for label, _, col in served_modes:
         print(f"  {label + str(col['concurrency']):<28}{col['texts_per_s']:>9.0f}   (replica at 1 thread; "
               f"{col['texts_per_s'] / c_one:.2f}x (c) at 1 thread; mean cosine to (a) {col['quality']['mean_cosine']:.4f}, "
               f"recall@10 {col['quality']['recall_at_10']:.3f})")
@@ -335,12 +343,13 @@ def main() -> None:
               *({"goal": f"(d) served over HTTP at concurrency {col['concurrency']} >= 0.6x (c) texts/s (1 thread), {how}",
                  "figure": f"{col['texts_per_s'] / c_one:.2f}x ({col['texts_per_s']:.0f} vs {c_one:.0f} texts/s)",
                  "met": bool(col["texts_per_s"] / c_one >= 0.6)}
-                for how, col in (("through Serve's proxy (default)", served), ("serve.direct_ingress", direct)))]
+                for _, how, col in served_modes)]
     out = args.results_dir / "embeddings.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "embeddings", "quick": args.quick, "threads": threads, "texts": len(texts), "cpu_preset": preset,
-        "columns": runs, "b": b_col, "c": c_col, "d": served, "d_direct_ingress": direct, "goals": goals,
+        "columns": runs, "b": b_col, "c": c_col, "d": served, "d_direct_ingress": direct, "d_single_hop": hop,
+        "d_direct_single_hop": direct_hop, "goals": goals,
     }, indent=2))
     print(f"\nwrote {out}")
 

@@ -18,11 +18,13 @@ Servers, one after the other on this machine:
   `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between replicas, user code on the replica's main
   thread, and "direct ingress": the ingress replica serves HTTP on a port of its own, bound to
   127.0.0.1), measured through Serve's proxy and on the URL `deploy` returns (the replica's own).
-  Ray documents this mode at 88% lower latency.
+  Ray documents this mode at 88% lower latency;
+- (d) (c) with `serve.single_hop` as well: the model runs inside the ingress replica (no call from
+  the ingress to a model replica), on the replica's own URL.
 
 The same closed-loop load generator (`serve.loadgen`, its own process) drives every server at
 concurrency 1 and 32. Goals (2-core CPU, judged on (b), what Temper runs by default, and again,
-named as such, on (c)'s replica port, the opt-in `serve.direct_ingress`): at concurrency 1,
+named as such, on (c)'s and (d)'s replica port, the opt-in settings): at concurrency 1,
 Temper's p50 <= 1.5x FastAPI's for MiniLM and <= 3x for the digits ViT, p99 <= 2x; at
 concurrency 32, Temper's throughput >= 3x FastAPI's for MiniLM (batching) and >= 1.0x for the
 digits ViT. Writes benchmarks/results/serving_vs_fastapi.json.
@@ -124,10 +126,12 @@ def fastapi_column(artifact: Path, name: str, endpoint: str, args) -> dict:
             proc.kill()
 
 
-def temper_column(artifacts: dict[str, tuple[Path, str]], work: Path, args, direct_ingress: bool = False) -> dict:
+def temper_column(artifacts: dict[str, tuple[Path, str]], work: Path, args, direct_ingress: bool = False,
+                  single_hop: bool = False) -> dict:
     """{"proxy": {model: points}} through Serve's proxy, and with `direct_ingress` (a Ray started in
     Serve's throughput-optimized mode, the app deployed with `serve.direct_ingress`) {"replica_port":
-    ...} on the ingress replica's own URL, which `deploy` returns."""
+    ...} on the ingress replica's own URL, which `deploy` returns. `single_hop`: the app deployed with
+    `serve.single_hop` (the models in the ingress replica)."""
     import ray
     from ray import serve
 
@@ -151,7 +155,8 @@ def temper_column(artifacts: dict[str, tuple[Path, str]], work: Path, args, dire
         models = [ServedModel(model=name, version="latest", cpus_per_replica=1, max_batch_size=32,
                               max_ongoing_requests=64, max_queued_requests=256) for name in artifacts]
         app = ServeApp(registry=reg_cfg, serve=ServeConfig(app_name="bench-vs-fastapi", port=8000 + os.getpid() % 1000,
-                                                           models=models, direct_ingress=direct_ingress))
+                                                           models=models, direct_ingress=direct_ingress,
+                                                           single_hop=single_hop))
         url = deploy(app)
         urls = {"proxy": base_url(app.serve)}
         if direct_ingress:
@@ -161,7 +166,7 @@ def temper_column(artifacts: dict[str, tuple[Path, str]], work: Path, args, dire
         try:
             for name, (_, endpoint) in artifacts.items():
                 for path, base in urls.items():
-                    label = "temper" if not direct_ingress else f"opt-{path.replace('_', '-')}"
+                    label = "temper" if not direct_ingress else f"opt-{path.replace('_', '-')}" + ("-hop" if single_hop else "")
                     out.setdefault(path, {})[name] = load_points(base, name, endpoint, args, label)
         finally:
             shutdown("bench-vs-fastapi")
@@ -211,15 +216,19 @@ def main() -> int:
         fastapi = {name: fastapi_column(path, name, endpoint, args) for name, (path, endpoint) in artifacts.items()}
         temper = temper_column(artifacts, work, args)["proxy"]
         optimized = temper_column(artifacts, work, args, direct_ingress=True)
+        hop = temper_column(artifacts, work, args, direct_ingress=True, single_hop=True)
 
     goals = [g for name in artifacts for g in goals_for(name, fastapi[name], temper[name])]
     # the same goals for the opt-in `serve.direct_ingress` (its replica's URL), each named as such
     goals += [g for name in artifacts
               for g in goals_for(name, fastapi[name], optimized["replica_port"][name], " (serve.direct_ingress)")]
+    goals += [g for name in artifacts for g in goals_for(name, fastapi[name], hop["replica_port"][name],
+                                                         " (serve.direct_ingress + serve.single_hop)")]
     print("\nRay Serve's throughput-optimized mode (c) beside the default path (b): c=1 p50 / p99 ms, c=32 req/s")
     for name in artifacts:
         cols = {"(a) fastapi": fastapi[name], "(b) temper": temper[name], "(c) optimized, proxy": optimized["proxy"][name],
-                "(c) optimized, replica port": optimized["replica_port"][name]}
+                "(c) optimized, replica port": optimized["replica_port"][name],
+                "(d) + single hop, replica port": hop["replica_port"][name]}
         for label, col in cols.items():
             print(f"  {name:7s} {label:28s} {col['c1']['latency_ms']['p50']:8.2f} {col['c1']['latency_ms']['p99']:8.2f} "
                   f"{col['c32']['throughput_rps']:9.1f}")
@@ -232,7 +241,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "serving_vs_fastapi", "quick": args.quick, "machine": machine,
                                "models": {n: {"endpoint": e, "fastapi": fastapi[n], "temper": temper[n],
-                                              "temper_throughput_optimized": {k: v[n] for k, v in optimized.items()}}
+                                              "temper_throughput_optimized": {k: v[n] for k, v in optimized.items()},
+                                              "temper_single_hop": {k: v[n] for k, v in hop.items()}}
                                           for n, (_, e) in artifacts.items()},
                                "goals": goals}, indent=2))
     print(f"wrote {out}")

@@ -1,5 +1,6 @@
 """Assembling and running a Temper Serve app: `build_app` (ingress + one batched replica
-deployment per model route + the rollout watcher), `deploy` / `shutdown` / `app_status`,
+deployment per model route + the rollout watcher; with `serve.single_hop` the routes are built
+inside the ingress replica instead), `deploy` / `shutdown` / `app_status`,
 the Serve config file (`serve deploy FILE`, KubeRay RayService) and the deployments' names.
 
 What is live and what restarts (see `build_app`): batch size, batch wait, a route's version
@@ -82,9 +83,54 @@ def _source_digest() -> str:
 
 
 def _ingress_capacity(cfg: ServeConfig) -> int:
-    """Requests the ingress admits at once: everything the model replicas could hold or queue,
-    so overload is answered by the model queues (503 with our error body), not by Serve's proxy."""
-    return sum((m.max_ongoing_requests + m.max_queued_requests) * m.max_replicas() * len(m.routes()) for m in cfg.models) + 16
+    """Requests one ingress replica admits at once: everything the model routes behind it could hold
+    or queue (all their replicas; with serve.single_hop the routes in the replica itself), so
+    overload is answered by the model queues (503 with our error body), not by Serve's proxy."""
+    return sum((m.max_ongoing_requests + m.max_queued_requests) * (1 if cfg.single_hop else m.max_replicas()) * len(m.routes())
+               for m in cfg.models) + 16
+
+
+def _route_settings(m: ServedModel, ref: str) -> dict:
+    """A route's live settings: its deployment's `user_config` (with serve.single_hop, the ingress's)."""
+    from serve.replica import BatchSettings
+
+    return BatchSettings(max_batch_size=m.max_batch_size, batch_wait_timeout_s=m.batch_wait_timeout_s,
+                         stream_interval_s=m.stream_interval_s, version=ref).model_dump()
+
+
+def _server_args(m: ServedModel, cfg: ServeConfig, registry: dict) -> tuple:
+    """The `BatchedModelServer` constructor's arguments for a route of `m`."""
+    return (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s, adapter_folders(m), m.max_adapters)
+
+
+def ingress_options(app_cfg: ServeApp) -> dict:
+    """Serve options of the ingress deployment (what `serve config` writes for it as well)."""
+    from serve.access import IngressAuth
+    from serve.ingress import IngressSettings
+
+    cfg = app_cfg.serve
+    capacity = _ingress_capacity(cfg)
+    cpus = INGRESS_CPUS
+    models: dict[str, list[dict]] = {}
+    if cfg.single_hop:  # the model routes run in the ingress replica: their CPUs and live settings are its
+        cpus += sum(m.cpus_per_replica * len(m.routes()) for m in cfg.models)
+        models = {m.model: [_route_settings(m, ref) for ref in m.routes()] for m in cfg.models}
+    opts = dict(
+        name=INGRESS_NAME,
+        ray_actor_options={"num_cpus": round(cpus, 3)},
+        # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
+        max_ongoing_requests=capacity,
+        max_queued_requests=capacity,
+        backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
+        user_config=IngressSettings(
+            traffic={m.model: m.routes() for m in cfg.models},
+            auth=IngressAuth(enabled=auth_enabled(app_cfg), rate_limit=app_cfg.auth.rate_limit),
+            models=models,
+        ).model_dump(mode="json"),
+    )
+    if cfg.single_hop and cfg.models:
+        opts["num_replicas"] = cfg.models[0].num_replicas  # the config checks every model has the same
+    return opts
 
 
 def _fixed_ingress_config(cfg: ServeConfig) -> dict:
@@ -113,16 +159,13 @@ def adapter_folders(m: ServedModel) -> dict[str, str] | None:
 
 def route_deployment_options(m: ServedModel, ref: str, name: str, cfg: ServeConfig) -> dict:
     """Serve options of one route deployment (what `serve config` writes as well)."""
-    from serve.replica import BatchSettings
-
     opts: dict[str, Any] = dict(
         name=name,
         max_ongoing_requests=m.max_ongoing_requests,
         max_queued_requests=m.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
         ray_actor_options={"num_cpus": m.cpus_per_replica},
-        user_config=BatchSettings(max_batch_size=m.max_batch_size, batch_wait_timeout_s=m.batch_wait_timeout_s,
-                                  stream_interval_s=m.stream_interval_s, version=ref).model_dump(),
+        user_config=_route_settings(m, ref),
     )
     if m.autoscaling is not None:
         opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
@@ -149,8 +192,7 @@ def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
     model has `auto_rollback`), ready for `serve.run`. The ingress's auth settings (on or off,
     rate limit) are live like its traffic weights. `fresh`: versions no earlier deploy had, so
     every replica starts anew (Serve does not try a failed version again)."""
-    from serve.access import IngressAuth
-    from serve.ingress import IngressSettings, TemperIngress
+    from serve.ingress import TemperIngress
     from serve.replica import BatchedModelServer
     from serve.rollout import RolloutWatcher
 
@@ -158,11 +200,15 @@ def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
     cfg = app_cfg.serve
     registry = app_cfg.registry.model_dump(mode="json")
     servers: dict[str, list] = {}
+    local: dict[str, list[dict]] = {}
     for m in cfg.models:
+        args = _server_args(m, cfg, registry)
+        if cfg.single_hop:  # built by the ingress replica itself (serve/local_routes.py)
+            local[m.model] = [{"args": args, "max_ongoing_requests": m.max_ongoing_requests,
+                               "max_queued_requests": m.max_queued_requests} for _ in m.routes()]
+            continue
         servers[m.model] = []
         for ref, name in route_deployments(m):
-            args = (m.model, m.backend, m.max_new_tokens, registry, cfg.alias_poll_interval_s, adapter_folders(m),
-                    m.max_adapters)
             opts = route_deployment_options(m, ref, name, cfg)
             # `version` is private in Ray 2.60 (needs `_internal=True`); see `_code_version`.
             deployment = BatchedModelServer.options(**opts, version=_code_version(identity, args, m.cpus_per_replica), _internal=True)
@@ -173,20 +219,10 @@ def build_app(app_cfg: ServeApp, fresh: bool = False) -> serve.Application:
         watcher = RolloutWatcher.options(
             name=WATCHER_NAME, version=_code_version(identity, rollback, registry), _internal=True,
         ).bind(rollback, registry, app_cfg.auth.service_key_env if auth_enabled(app_cfg) else None)
-    capacity = _ingress_capacity(cfg)
     return TemperIngress.options(
-        name=INGRESS_NAME,
-        version=_code_version(identity, _fixed_ingress_config(cfg), bool(watcher), registry), _internal=True,
-        ray_actor_options={"num_cpus": INGRESS_CPUS},
-        # Serve's default (5) would cap the concurrency reaching the model replicas, and so their batches.
-        max_ongoing_requests=capacity,
-        max_queued_requests=capacity,
-        backpressure_config={"status_code": 503, "retry_after_s": float(cfg.retry_after_s)},
-        user_config=IngressSettings(
-            traffic={m.model: m.routes() for m in cfg.models},
-            auth=IngressAuth(enabled=auth_enabled(app_cfg), rate_limit=app_cfg.auth.rate_limit),
-        ).model_dump(mode="json"),
-    ).bind(cfg.model_dump(mode="json"), servers, watcher, registry)
+        **ingress_options(app_cfg),
+        version=_code_version(identity, _fixed_ingress_config(cfg), bool(watcher), registry, local), _internal=True,
+    ).bind(cfg.model_dump(mode="json"), servers, watcher, registry, local)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -397,13 +433,17 @@ def app_status(app_cfg: ServeApp, timeout_s: float = 10.0) -> dict:
     for m in cfg.models:
         aliases = ray.get(registry.aliases.remote(m.model))
         routes = []
-        for (ref, name), weight in zip(route_deployments(m), m.routes().values()):
+        for index, ((ref, name), weight) in enumerate(zip(route_deployments(m), m.routes().values())):
+            if cfg.single_hop:  # the route runs in the ingress replicas
+                name = INGRESS_NAME
             entry = {"route": ref, "weight": weight, "deployment": name,
                      "registry_version": int(ref) if ref.isdigit() else aliases.get(ref),
                      **deployments.get(name, {"status": "MISSING"})}
             if name in deployments:
                 try:
-                    info = serve.get_deployment_handle(name, cfg.app_name).info.remote().result(timeout_s=timeout_s)
+                    handle = serve.get_deployment_handle(name, cfg.app_name)
+                    call = handle.route_call.remote(m.model, index) if cfg.single_hop else handle.info.remote()
+                    info = call.result(timeout_s=timeout_s)
                     entry["serving_version"], entry["backend"] = info["version"], info["backend"]
                 except Exception as err:  # noqa: BLE001 - no replica answers (failed, starting): say so, go on
                     entry["serving_version"], entry["backend"] = None, None
@@ -439,11 +479,13 @@ def serve_config_file(app_cfg: ServeApp) -> dict:
     # where the cluster runs instead).
     args["registry"]["db_url"] = mask_url_password(resolve_db_url(app_cfg.registry.db_url))
     deployments = []
-    for m in cfg.models:
+    for m in cfg.models if not cfg.single_hop else ():
         for ref, name in route_deployments(m):
             opts = route_deployment_options(m, ref, name, cfg)
             deployments.append({k: v for k, v in opts.items() if k != "ray_actor_options"}
                                | {"ray_actor_options": opts["ray_actor_options"]})
+    if cfg.single_hop:  # the routes' live settings are the ingress's user_config
+        deployments.append(ingress_options(app_cfg))
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},

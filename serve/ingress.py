@@ -6,6 +6,9 @@ metrics, the FastAPI app and the `TemperIngress` deployment that serves it.
                                            --> BatchedModelServer "model-<name>--<ref>"     (route 2 ...)
                          --outcomes--> RolloutWatcher --rollback_alias--> ModelRegistry
 
+With `serve.single_hop` the routes' `BatchedModelServer`s run inside the ingress replica instead,
+called in-process through `serve/local_routes.py`'s handle-like `LocalRoute`s.
+
 Read top to bottom:
 1. the ingress's helpers: `RouteTable` (weighted split, sticky keys, live weights),
    `OutcomeReporter` (outcomes to the rollout watcher), metrics, the request middleware;
@@ -14,7 +17,8 @@ Read top to bottom:
    jobs, model versions) under `/api/v1/` (`serve/control_plane.py`);
 3. `TemperIngress`.
 
-Traffic weights are the ingress's live part (`user_config`, applied by `reconfigure`); which
+Traffic weights (and, with single_hop, the routes' batch settings and version refs) are the
+ingress's live part (`user_config`, applied by `reconfigure`); which
 fields of the config are live and how the app is assembled is in `serve/deploy.py`. The model
 server (batching, generation, hot swap) is in `serve/replica.py`, the error body and request
 schemas in `serve/protocol.py`. The module is over 500 lines and one idea, the app's HTTP front:
@@ -43,6 +47,7 @@ from app.config.serve import ServeConfig
 from app.logs import LogFormat, emit, line_logger
 from serve.access import AccessControl, IngressAuth
 from serve.control_plane import JobsClient, RegistryHandle, install_control_plane, job_submission_client
+from serve.local_routes import local_routes
 from serve.openai_api import install_openai_routes, is_openai_path, openai_error_body, openai_status
 from serve.protocol import (
     API_PREFIX,
@@ -80,6 +85,9 @@ class IngressSettings(BaseModel):
 
     traffic: dict[str, dict[str, int]]
     auth: IngressAuth = IngressAuth()
+    models: dict[str, list[dict]] = {}
+    """With `serve.single_hop`: per model, the batch settings and version ref of each route (route
+    order), applied to the routes running in this replica as a route deployment's `user_config` is."""
 
 
 class RouteTable:
@@ -570,9 +578,13 @@ class TemperIngress:
     """HTTP entry of the app: builds the FastAPI app at replica start (`make_api`); traffic
     weights arrive (and change live) through `reconfigure`."""
 
-    def __init__(self, serve_cfg: dict, servers: dict, watcher: Any = None, registry: dict | None = None):
+    def __init__(self, serve_cfg: dict, servers: dict, watcher: Any = None, registry: dict | None = None,
+                 local: dict[str, list[dict]] | None = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
-        self.servers = servers  # model name -> DeploymentHandles of its routes (Serve replaced the bound apps)
+        # model name -> DeploymentHandles of its routes (Serve replaced the bound apps), or with
+        # serve.single_hop the routes built in this replica (`local`: their constructor arguments)
+        self.local = local_routes(local or {})
+        self.servers = {**servers, **self.local}
         self.routes = RouteTable({m.model: m.routes() for m in self.cfg.models})
         self.reporter = OutcomeReporter(watcher, {m.model for m in self.cfg.models if m.auto_rollback})
         self.registry_cfg = registry  # {actor_name, namespace, ...}: whom to ask about credentials
@@ -600,10 +612,25 @@ class TemperIngress:
             raise APIError(503, f"credentials cannot be checked now: the registry is unavailable ({type(err).__name__})",
                            headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         settings = IngressSettings.model_validate(user_config)
+        for model, routes in self.local.items():  # versions first: the new weights may send traffic to them
+            for route, route_settings in zip(routes, settings.models[model], strict=True):
+                await route.reconfigure(route_settings)
         self.routes.update(settings.traffic)
         self.access.update(settings.auth)
+
+    def check_health(self) -> None:
+        for routes in self.local.values():
+            for route in routes:
+                route.check_health()
+
+    async def route_call(self, model: str, index: int, method: str = "info") -> dict:
+        """`info()` or `stats()` of a route running in this replica (with serve.single_hop, what a
+        route deployment's handle answers: `serve status` asks for it)."""
+        if method not in ("info", "stats"):
+            raise ValueError(f"route_call: {method!r} is not info or stats")
+        return await getattr(self.local[model][index], method).remote()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.cfg, self.servers, IngressMetrics(), behind_serve_proxy=True,

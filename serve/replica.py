@@ -170,6 +170,15 @@ class LoadedVersion:
     own, so a hot swap starts with none loaded."""
 
 
+def _batched(run_batch):
+    """A `@serve.batch` queue (its settings changed live by `reconfigure`) in front of `run_batch`."""
+
+    async def batch(requests: list) -> list[dict]:
+        return await run_batch(requests)
+
+    return serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)(batch)
+
+
 @serve.deployment
 class BatchedModelServer:
     """One registry model version behind `@serve.batch` (`predict`: classifier, `lm`/`generate`: language model).
@@ -180,9 +189,13 @@ class BatchedModelServer:
     """
 
     def __init__(self, model: str, backend: str | None, max_new_tokens: int, registry: dict,
-                 alias_poll_interval_s: float = 5.0, adapters: dict[str, str] | None = None, max_adapters: int = 4):
+                 alias_poll_interval_s: float = 5.0, adapters: dict[str, str] | None = None, max_adapters: int = 4,
+                 max_ongoing_requests: int | None = None):
+        """`max_ongoing_requests`: the route's, when this server runs inside the ingress (serve.single_hop);
+        None in a deployment of its own, whose Serve setting is read live."""
         import ray
 
+        self._max_ongoing = max_ongoing_requests
         self.adapter_sources = dict(adapters or {})
         self.max_adapters = max_adapters
         self.model = model
@@ -208,6 +221,13 @@ class BatchedModelServer:
         self._swaps = 0
         self._inflight = 0
         self._gates = {name: BatchGate() for name in ("predict", "text", "lm")}
+        # The batch queues, this instance's own: `@serve.batch` on a method keeps one queue per
+        # process for the class, shared by its instances, so two servers in one process (with
+        # serve.single_hop every route runs in the ingress replica) would batch each other's
+        # requests and share their batch settings.
+        self.predict = _batched(self._predict_batch)
+        self.text = _batched(self._text_batch)
+        self.lm = _batched(self._lm_batch)
         self._decode: tuple[LoadedVersion, DecodeLoop] | None = None
         self._decode_stats = DecodeStats()
         self._stats = BatchStats()
@@ -330,13 +350,15 @@ class BatchedModelServer:
     def _route(self) -> str:
         return self._settings.version if self._settings else "-"
 
-    @staticmethod
-    def _live_max_ongoing_requests() -> int | None:
-        """This replica's max_ongoing_requests as Serve applies it now (None outside a replica).
+    def _live_max_ongoing_requests(self) -> int | None:
+        """This replica's max_ongoing_requests as Serve applies it now (None outside a replica), or
+        the route's own inside the ingress.
 
         Read at request time, not in `reconfigure`: Serve refreshes the replica context only after
         `reconfigure` returns, so there it would still hold the previous deployment config.
         """
+        if self._max_ongoing is not None:
+            return self._max_ongoing
         try:
             config = serve.get_replica_context()._deployment_config
         except Exception:  # not in a replica (unit tests), or Serve moved the private field
@@ -388,17 +410,9 @@ class BatchedModelServer:
         loaded, results = await self._compute("predict", run_classify_batch, requests, gated)
         return [self._tag(loaded, r, len(requests)) for r in results]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, requests: list[ClassifyRequest]) -> list[dict]:
-        return await self._predict_batch(requests)
-
     async def _text_batch(self, requests: list[TextRequest], gated: bool = True) -> list[dict]:
         loaded, results = await self._compute("text", run_text_batch, requests, gated)
         return [self._tag(loaded, r, len(requests)) for r in results]
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def text(self, requests: list[TextRequest]) -> list[dict]:
-        return await self._text_batch(requests)
 
     async def _lm_batch(self, requests: list[LMRequest], gated: bool = True) -> list[dict]:
         loaded, results = await self._compute("lm", run_lm_batch, requests, gated)
@@ -407,10 +421,6 @@ class BatchedModelServer:
             bad = next((x["error"] for x in r if isinstance(x, dict) and "error" in x), None)
             out.append(self._tag(loaded, {"error": bad} if bad else {"results": r}, len(requests)))
         return out
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def lm(self, requests: list[LMRequest]) -> list[dict]:
-        return await self._lm_batch(requests)
 
     # ---- generation: continuous batching (serve/decode_loop.py), one decode loop per loaded version
 

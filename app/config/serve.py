@@ -199,6 +199,8 @@ class ServeConfig(Section):
     """Retry-After (seconds) sent with 503 answers under overload."""
     direct_ingress: bool = False
     """Answer HTTP on the ingress replica's own port instead of through Serve's proxy (Ray Serve's throughput-optimized mode: direct ingress, gRPC between replicas, user code on the replica's main thread): about half the latency and 1.5-2x the throughput of the proxy path on 2 CPU cores. Temper turns the mode on when it starts its embedded Ray; a cluster it joins must have been started with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (otherwise a warning, and the proxy's URL is used). `deploy` prints the replica's URL, which changes when the ingress replica restarts; the proxy's URL keeps answering."""
+    single_hop: bool = False
+    """Run the models inside the ingress replica instead of in deployments of their own: a request takes one hop fewer (no deployment-handle call from the ingress to a model replica, which on 2 CPU cores costs about as much CPU as the model's own share of a small batched request). Batch settings, version refs, traffic weights and alias hot swaps stay live; each ingress replica loads every route of every model (one process; `cpus_per_replica` of each route is added to the ingress's CPUs). Needs the same fixed `num_replicas` on every model (it becomes the ingress's replica count; no `autoscaling`), and `HandleClient` has no model deployment to call."""
     request_log: Literal["json", "text", "off"] = "json"
     """One line per HTTP request from the ingress (logger `temper.requests`, in the ingress replica's Serve log): `json` (an object with request_id, method, path, endpoint, model, version, backend, route, adapter, status, latency_ms, batch_size), `text` (`request key=value ...` for humans) or `off`. Headers, query strings and bodies are never logged."""
 
@@ -208,4 +210,13 @@ class ServeConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"serve.models: model {dup[0]!r} is listed twice")
+        if self.single_hop:
+            for i, m in enumerate(self.models):
+                if m.autoscaling is not None:
+                    raise ValueError(f"serve.models[{i}].autoscaling: not with serve.single_hop (the models run in the "
+                                     "ingress replicas, whose count is fixed); set num_replicas or turn single_hop off")
+            counts = sorted({m.num_replicas for m in self.models})
+            if len(counts) > 1:
+                raise ValueError(f"serve.models[].num_replicas: serve.single_hop needs one replica count for every model "
+                                 f"(it is the ingress's), got {counts}")
         return self

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.name != "report.py")
 RESULT_KEYS = {  # what each script's JSON holds besides its goals
-    "embeddings": {"threads", "texts", "columns", "d", "d_direct_ingress"},
+    "embeddings": {"threads", "texts", "columns", "d", "d_direct_ingress", "d_single_hop", "d_direct_single_hop"},
     "llm_serving": {"model", "anchor", "points"},
     "pruning": {"steps", "results"},
     "quantization": {"threads", "results"},

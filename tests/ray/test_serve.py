@@ -500,6 +500,58 @@ def test_generated_serve_config_file_deploys_with_serve(base_url, app_cfg, tmp_p
         serve_client.delete_apps([variant.serve.app_name], blocking=True)
 
 
+def test_single_hop_runs_the_models_in_the_ingress(app_cfg, artifacts, digits_images):
+    """`serve.single_hop`: the app is one deployment, the ingress, and answers as the two-hop app
+    does: concurrent predictions batched and equal to in-process, greedy generation (plain and
+    streamed) equal to in-process; a redeploy with a new batch size and version ref reconfigures
+    the same ingress replica live; `serve status` and the Serve config file name the ingress."""
+    from ray import serve
+
+    from serve.deploy import app_status, serve_config_file, shutdown
+
+    hop = app_cfg.model_copy(deep=True)
+    hop.serve.app_name, hop.serve.route_prefix, hop.serve.single_hop = app_cfg.serve.app_name + "-hop", "/hop", True
+    url = deploy(hop)
+    ingress = serve.get_deployment_handle("TemperIngress", hop.serve.app_name)
+
+    def digits_stats() -> dict:
+        return ingress.route_call.remote("digits", 0, "stats").result(timeout_s=30)
+
+    try:
+        assert set(serve.status().applications[hop.serve.app_name].deployments) == {"TemperIngress"}
+        before = digits_stats()
+        results = asyncio.run(_concurrent_predicts(url, digits_images, N_CONCURRENT))
+        added = _diff(digits_stats(), before)
+        assert sum(size * n for size, n in added.items()) == N_CONCURRENT and 1 < max(added) <= 16, added
+        want = [w["label"] for w in classify(load_predictor(artifacts["vit"]), digits_images, 1)]
+        assert [r.labels[0] for r in results] == [want[i % len(want)] for i in range(N_CONCURRENT)]
+        assert {(r.version, r.backend) for r in results} == {(1, "torch_fp32")}
+
+        prompt = "def add(a, b):"
+        tokens = generate_text(load_predictor(artifacts["gpt"]),
+                               np.frombuffer(prompt.encode(), dtype=np.uint8).astype(np.int64)[None], 12)[0].tolist()
+        with TemperClient(url, timeout=30.0) as c:
+            assert c.generate("code", prompt, max_new_tokens=12).tokens == tokens
+            assert [chunk.token for chunk in c.generate_stream("code", prompt, max_new_tokens=12)] == tokens
+
+        status = app_status(hop)
+        routes = {m["model"]: m["routes"][0] for m in status["models"]}
+        assert {(r["deployment"], r["serving_version"]) for r in routes.values()} == {("TemperIngress", 1)}
+        [entry] = serve_config_file(hop)["applications"][0]["deployments"]
+        assert entry["name"] == "TemperIngress" and entry["user_config"]["models"]["digits"][0]["max_batch_size"] == 16
+
+        live = hop.model_copy(deep=True)
+        live.serve.models[0].max_batch_size, live.serve.models[0].version = 1, "2"  # batches of one, the int8 variant
+        deploy(live)
+        after = digits_stats()
+        assert after["replica"] == before["replica"], "the ingress replica was restarted instead of reconfigured"
+        results = asyncio.run(_concurrent_predicts(url, digits_images, 8))
+        assert _diff(digits_stats(), after) == {1: 8}
+        assert {(r.version, r.backend) for r in results} == {(2, "torch_int8")}
+    finally:
+        shutdown(hop.serve.app_name)
+
+
 # ----------------------------------------------------------------------------- errors over real HTTP
 # The same answers as the unit tests over fake handles, through Serve's proxy, the ingress replica
 # and the model replicas of this module's app (redeployed in place: no new app is started).
