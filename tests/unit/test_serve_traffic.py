@@ -171,9 +171,10 @@ def test_build_app_hands_serve_routes_queues_autoscaling_and_live_settings():
     ingress = app._bound_deployment
     assert ingress.name == "TemperIngress"
     assert ingress.user_config == {"traffic": {"digits": {"production": 90, "staging": 10}, "code": {"latest": 100}},
-                                   "auth": {"enabled": False, "rate_limit": None}}  # on loopback: off by default
+                                   "auth": {"enabled": False, "rate_limit": None}, "models": {}}  # auth: off on loopback
     assert ingress.max_ongoing_requests >= (32 + 7) * 3 * 2 + (32 + 64) * 2
-    serve_cfg, servers, watcher, registry = ingress.init_args
+    serve_cfg, servers, watcher, registry, local = ingress.init_args
+    assert local == {}  # the routes are deployments of their own
     assert registry == _canary_app().registry.model_dump(mode="json")  # whom the ingress asks about credentials
     assert watcher._bound_deployment.name == "RolloutWatcher"
     digits = [a._bound_deployment for a in servers["digits"]]
@@ -186,6 +187,26 @@ def test_build_app_hands_serve_routes_queues_autoscaling_and_live_settings():
     [code] = [a._bound_deployment for a in servers["code"]]
     assert (code.name, code.num_replicas, code.user_config["max_batch_size"]) == ("model-code", 2, 8)
     assert code._deployment_config.autoscaling_config is None
+
+
+def test_single_hop_builds_the_routes_into_the_ingress():
+    app_cfg = _canary_app()
+    app_cfg.serve.models[0].autoscaling, app_cfg.serve.models[0].num_replicas = None, 2
+    app_cfg.serve.single_hop = True
+    app_cfg = ServeApp.model_validate(app_cfg.model_dump())
+    ingress = build_app(app_cfg)._bound_deployment
+    serve_cfg, servers, watcher, registry, local = ingress.init_args
+    assert servers == {} and [spec["args"][0] for spec in local["digits"]] == ["digits", "digits"]
+    assert [(s["max_ongoing_requests"], s["max_queued_requests"]) for s in local["digits"]] == [(32, 7), (32, 7)]
+    assert ingress.num_replicas == 2 and ingress.ray_actor_options["num_cpus"] == pytest.approx(0.1 + 0.5 * 3)
+    # the routes' live settings are the ingress's user_config, in route order
+    assert [r["version"] for r in ingress.user_config["models"]["digits"]] == ["production", "staging"]
+    assert ingress.user_config["models"]["code"] == [{"max_batch_size": 8, "batch_wait_timeout_s": 0.002,
+                                                      "stream_interval_s": 0.25, "version": "latest"}]
+    # a route's capacity is counted once per ingress replica (its routes are in the replica itself)
+    assert ingress.max_ongoing_requests == (32 + 7) * 2 + (32 + 64) + 16
+    [entry] = serve_config_file(app_cfg)["applications"][0]["deployments"]
+    assert (entry["name"], entry["num_replicas"], entry["user_config"]) == ("TemperIngress", 2, ingress.user_config)
 
 
 def test_build_app_versions_keep_replicas_on_live_changes_only():
