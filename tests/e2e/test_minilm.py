@@ -15,6 +15,10 @@ pytestmark = pytest.mark.e2e
 
 APP = ("serve.app_name=minilm", "serve.route_prefix=/minilm")
 SMALL = ("data.max_texts=600", "compress.eval_batches=2", "compress.latency_iters=10")
+# The int8 methods only: the run serves the variant of lowest measured batch-1 latency, and with
+# ORT's fp32 graph among them a busy machine (the other test stream) once made it the fastest,
+# so the served embeddings checked below were not int8 ones.
+INT8 = ("compress.methods=[torch_int8,onnx_int8]",)
 
 
 def test_minilm_config_imports_compresses_and_serves_the_packaged_model(workspace):
@@ -25,7 +29,7 @@ def test_minilm_config_imports_compresses_and_serves_the_packaged_model(workspac
 
     ws = workspace
     try:
-        proc = ws.cli("run", "configs/minilm.yaml", *SMALL, *APP, "--keep-serving", "--json")
+        proc = ws.cli("run", "configs/minilm.yaml", *SMALL, *INT8, *APP, "--keep-serving", "--json")
         console = proc.stdout + proc.stderr
         assert "[1/4 import] minilm:" in console and "[1/4 train]" not in console
         assert (ws.path / "temper_runs" / "models" / "all_minilm_l6_v2" / "model.safetensors").is_file()
@@ -33,7 +37,7 @@ def test_minilm_config_imports_compresses_and_serves_the_packaged_model(workspac
         versions = {v["version"]: v for v in summary["versions"]}
         imported = versions[1]
         assert (imported["format"], imported["transformation"], imported["parent"]) == ("torch_fp32", "imported", None)
-        assert sorted(v["format"] for v in versions.values()) == ["onnx_fp32", "onnx_int8", "torch_fp32", "torch_int8"]
+        assert sorted(v["format"] for v in versions.values()) == ["onnx_int8", "torch_fp32", "torch_int8"]
         for v in versions.values():
             if v["version"] != 1:
                 assert v["parent"] == {"model": "minilm", "version": 1} and v["transformation"] == "quantized"
