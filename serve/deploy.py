@@ -478,14 +478,15 @@ def serve_config_file(app_cfg: ServeApp) -> dict:
     # The file is written to disk: the database password is masked (set registry.password_env
     # where the cluster runs instead).
     args["registry"]["db_url"] = mask_url_password(resolve_db_url(app_cfg.registry.db_url))
-    deployments = []
-    for m in cfg.models if not cfg.single_hop else ():
-        for ref, name in route_deployments(m):
-            opts = route_deployment_options(m, ref, name, cfg)
-            deployments.append({k: v for k, v in opts.items() if k != "ray_actor_options"}
-                               | {"ray_actor_options": opts["ray_actor_options"]})
     if cfg.single_hop:  # the routes' live settings are the ingress's user_config
-        deployments.append(ingress_options(app_cfg))
+        deployments = [ingress_options(app_cfg)]
+    else:
+        deployments = []
+        for m in cfg.models:
+            for ref, name in route_deployments(m):
+                opts = route_deployment_options(m, ref, name, cfg)
+                deployments.append({k: v for k, v in opts.items() if k != "ray_actor_options"}
+                                   | {"ray_actor_options": opts["ray_actor_options"]})
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
