@@ -3,8 +3,9 @@
 A Llama-architecture causal LM (random weights, fixed seed; default 4 layers, 256 wide, the word
 tokenizer of configs/examples/tiny-chat-llama) is registered as it is and served by one replica
 (1 logical CPU, torch at 1 thread), through Serve's proxy (the default) and again with
-`serve.direct_ingress` + `serve.single_hop` (`--modes`), each on an embedded Ray of its own. Streaming `POST /v1/completions` requests, `max_tokens` new
-tokens each, temperature 0, sent by closed-loop clients at concurrency 1 and then 32:
+`serve.direct_ingress` + `serve.single_hop` (`--modes`), each on an embedded Ray of its own.
+Streaming `POST /v1/completions` requests, `max_tokens` new tokens each, temperature 0, sent by
+closed-loop clients at concurrency 1 and then 32:
 - output tokens/s (completion tokens from `usage`, over the wall time of the load point);
 - time to first token (first streamed text chunk), p50 and p99.
 Anchor, same prompts, same model weights, one thread: `model.generate` one prompt at a time,
@@ -119,14 +120,15 @@ def generate_loop(folder: Path, texts: list[str], max_tokens: int) -> dict:
     return {"requests": len(texts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-MODES = {"proxy": (False, False), "direct-single-hop": (True, True)}
-"""Served modes measured, side by side: Serve's proxy (the default), and `serve.direct_ingress` +
-`serve.single_hop` (the ingress replica's own port, the model inside the ingress replica)."""
+MODES = {"proxy": (False, False, ""),
+         "direct-single-hop": (True, True, ", serve.direct_ingress + serve.single_hop")}
+"""Served modes measured, side by side, as (direct_ingress, single_hop, goal label): Serve's proxy
+(the default), and the ingress replica's own port with the model inside the ingress replica."""
 
 
-def served_points(folder: Path, tmp: Path, texts: list[str], args, direct_ingress: bool, single_hop: bool) -> dict:
+def served_points(folder: Path, tmp: Path, texts: list[str], args, mode: str) -> dict:
     """The model registered as it is and served by Temper on an embedded local Ray (one replica,
-    1 CPU) in the given mode, then the two load points; Ray is shut down after."""
+    1 CPU) in `mode` (a key of MODES), then the two load points; Ray is shut down after."""
     import ray
 
     from actors.registry.client import get_or_create_registry
@@ -137,7 +139,7 @@ def served_points(folder: Path, tmp: Path, texts: list[str], args, direct_ingres
     from pipelines.register import train_and_register
     from serve.deploy import deploy, shutdown
 
-    mode = next(name for name, flags in MODES.items() if flags == (direct_ingress, single_hop))
+    direct_ingress, single_hop, _ = MODES[mode]
     with environment(direct_ingress_env() if direct_ingress else {}):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -168,10 +170,7 @@ def served_points(folder: Path, tmp: Path, texts: list[str], args, direct_ingres
                   f"p99 {p['ttft_p99_ms']:.1f} ms, status {p['status_codes']}", flush=True)
     finally:
         shutdown("bench-llm")
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the embedded Ray and Serve with it: the next mode starts a Ray of its own
     return {"direct_ingress": direct_ingress, "single_hop": single_hop,
             "stream_interval_s": app.serve.models[0].stream_interval_s, "points": {str(k): v for k, v in points.items()}}
 
@@ -200,12 +199,12 @@ def main() -> int:
     load_before = os.getloadavg()
     anchor = generate_loop(folder, texts, args.max_tokens)
     print(f"anchor: transformers generate loop, one prompt at a time: {anchor['tokens_per_s']:.1f} tokens/s", flush=True)
-    served = {mode: served_points(folder, tmp, texts, args, *MODES[mode]) for mode in modes}
+    served = {mode: served_points(folder, tmp, texts, args, mode) for mode in modes}
 
     goals = []
     for mode, out in served.items():
         points = out["points"]
-        label = "" if mode == "proxy" else ", serve.direct_ingress + serve.single_hop"
+        label = MODES[mode][2]
         batch_gain = points["32"]["tokens_per_s"] / points["1"]["tokens_per_s"]
         vs_anchor = points["32"]["tokens_per_s"] / anchor["tokens_per_s"]
         out.update(batch_gain=batch_gain, vs_anchor=vs_anchor)
